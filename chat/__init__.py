@@ -1,0 +1,1 @@
+"""Conversations, the chat websocket, the engine worker and the OpenAI-style API."""

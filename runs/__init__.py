@@ -1,0 +1,1 @@
+"""Datasets, tokenizers, training runs, metrics, checkpoints, evals and reports."""

@@ -1,0 +1,19 @@
+"""Test settings: the real settings, with a throw-away data home.
+
+The data home is chosen before the real settings are read so that no test ever touches the
+user's datasets, checkpoints or database file. DATABASE_URL and REDIS_URL are honoured, which
+is how CI runs the same suite against PostgreSQL and a system Redis.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+_home = tempfile.mkdtemp(prefix="nanochat-test-")
+os.environ["NANOCHAT_HOME"] = _home
+atexit.register(shutil.rmtree, _home, ignore_errors=True)
+
+from nanochat_site.settings import *  # noqa: E402,F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests

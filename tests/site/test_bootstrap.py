@@ -1,0 +1,28 @@
+"""The first admin account."""
+
+import pytest
+from django.contrib.auth import authenticate
+
+from nanochat_site.bootstrap import ensure_superuser
+
+pytestmark = pytest.mark.django_db
+
+
+def test_creates_admin_with_password_from_env(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_ADMIN_PASSWORD", "s3cret-pass")
+    assert ensure_superuser() == ("admin", "s3cret-pass")
+    assert authenticate(username="admin", password="s3cret-pass").is_superuser
+
+
+def test_generates_a_password_once(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_ADMIN_PASSWORD", raising=False)
+    username, password = ensure_superuser()
+    assert username == "admin" and len(password) >= 12
+    assert authenticate(username="admin", password=password) is not None
+    assert ensure_superuser() == ("admin", None)  # existing admin: nothing new to print
+
+
+def test_keeps_an_existing_superuser(django_user_model):
+    django_user_model.objects.create_superuser("boss", "", "pw")
+    assert ensure_superuser() == ("boss", None)
+    assert not django_user_model.objects.filter(username="admin").exists()

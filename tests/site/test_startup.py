@@ -1,0 +1,197 @@
+"""`manage.py up` / `make run` started for real: web, workers and Redis as separate processes.
+
+These prove the product works end to end over real sockets: the pages, the admin login, a
+websocket round trip through the channel layer, a Celery task through the broker, and that
+stopping (Ctrl-C, a crashed child, a killed supervisor) leaves no process behind.
+"""
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import requests
+from celery import Celery
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from nanochat_site.redis_urls import celery_url
+from tests.site.site_process import SiteProcess, free_port, scratch_database, site_env
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(300)]
+
+ADMIN_PASSWORD = "correct-horse-battery"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with scratch_database() as database_url:
+        env = site_env(home, database_url, NANOCHAT_ADMIN_PASSWORD=ADMIN_PASSWORD)
+        proc = SiteProcess.manage_up(env, free_port())
+        try:
+            proc.wait_up()
+            proc.home = home
+            yield proc
+            proc.press_ctrl_c()
+            proc.wait_exit(60)
+        finally:
+            proc.kill_everything()
+
+
+def site_redis_url(site) -> str:
+    return site.env.get("REDIS_URL") or f"unix://{site.home}/redis/redis.sock"
+
+
+def logged_in(site) -> requests.Session:
+    session = requests.Session()
+    login = f"{site.url}admin/login/"
+    session.get(login, timeout=10).raise_for_status()
+    response = session.post(
+        login,
+        data={
+            "username": "admin",
+            "password": ADMIN_PASSWORD,
+            "csrfmiddlewaretoken": session.cookies["csrftoken"],
+            "next": "/admin/",
+        },
+        headers={"Referer": login},
+        timeout=10,
+    )
+    response.raise_for_status()
+    assert "sessionid" in session.cookies, response.text[:500]
+    return session
+
+
+def test_home_page_requires_login_then_serves(site):
+    anonymous = requests.get(site.url, allow_redirects=False, timeout=10)
+    assert anonymous.status_code == 302
+    assert anonymous.headers["Location"].startswith("/login/")
+
+    session = logged_in(site)
+    home = session.get(site.url, timeout=10)
+    assert home.status_code == 200
+    assert "Dashboard" in home.text
+    admin = session.get(f"{site.url}admin/", timeout=10)
+    assert admin.status_code == 200
+    assert "Site administration" in admin.text
+    css = session.get(f"{site.url}static/css/site.css", timeout=10)
+    assert css.status_code == 200 and "--accent" in css.text
+
+
+def test_admin_login_page_is_served(site):
+    page = requests.get(f"{site.url}admin/login/", timeout=10)
+    assert page.status_code == 200
+    assert 'name="password"' in page.text
+
+
+def test_websocket_round_trips_through_the_channel_layer(site):
+    session = logged_in(site)
+    ws_url = site.url.replace("http://", "ws://") + "ws/health/"
+    cookie = f"sessionid={session.cookies['sessionid']}"
+    origin = site.url.rstrip("/")
+    with connect(ws_url, additional_headers={"Cookie": cookie}, origin=origin) as ws:
+        for ping_id in (1, 2, 3):
+            ws.send(f'{{"type": "ping", "id": {ping_id}}}')
+            reply = ws.recv(timeout=10)
+            assert f'"id": {ping_id}' in reply and '"type": "pong"' in reply
+
+
+def test_websocket_refuses_anonymous_users(site):
+    ws_url = site.url.replace("http://", "ws://") + "ws/health/"
+    with pytest.raises(InvalidStatus), connect(ws_url, origin=site.url.rstrip("/")) as ws:
+        ws.recv(timeout=5)
+
+
+@pytest.mark.parametrize("queue", ["default", "training"])
+def test_celery_task_runs_in_a_worker_of_the_site(site, queue):
+    url = celery_url(site_redis_url(site))
+    app = Celery("probe", broker=url, backend=url)
+    try:
+        result = app.send_task("nanochat_site.ping", args=[f"hello {queue}"], queue=queue)
+        answer = result.get(timeout=60)
+    finally:
+        app.close()
+    assert answer["payload"] == f"hello {queue}"
+    workers = {p.pid for p in site.remember_descendants()}
+    assert answer["pid"] in workers, "the task ran outside the site's worker processes"
+    assert answer["pid"] != os.getpid()
+
+
+def test_health_reports_database_layer_and_both_workers(site):
+    session = logged_in(site)
+    deadline = time.monotonic() + 60
+    while True:
+        report = session.get(f"{site.url}health/", timeout=30).json()
+        names = {w["name"].split("@")[0] for w in report["checks"]["celery"].get("workers", [])}
+        if {"training", "default"} <= names or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert report["ok"] is True, report
+    assert report["checks"]["database"]["ok"]
+    assert report["checks"]["channel_layer"]["ok"]
+    assert {"training", "default"} <= names, report
+
+
+@pytest.fixture
+def fresh_site_env(tmp_path):
+    with scratch_database() as database_url:
+        yield site_env(tmp_path / "home", database_url)
+
+
+def test_ctrl_c_on_make_run_leaves_no_process(fresh_site_env):
+    port = free_port()
+    proc = SiteProcess(["make", "--no-print-directory", "run", f"ARGS=--port {port} --grace 5"],
+                       fresh_site_env)  # fmt: skip
+    try:
+        proc.wait_up()
+        assert len(proc.remember_descendants()) >= 4  # python up, redis?, web, two workers
+        proc.press_ctrl_c()
+        proc.wait_exit(60)
+        assert proc.survivors() == [], proc.output
+        assert "all processes stopped" in proc.output
+        assert "admin login: admin / " in proc.output  # generated password, printed once
+    finally:
+        proc.kill_everything()
+
+
+def test_a_dying_child_is_named_and_everything_stops(fresh_site_env):
+    proc = SiteProcess.manage_up(fresh_site_env, free_port())
+    try:
+        proc.wait_up()
+        victim = proc.child_pid("worker-default")
+        os.kill(victim, signal.SIGKILL)
+        code = proc.wait_exit(60)
+        assert code != 0
+        assert f"worker-default (pid {victim}) was killed by SIGKILL unexpectedly" in proc.output
+        assert proc.survivors() == [], proc.output
+    finally:
+        proc.kill_everything()
+
+
+def test_killing_the_supervisor_takes_its_children_down(fresh_site_env):
+    proc = SiteProcess.manage_up(fresh_site_env, free_port())
+    try:
+        proc.wait_up()
+        children = proc.remember_descendants()
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], proc.output
+    finally:
+        proc.kill_everything()
+
+
+def test_busy_port_is_refused_with_a_clear_error(fresh_site_env):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = SiteProcess.manage_up(fresh_site_env, port)
+        try:
+            assert proc.wait_exit(60) != 0
+            assert f"port {port} on 127.0.0.1 is already in use" in proc.output
+        finally:
+            proc.kill_everything()
