@@ -1,0 +1,565 @@
+"""The GPT model of SPEC §4: one depth dial, a modern small-transformer recipe, no framework.
+
+The shape, in the order the residual stream meets it: token embedding -> RMSNorm (x0); per
+layer x = resid_lambda * x + x0_lambda * x0, then pre-norm attention and pre-norm ReLU² MLP;
+final RMSNorm -> untied lm_head -> fp32 logits soft-capped at ±15. Attention uses rotary
+positions, RMSNorm on queries and keys, grouped-query heads, sliding windows tiled from
+`window_pattern`, and on alternating layers a gated "value embedding" added to v. No norm has
+weights and no linear has a bias, so every parameter is either a 2-D matrix in a block (Muon),
+an embedding table, the lm_head, or a per-layer scalar (AdamW) -- see `param_groups()`.
+
+The same `forward` serves training (targets -> loss), evaluation (logits) and cached
+generation: pass an object following the `KVCache` protocol below and each row of the batch
+continues from its own cached length. `ReferenceKVCache` is the plain implementation the tests
+(and the engine's equivalence check) use; `generate_naive` is the no-cache ground truth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.attention import attention
+from engine.common import compute_dtype
+
+ROTARY_BASE = 10_000
+# The rotary table covers 10x the training context so generation can run past it.
+ROTARY_LENGTH_FACTOR = 10
+# Padding the lm_head's output dimension to a multiple of 64 keeps its matmul on fast tile sizes.
+VOCAB_PAD_MULTIPLE = 64
+LOGIT_SOFTCAP = 15.0
+# The value-embedding gate reads only the first 32 channels of the attention input.
+VE_GATE_CHANNELS = 32
+X0_LAMBDA_INIT = 0.1
+LossReduction = Literal["mean", "none", "sum"]
+_LOSS_REDUCTIONS = ("mean", "none", "sum")
+_CONFIG_INTS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+
+
+@dataclass
+class GPTConfig:
+    """Architecture hyperparameters; checkpoints store exactly these fields (`to_dict`)."""
+
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+    def __post_init__(self) -> None:
+        for name in _CONFIG_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even: rotary rotates pairs")
+        if self.n_embd < VE_GATE_CHANNELS:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be at least {VE_GATE_CHANNELS}, "
+                "the channels the value-embedding gate reads"
+            )
+        pattern = self.window_pattern
+        if not isinstance(pattern, str) or not pattern or set(pattern.upper()) - {"L", "S"}:
+            raise ValueError(
+                f"window_pattern must be a non-empty string of L (full context) and "
+                f"S (half context) letters, got {pattern!r}"
+            )
+        self.window_pattern = pattern.upper()
+
+    @classmethod
+    def from_depth(
+        cls,
+        depth: int,
+        *,
+        vocab_size: int,
+        sequence_len: int = 2048,
+        aspect_ratio: int = 64,
+        head_dim: int = 128,
+        n_kv_head: int | None = None,
+        window_pattern: str = "SSSL",
+    ) -> GPTConfig:
+        """The config for `depth` layers: width depth*aspect_ratio rounded up to whole heads."""
+        for name, value in (
+            ("depth", depth),
+            ("aspect_ratio", aspect_ratio),
+            ("head_dim", head_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+        n_head = model_dim // head_dim
+        return cls(
+            sequence_len=sequence_len,
+            vocab_size=vocab_size,
+            n_layer=depth,
+            n_head=n_head,
+            n_kv_head=n_head if n_kv_head is None else n_kv_head,
+            n_embd=model_dim,
+            window_pattern=window_pattern,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+    def window_sizes(self) -> list[int]:
+        """Per layer, how many earlier positions a query may see (attention's `window`)."""
+        sizes = {"L": self.sequence_len, "S": self.sequence_len // 2}
+        letters = [self.window_pattern[i % len(self.window_pattern)] for i in range(self.n_layer)]
+        # The last layer always sees the whole context, whatever the pattern says.
+        letters[-1] = "L"
+        return [sizes[letter] for letter in letters]
+
+    def has_value_embedding(self, layer: int) -> bool:
+        """Alternating layers, counted back from the last one, which always has one."""
+        return (self.n_layer - 1 - layer) % 2 == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache(Protocol):
+    """What `GPT.forward` needs from a KV cache (the engine's cache implements this).
+
+    The cache holds keys and values for every layer and row, and one length per row: how many
+    positions of that row are already cached. A forward of T new tokens per row
+      1. reads `lengths` (B,) once: row b's new tokens sit at positions lengths[b] ..
+         lengths[b] + T - 1, which is where their rotary angles come from;
+      2. calls `insert(layer, k, v)` once per layer with this step's k, v (B, T, Hkv, D),
+         already rotated and normed; the cache stores them at those positions and returns
+         (keys, values, k_len): keys/values (B, Tmax, Hkv, D) holding every cached position of
+         the layer (positions >= k_len[b] are ignored) and k_len = lengths + T;
+      3. calls `advance(T)` once, after the last layer, to commit the new lengths.
+    `max_len` (positions per row) must not exceed the model's rotary table.
+    """
+
+    max_len: int
+    lengths: torch.Tensor
+
+    def insert(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, num_tokens: int) -> None: ...
+
+
+class ReferenceKVCache:
+    """The plainest `KVCache`: dense (layers, batch, max_len, kv_heads, head_dim) tensors."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_head: int,
+        head_dim: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(
+        cls, model: GPT, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None
+    ) -> ReferenceKVCache:
+        """An empty cache shaped for `model`, by default in its device's compute dtype."""
+        config = model.config
+        device = model.get_device()
+        return cls(
+            config.n_layer,
+            batch_size,
+            max_len,
+            config.n_kv_head,
+            config.head_dim,
+            device=device,
+            dtype=compute_dtype(device) if dtype is None else dtype,
+        )
+
+    @classmethod
+    def concat(cls, caches: Sequence[ReferenceKVCache]) -> ReferenceKVCache:
+        """One batch holding the rows of several caches, each row keeping its own length."""
+        if not caches:
+            raise ValueError("concat needs at least one cache")
+        first = caches[0]
+        n_layer, _, _, n_kv_head, head_dim = first.k.shape
+        if any(c.k.shape[0] != n_layer or c.k.shape[3:] != first.k.shape[3:] for c in caches):
+            raise ValueError("caches to concat must have the same layers, kv heads and head dim")
+        max_len = max(c.max_len for c in caches)
+        merged = cls(
+            n_layer,
+            sum(c.k.size(1) for c in caches),
+            max_len,
+            n_kv_head,
+            head_dim,
+            device=first.k.device,
+            dtype=first.k.dtype,
+        )
+        row = 0
+        for cache in caches:
+            rows = slice(row, row + cache.k.size(1))
+            merged.k[:, rows, : cache.max_len] = cache.k
+            merged.v[:, rows, : cache.max_len] = cache.v
+            merged.lengths[rows] = cache.lengths
+            row = rows.stop
+        return merged
+
+    def insert(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, num_new = k.shape[:2]
+        positions = self.lengths[:, None] + torch.arange(num_new, device=self.lengths.device)
+        # Every layer writes the same positions, so checking the first one is enough.
+        if layer == 0 and int(positions.max()) >= self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {num_new} new tokens after lengths "
+                f"{self.lengths.tolist()} exceed max_len {self.max_len}"
+            )
+        rows = torch.arange(batch, device=self.lengths.device)[:, None]
+        self.k[layer, rows, positions] = k.to(self.k.dtype)
+        self.v[layer, rows, positions] = v.to(self.v.dtype)
+        return self.k[layer], self.v[layer], self.lengths + num_new
+
+    def advance(self, num_tokens: int) -> None:
+        self.lengths += num_tokens
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(length: int, head_dim: int, device: torch.device | str | None = None):
+    """(cos, sin), each (length, head_dim // 2) fp32: angle pos * base^(-2i/head_dim)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    inv_freq = ROTARY_BASE**-exponents
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, D) by the angles in cos/sin (broadcastable to (B, T, 1, D/2)).
+
+    Half-split layout: channel i pairs with channel i + D/2, not with its neighbour.
+    """
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.c_q = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.kv_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.kv_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.ve_gate = (
+            nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
+            if config.has_value_embedding(layer_idx)
+            else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ve: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window: int,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.c_q(x).view(batch, seq, self.n_head, self.head_dim)
+        k = self.c_k(x).view(batch, seq, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(batch, seq, self.n_kv_head, self.head_dim)
+        # Under autocast the projections come out in the compute dtype; everything that meets
+        # them in attention is brought to that same dtype.
+        dtype = v.dtype
+        if ve is not None:
+            # One gate per kv head, in (0, 2): zero-initialised weights start it at exactly 1.
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            ve = ve.view(batch, seq, self.n_kv_head, self.head_dim)
+            v = v + (gate.unsqueeze(-1) * ve).to(dtype)
+        q = rms_norm(apply_rotary(q, cos, sin)).to(dtype)
+        k = rms_norm(apply_rotary(k, cos, sin)).to(dtype)
+        if kv_cache is None:
+            y = attention(q, k, v, window=window)
+        else:
+            keys, values, k_len = kv_cache.insert(self.layer_idx, k, v)
+            y = attention(q, keys.to(dtype), values.to(dtype), window=window, k_len=k_len)
+        return self.c_proj(y.reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ve: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window: int,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), ve, cos, sin, window, kv_cache)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    """The model. Built parameters are already initialised per SPEC §4 (`init_weights`)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.window_sizes = config.window_sizes()
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            }
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.value_embeds = nn.ModuleDict(
+            {
+                str(i): nn.Embedding(config.vocab_size, config.kv_dim)
+                for i in range(config.n_layer)
+                if config.has_value_embedding(i)
+            }
+        )
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), X0_LAMBDA_INIT))
+        # Derived from the config, so not saved in checkpoints (persistent=False).
+        cos, sin = rotary_tables(config.sequence_len * ROTARY_LENGTH_FACTOR, config.head_dim)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """SPEC §4 init. Call again after building on the meta device and `to_empty`."""
+        # Uniform on ±sqrt(3)/sqrt(n_embd) has standard deviation 1/sqrt(n_embd).
+        bound = math.sqrt(3) / math.sqrt(self.config.n_embd)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        for table in self.value_embeds.values():
+            nn.init.normal_(table.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            for linear in (attn.c_q, attn.c_k, attn.c_v, mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            # Zero output projections: every block starts as the identity on the residual.
+            nn.init.zeros_(attn.c_proj.weight)
+            nn.init.zeros_(mlp.c_proj.weight)
+            if attn.ve_gate is not None:
+                nn.init.zeros_(attn.ve_gate.weight)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(X0_LAMBDA_INIT)
+        self.reset_rotary()
+
+    @torch.no_grad()
+    def reset_rotary(self) -> None:
+        """Recompute the rotary buffers in place (they are not in the state dict)."""
+        cos, sin = rotary_tables(
+            self.rotary_cos.size(0), self.config.head_dim, device=self.rotary_cos.device
+        )
+        self.rotary_cos.copy_(cos)
+        self.rotary_sin.copy_(sin)
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by kind, the way the optimizer treats them.
+
+        transformer_matrices (every parameter in the blocks, all 2-D) go to Muon; wte,
+        value_embeds, lm_head and scalars (resid and x0 lambdas) to AdamW with their own LRs.
+        Keys match `num_scaling_params()`.
+        """
+        groups = {
+            "wte": [self.transformer.wte.weight],
+            "value_embeds": list(self.value_embeds.parameters()),
+            "lm_head": [self.lm_head.weight],
+            "transformer_matrices": list(self.transformer.h.parameters()),
+            "scalars": [self.resid_lambdas, self.x0_lambdas],
+        }
+        # A parameter added later but missing here would silently never be trained.
+        grouped = {id(p) for params in groups.values() for p in params}
+        if grouped != {id(p) for p in self.parameters()}:
+            raise RuntimeError("param_groups() does not cover every model parameter exactly")
+        return groups
+
+    def num_scaling_params(self) -> dict[str, int]:
+        """Parameter counts per group of `param_groups()`, plus their total."""
+        counts = {
+            name: sum(p.numel() for p in params) for name, params in self.param_groups().items()
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def estimate_flops(self) -> int:
+        """Training FLOPs per token at full context (forward + backward).
+
+        6 per weight that takes part in a matmul (2 forward, 4 backward): embedding tables
+        are lookups and the scalars are elementwise, so they are left out. Attention adds
+        12 * heads * head_dim per visible key (QK^T and AV, forward and backward).
+        """
+        counts = self.num_scaling_params()
+        matmul_params = counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]
+        seq = self.config.sequence_len
+        attention_flops = sum(
+            12 * self.config.n_head * self.config.head_dim * min(window, seq)
+            for window in self.window_sizes
+        )
+        return 6 * matmul_params + attention_flops
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        loss_reduction: LossReduction = "mean",
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) in fp32, or the loss when `targets` is given.
+
+        Targets equal to -1 are ignored. loss_reduction 'none' returns a (B, T) loss.
+        With `kv_cache`, idx holds the next T tokens of every row (see `KVCache`).
+        """
+        if idx.dim() != 2 or idx.is_floating_point():
+            raise ValueError(
+                f"idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}"
+            )
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
+            )
+        if loss_reduction not in _LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}"
+            )
+        batch, seq = idx.shape
+        cos, sin = self._rotary_angles(seq, kv_cache)
+        x = rms_norm(self.transformer.wte(idx))
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(seq)
+        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=-1,
+            reduction=loss_reduction,
+        )
+        return loss.view(batch, seq) if loss_reduction == "none" else loss
+
+    def _rotary_angles(
+        self, seq: int, kv_cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin broadcastable to (B, T, 1, head_dim/2) for this step's positions."""
+        table_len = self.rotary_cos.size(0)
+        if kv_cache is None:
+            if seq > table_len:
+                raise ValueError(f"sequence of {seq} tokens exceeds the rotary table ({table_len})")
+            return self.rotary_cos[None, :seq, None], self.rotary_sin[None, :seq, None]
+        if kv_cache.max_len > table_len:
+            raise ValueError(
+                f"KV cache max_len {kv_cache.max_len} exceeds the rotary table ({table_len})"
+            )
+        positions = kv_cache.lengths[:, None] + torch.arange(seq, device=kv_cache.lengths.device)
+        return self.rotary_cos[positions][:, :, None], self.rotary_sin[positions][:, :, None]
+
+    @torch.inference_mode()
+    def generate_naive(
+        self,
+        tokens: Sequence[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[int]:
+        """Yield up to `max_tokens` continuation tokens, re-running the whole sequence each step.
+
+        Slow on purpose: the ground truth the cached engine must reproduce (SPEC §9).
+        """
+        if not tokens:
+            raise ValueError("generate_naive needs at least one prompt token")
+        device = self.get_device()
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        rng = torch.Generator(device=device).manual_seed(seed)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            next_id = sample_next_token(logits, rng, temperature, top_k)
+            ids = torch.cat((ids, next_id), dim=1)
+            yield int(next_id.item())
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    rng: torch.Generator,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) token ids: argmax at temperature 0, else sampled (top-k optional)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be positive or None, got {top_k}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if top_k is not None:
+        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        probs = F.softmax(values / temperature, dim=-1)
+        return indices.gather(-1, torch.multinomial(probs, 1, generator=rng))
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=rng)

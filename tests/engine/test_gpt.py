@@ -1,0 +1,384 @@
+"""engine.gpt (and the precision helpers in engine.common) on tiny CPU configs."""
+
+import math
+
+import pytest
+import torch
+
+from engine.common import autocast, autodetect_device, compute_dtype
+from engine.gpt import (
+    GPT,
+    GPTConfig,
+    ReferenceKVCache,
+    apply_rotary,
+    rms_norm,
+    rotary_tables,
+    sample_next_token,
+)
+
+VOCAB = 300  # deliberately not a multiple of 64, so the lm_head is padded to 320
+
+
+def tiny_config(**overrides):
+    fields = dict(sequence_len=32, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides))
+
+
+@torch.no_grad()
+def randomize(model, seed=1):
+    """Give every weight a non-trivial value: at init the zero projections would hide attention."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and "wte" not in name and "value_embeds" not in name:
+            param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(param.size(1)))
+        elif param.dim() == 1:
+            param.add_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+def tokens(batch, seq, seed=0):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_embd": 96, "n_head": 5}, "divisible by n_head"),
+        ({"n_head": 4, "n_kv_head": 3}, "divisible by n_kv_head"),
+        ({"window_pattern": "SXL"}, "window_pattern"),
+        ({"window_pattern": ""}, "window_pattern"),
+        ({"n_embd": 16, "n_head": 1, "n_kv_head": 1}, "at least 32"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"vocab_size": 30.5}, "vocab_size"),
+        ({"n_embd": 66, "n_head": 6, "n_kv_head": 6}, "even"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_window_pattern_is_case_insensitive():
+    assert tiny_config(window_pattern="ssl").window_pattern == "SSL"
+
+
+def test_from_depth_rounds_width_up_to_whole_heads():
+    config = GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=64, head_dim=64)
+    assert (config.n_embd, config.n_head, config.n_kv_head, config.n_layer) == (128, 2, 2, 2)
+    # 3 * 64 = 192 is not a multiple of 128, so the width rounds up to 256.
+    config = GPTConfig.from_depth(3, vocab_size=VOCAB, head_dim=128)
+    assert (config.n_embd, config.n_head) == (256, 2)
+    config = GPTConfig.from_depth(4, vocab_size=VOCAB, head_dim=64, n_kv_head=2)
+    assert (config.n_head, config.n_kv_head) == (4, 2)
+    with pytest.raises(ValueError, match="depth"):
+        GPTConfig.from_depth(0, vocab_size=VOCAB)
+
+
+def test_window_sizes_tile_the_pattern_and_end_with_full_context():
+    config = tiny_config(n_layer=6, sequence_len=64, window_pattern="SSSL")
+    assert config.window_sizes() == [32, 32, 32, 64, 32, 64]
+    config = tiny_config(n_layer=3, sequence_len=64, window_pattern="S")
+    assert config.window_sizes() == [32, 32, 64]
+    assert GPT(tiny_config(n_layer=3, window_pattern="SL")).window_sizes == [16, 32, 32]
+
+
+@pytest.mark.parametrize(("n_layer", "expected"), [(2, ["1"]), (3, ["0", "2"]), (4, ["1", "3"])])
+def test_value_embeddings_on_alternating_layers_ending_with_the_last(n_layer, expected):
+    model = GPT(tiny_config(n_layer=n_layer))
+    assert sorted(model.value_embeds.keys()) == expected
+    gated = [
+        str(i) for i, block in enumerate(model.transformer.h) if block.attn.ve_gate is not None
+    ]
+    assert gated == expected
+
+
+# --- rotary ----------------------------------------------------------------------------------
+
+
+def test_rotary_pairs_channel_i_with_i_plus_half_at_base_10000():
+    cos, sin = rotary_tables(8, head_dim=8)
+    x = torch.zeros(1, 8, 1, 8)
+    x[..., 1] = 1.0
+    y = apply_rotary(x, cos[None, :, None], sin[None, :, None])
+    # Channel 1 of 4 pairs rotates at 10000^(-2/8) radians per position, into channel 5.
+    angle = 3 * 10000 ** (-2 / 8)
+    torch.testing.assert_close(y[0, 3, 0, 1], torch.tensor(math.cos(angle)))
+    torch.testing.assert_close(y[0, 3, 0, 5], torch.tensor(math.sin(angle)))
+    assert torch.count_nonzero(y[0, 3, 0]) == 2
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    cos, sin = rotary_tables(40, head_dim=16)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+
+    def score(q_pos, k_pos):
+        rq = apply_rotary(q.view(1, 1, 1, 16), cos[q_pos], sin[q_pos])
+        rk = apply_rotary(k.view(1, 1, 1, 16), cos[k_pos], sin[k_pos])
+        return (rq * rk).sum()
+
+    torch.testing.assert_close(score(7, 3), score(30, 26))
+    assert not torch.allclose(score(7, 3), score(7, 4))
+
+
+# --- forward and loss -------------------------------------------------------------------------
+
+
+def test_logits_shape_and_dtype_and_padded_head():
+    model = tiny_model()
+    assert model.lm_head.weight.shape == (320, 64)
+    assert model.config.padded_vocab_size == 320
+    logits = model(tokens(2, 12))
+    assert logits.shape == (2, 12, VOCAB)
+    assert logits.dtype == torch.float32
+
+
+def test_loss_is_finite_and_near_uniform_at_init():
+    model = tiny_model()
+    idx = tokens(2, 16)
+    loss = model(idx, targets=tokens(2, 16, seed=1))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    # lm_head starts at std 0.001, so predictions are almost uniform over the vocabulary.
+    assert abs(loss.item() - math.log(VOCAB)) < 0.05
+
+
+def test_loss_reductions_agree_and_ignore_minus_one():
+    model = tiny_model()
+    randomize(model)
+    idx, targets = tokens(2, 10), tokens(2, 10, seed=3)
+    targets[0, :4] = -1
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (2, 10)
+    assert torch.all(per_token[0, :4] == 0)
+    valid = targets != -1
+    torch.testing.assert_close(model(idx, targets, loss_reduction="sum"), per_token.sum())
+    torch.testing.assert_close(model(idx, targets), per_token[valid].mean())
+
+
+def test_logits_are_softcapped_at_15():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 100.0)
+    logits = model(tokens(1, 8))
+    assert logits.abs().max() <= 15.0
+    assert logits.abs().max() > 14.0
+
+
+def test_blocks_are_the_identity_at_init():
+    # Zero output projections make each block a no-op, leaving x = (1 + 0.1 * layers) * x0,
+    # whose RMS norm is x0 itself.
+    model = tiny_model()
+    idx = tokens(1, 6)
+    x0 = rms_norm(model.transformer.wte(idx))
+    expected = 15 * torch.tanh(model.lm_head(rms_norm(x0))[..., :VOCAB] / 15)
+    torch.testing.assert_close(model(idx), expected)
+
+
+def test_bad_forward_arguments_are_rejected():
+    model = tiny_model()
+    idx = tokens(1, 4)
+    with pytest.raises(ValueError, match="integer"):
+        model(idx.float())
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(idx, idx, loss_reduction="avg")
+    with pytest.raises(ValueError, match="targets shape"):
+        model(idx, idx[:, :3])
+    with pytest.raises(ValueError, match="rotary"):
+        model(tokens(1, 321))
+
+
+def test_gqa_model_trains():
+    model = tiny_model(n_head=4, n_kv_head=1, window_pattern="SL")
+    randomize(model)
+    assert model.transformer.h[0].attn.c_k.weight.shape == (16, 64)
+    loss = model(tokens(2, 20), tokens(2, 20, seed=5))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+# --- init -------------------------------------------------------------------------------------
+
+
+def test_init_statistics():
+    model = GPT(tiny_config(n_embd=128, n_layer=3))
+    bound = math.sqrt(3) / math.sqrt(128)
+    assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.05
+    assert abs(model.lm_head.weight.std().item() - 0.001) < 0.0001
+    for table in model.value_embeds.values():
+        assert abs(table.weight.std().item() - 1.0) < 0.05
+    for block in model.transformer.h:
+        attn, mlp = block.attn, block.mlp
+        for linear in (attn.c_q, attn.c_k, attn.c_v, mlp.c_fc):
+            assert linear.weight.abs().max() <= bound
+            assert abs(linear.weight.std().item() - 1 / math.sqrt(128)) < 0.01
+            assert linear.bias is None
+        assert torch.all(attn.c_proj.weight == 0)
+        assert torch.all(mlp.c_proj.weight == 0)
+        if attn.ve_gate is not None:
+            assert torch.all(attn.ve_gate.weight == 0)
+    assert torch.all(model.resid_lambdas == 1.0)
+    assert torch.allclose(model.x0_lambdas, torch.full((3,), 0.1))
+
+
+def test_meta_build_then_init_weights_gives_a_working_model():
+    with torch.device("meta"):
+        model = GPT(tiny_config())
+    assert model.lm_head.weight.is_meta
+    model.to_empty(device="cpu")
+    model.init_weights()
+    reference = GPT(tiny_config())
+    torch.testing.assert_close(model.rotary_cos, reference.rotary_cos)
+    assert torch.all(model.transformer.h[0].attn.c_proj.weight == 0)
+    assert torch.isfinite(model(tokens(1, 5))).all()
+
+
+# --- parameter accounting ---------------------------------------------------------------------
+
+
+def test_num_scaling_params_and_flops_by_hand():
+    # n_layer 2, n_head 2, n_kv_head 1, n_embd 64 -> head_dim 32, kv_dim 32; value embedding
+    # and gate only on layer 1; windows [S, L] = [16, 32].
+    model = GPT(tiny_config(n_kv_head=1))
+    wte = 300 * 64
+    value_embeds = 300 * 32
+    lm_head = 320 * 64
+    block = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 256 + 256 * 64
+    matrices = 2 * block + 32 * 1
+    scalars = 2 * 2
+    counts = model.num_scaling_params()
+    assert counts == {
+        "wte": wte,
+        "value_embeds": value_embeds,
+        "lm_head": lm_head,
+        "transformer_matrices": matrices,
+        "scalars": scalars,
+        "total": wte + value_embeds + lm_head + matrices + scalars,
+    }
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    attention_flops = 12 * 2 * 32 * 16 + 12 * 2 * 32 * 32
+    assert model.estimate_flops() == 6 * (lm_head + matrices) + attention_flops
+
+
+def test_param_groups_cover_every_parameter_once():
+    model = GPT(tiny_config(n_layer=3))
+    groups = model.param_groups()
+    assert set(groups) == {"wte", "value_embeds", "lm_head", "transformer_matrices", "scalars"}
+    ids = [id(p) for params in groups.values() for p in params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert all(p.dim() == 2 for p in groups["transformer_matrices"])
+    assert all(p.dim() == 1 for p in groups["scalars"])
+    assert len(groups["value_embeds"]) == 2
+
+
+# --- KV cache ---------------------------------------------------------------------------------
+
+
+def kv_model():
+    # sequence_len 16 makes the S window (8) bind within a few tokens and the L window (16)
+    # bind once a row passes 17 tokens, so the cache path is checked against real windows.
+    model = tiny_model(sequence_len=16, n_layer=3, n_head=4, n_kv_head=2, window_pattern="SL")
+    randomize(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_cached_prefill_chunk_and_decode_equal_full_forward():
+    model = kv_model()
+    idx = tokens(2, 22)
+    full = model(idx)
+    cache = ReferenceKVCache.for_model(model, batch_size=2, max_len=24)
+    steps = [model(idx[:, :6], kv_cache=cache), model(idx[:, 6:11], kv_cache=cache)]
+    steps += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(11, 22)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    assert cache.lengths.tolist() == [22, 22]
+
+
+@torch.no_grad()
+def test_cached_decode_with_rows_of_different_lengths():
+    model = kv_model()
+    rows = [tokens(1, 5, seed=10)[0], tokens(1, 9, seed=11)[0]]
+    continuation = tokens(2, 12, seed=12)
+    caches = []
+    for row in rows:
+        cache = ReferenceKVCache.for_model(model, batch_size=1, max_len=24)
+        model(row[None], kv_cache=cache)
+        caches.append(cache)
+    batch_cache = ReferenceKVCache.concat(caches)
+    assert batch_cache.lengths.tolist() == [5, 9]
+    decoded = torch.cat(
+        [model(continuation[:, t : t + 1], kv_cache=batch_cache) for t in range(12)], dim=1
+    )
+    for b, row in enumerate(rows):
+        full = model(torch.cat((row, continuation[b]))[None])
+        torch.testing.assert_close(decoded[b], full[0, len(row) :], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_greedy_cached_generation_matches_generate_naive():
+    model = kv_model()
+    prompt = tokens(1, 4, seed=20)[0].tolist()
+    expected = list(model.generate_naive(prompt, max_tokens=14))
+    cache = ReferenceKVCache.for_model(model, batch_size=1, max_len=20)
+    logits = model(torch.tensor([prompt]), kv_cache=cache)
+    generated = []
+    for _ in range(14):
+        next_id = logits[:, -1].argmax(dim=-1, keepdim=True)
+        generated.append(int(next_id))
+        logits = model(next_id, kv_cache=cache)
+    assert generated == expected
+
+
+@torch.no_grad()
+def test_cache_limits_are_enforced():
+    model = kv_model()
+    cache = ReferenceKVCache.for_model(model, batch_size=1, max_len=4)
+    with pytest.raises(ValueError, match="overflow"):
+        model(tokens(1, 5), kv_cache=cache)
+    too_long = ReferenceKVCache.for_model(model, batch_size=1, max_len=161)
+    with pytest.raises(ValueError, match="rotary"):
+        model(tokens(1, 1), kv_cache=too_long)
+
+
+# --- sampling and precision helpers -----------------------------------------------------------
+
+
+def test_sample_next_token():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    rng = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, rng, temperature=0).tolist() == [[1], [0]]
+    assert sample_next_token(logits, rng, temperature=1.0, top_k=1).tolist() == [[1], [0]]
+    draws = [sample_next_token(logits, torch.Generator().manual_seed(7), 1.0) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next_token(logits, rng, temperature=-1)
+
+
+def test_generate_naive_samples_reproducibly_with_a_seed():
+    model = tiny_model()
+    randomize(model)
+    first = list(model.generate_naive([1, 2, 3], max_tokens=6, temperature=1.0, seed=3))
+    again = list(model.generate_naive([1, 2, 3], max_tokens=6, temperature=1.0, seed=3))
+    assert first == again and len(first) == 6
+    with pytest.raises(ValueError, match="prompt"):
+        list(model.generate_naive([], max_tokens=1))
+
+
+def test_cpu_computes_in_fp32():
+    cpu = torch.device("cpu")
+    assert compute_dtype(cpu) == torch.float32
+    with autocast(cpu):
+        out = torch.randn(4, 4) @ torch.randn(4, 4)
+    assert out.dtype == torch.float32
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert autodetect_device() == cpu
