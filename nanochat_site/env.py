@@ -8,6 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
+from engine import paths
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -31,10 +33,11 @@ def csv(name: str, default: str) -> list[str]:
 
 
 def data_home() -> Path:
-    """Where datasets, tokenizers, checkpoints, run dirs and the embedded services live."""
-    raw = os.environ.get("NANOCHAT_HOME") or os.environ.get("NANOCHAT_BASE_DIR")
-    home = Path(raw).expanduser() if raw else Path.home() / ".cache" / "nanochat"
-    return home.resolve()
+    """Where datasets, tokenizers, checkpoints, run dirs and the embedded services live.
+
+    One definition shared with the training programs, so the site and a shell agree.
+    """
+    return paths.data_home()
 
 
 def secret_key(home: Path) -> str:
