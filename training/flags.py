@@ -105,9 +105,10 @@ def _check(flag: Flag, value: Any) -> None:
 
 @dataclass
 class FlagSet:
-    program: str  # e.g. "base" -> presets in training/configs/base/
+    program: str  # the module name under training/, e.g. "base_train"
     flags: Sequence[Flag]
     description: str = ""
+    configs: str | None = None  # preset folder under training/configs/ (default: program)
     _by_name: dict[str, Flag] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +154,7 @@ class FlagSet:
 
     # --- presets ----------------------------------------------------------------------------
     def preset_dir(self) -> Path:
-        return CONFIGS_DIR / self.program
+        return CONFIGS_DIR / (self.configs or self.program)
 
     def presets(self) -> list[str]:
         return sorted(p.stem for p in self.preset_dir().glob("*.yaml"))

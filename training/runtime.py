@@ -1,0 +1,125 @@
+"""Where a program runs: device, precision, and the torchrun process group.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python -m` run has none and is rank 0
+of 1. CUDA ranks use NCCL and their own GPU (LOCAL_RANK); CPU ranks use gloo. Only rank 0
+prints, writes events and saves model files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.common import autodetect_device, compute_dtype
+
+DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # matmul compute dtype (weights stay fp32)
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args, **kwargs) -> None:
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast where chosen (CUDA SM80+ by default, CPU when asked), else nothing."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _pick_dtype(device: torch.device, choice: str) -> torch.dtype:
+    if choice not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {choice!r}")
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        return torch.bfloat16
+    return compute_dtype(device)
+
+
+def init_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> Runtime:
+    """Join the torchrun group if there is one, choose the device, seed every RNG."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = autodetect_device() if device == "auto" else torch.device(device)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=chosen if backend == "nccl" else None)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return Runtime(chosen, _pick_dtype(chosen, dtype), rank, local_rank, world_size)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# bf16 dense peak FLOP/s per device (vendor datasheets), for MFU. Matched by substring of
+# torch.cuda.get_device_name(); unknown devices (and CPUs) report no MFU rather than a guess.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
