@@ -1,0 +1,411 @@
+"""Base pretraining: a GPT of a given depth on parquet shards, from scratch or resumed.
+
+    python -m training.base_train --config demo-cpu
+    torchrun --standalone --nproc_per_node=8 -m training.base_train --depth 20 --run-dir runs/x
+
+One dial (`--depth`) sets the model; the horizon comes from explicit iterations, a FLOPs
+budget or a tokens-to-parameters ratio (in that order); the batch size and learning rates
+follow from the data size (training/scaling.py). Every `eval_every` steps it measures
+validation bits per byte, every `sample_every` steps it writes greedy samples, and at
+`save_every` and the end it saves a checkpoint that `--resume-from-step` continues exactly
+(model, optimizer shards, data loader position and loop counters).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine.gpt import GPT, GPTConfig
+from engine.paths import data_home
+from engine.tokenizer import Tokenizer
+from training.dataloader import pretrain_batches
+from training.events import EventWriter
+from training.flags import Flag, FlagSet, format_config
+from training.loop import LoopState, StepReporter, due, format_duration, save_training_checkpoint
+from training.loss_eval import evaluate_bpb
+from training.optim import build_optimizer, set_schedule
+from training.runtime import DTYPES, Runtime, init_runtime, shutdown
+from training.scaling import (
+    Horizon,
+    lr_multiplier,
+    muon_momentum,
+    plan_horizon,
+    weight_decay_at,
+)
+
+FLAGS = FlagSet(
+    "base_train",
+    configs="base",
+    description="Pretrain a base GPT on parquet text shards.",
+    flags=[
+        # model
+        Flag("depth", int, 20, "number of transformer layers (sets the width too)", min=1),
+        Flag(
+            "aspect_ratio", int, 64, "model width = depth x aspect_ratio (rounded to heads)", min=1
+        ),
+        Flag("head_dim", int, 128, "attention head size", min=2),
+        Flag("n_kv_head", int, -1, "key/value heads for GQA (-1: as many as query heads)"),
+        Flag("max_seq_len", int, 2048, "context length in tokens", min=2),
+        Flag("window_pattern", str, "SSSL", "attention windows per layer, L=full S=half, tiled"),
+        # horizon
+        Flag("num_iterations", int, -1, "optimizer steps (-1: from target_flops or the ratio)"),
+        Flag("target_flops", float, -1.0, "training FLOPs budget (-1: off)"),
+        Flag("target_param_data_ratio", float, 10.5, "training tokens per scaling parameter"),
+        # batch
+        Flag("device_batch_size", int, 32, "sequences per forward pass per process", min=1),
+        Flag("total_batch_size", int, -1, "tokens per optimizer step (-1: auto from data size)"),
+        # optimization
+        Flag("embedding_lr", float, 0.3, "AdamW LR of the token and value embeddings", min=0),
+        Flag("unembedding_lr", float, 0.004, "AdamW LR of the lm_head", min=0),
+        Flag("matrix_lr", float, 0.02, "Muon LR of the transformer matrices", min=0),
+        Flag("scalar_lr", float, 0.5, "AdamW LR of the per-layer scalars", min=0),
+        Flag(
+            "weight_decay", float, 0.2, "Muon cautious weight decay at d12 (scaled by depth)", min=0
+        ),  # fmt: skip
+        Flag("lr_batch_scaling", bool, True, "scale every LR by sqrt(batch / 2^19)"),
+        Flag("warmup_ratio", float, 0.0, "fraction of steps of linear LR warmup", min=0, max=1),
+        Flag("warmdown_ratio", float, 0.5, "fraction of steps of linear LR warmdown", min=0, max=1),
+        Flag("final_lr_frac", float, 0.0, "LR multiplier at the end of the warmdown", min=0),
+        # evaluation, samples, checkpoints
+        Flag("eval_every", int, 250, "steps between validation bpb evaluations (-1: only at end)"),
+        Flag("eval_tokens", int, 20 * 2**20, "validation tokens per evaluation", min=1),
+        Flag("sample_every", int, 2000, "steps between greedy samples (-1: only at end)"),
+        Flag("save_every", int, -1, "steps between checkpoints (-1: only at the end)"),
+        Flag("resume_from_step", int, -1, "continue from this saved step (-1: start fresh)"),
+        Flag("log_every", int, 1, "print a log line every N steps", min=1),
+        # runtime
+        Flag("device", str, "auto", "auto, cpu, cuda, mps"),
+        Flag(
+            "dtype",
+            str,
+            "auto",
+            "matmul precision; auto = bf16 on CUDA SM80+, fp32 elsewhere",
+            choices=DTYPES,
+        ),  # fmt: skip
+        Flag("compile", bool, False, "torch.compile the model (CUDA: faster after warm-up)"),
+        Flag("seed", int, 42, "random seed for the initial weights"),
+        Flag("model_tag", str, "", "checkpoint subfolder name (default d<depth>)"),
+        # paths
+        Flag("data_dir", str, "", "parquet shards (default <NANOCHAT_HOME>/base_data)", path=True),
+        Flag("tokenizer_dir", str, "", "tokenizer (default <NANOCHAT_HOME>/tokenizer)", path=True),
+        Flag(
+            "checkpoint_dir",
+            str,
+            "",
+            "where checkpoints go (default <NANOCHAT_HOME>/base_checkpoints/<model_tag>)",
+            path=True,
+        ),  # fmt: skip
+        Flag("run_dir", str, "", "write events.jsonl here for the web app", path=True),
+    ],
+)
+
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+SAMPLE_TOKENS = 16
+
+
+class Cancelled(Exception):
+    """Raised from the SIGTERM handler so the run ends with a `cancelled` event."""
+
+
+def resolve_paths(config: dict[str, Any]) -> dict[str, Path]:
+    home = data_home()
+    tag = config["model_tag"] or f"d{config['depth']}"
+    return {
+        "data_dir": Path(config["data_dir"] or home / "base_data"),
+        "tokenizer_dir": Path(config["tokenizer_dir"] or home / "tokenizer"),
+        "checkpoint_dir": Path(config["checkpoint_dir"] or home / "base_checkpoints" / tag),
+    }
+
+
+def model_config_for(config: dict[str, Any], vocab_size: int, depth: int | None = None):
+    return GPTConfig.from_depth(
+        depth or config["depth"],
+        vocab_size=vocab_size,
+        sequence_len=config["max_seq_len"],
+        aspect_ratio=config["aspect_ratio"],
+        head_dim=config["head_dim"],
+        n_kv_head=None if config["n_kv_head"] <= 0 else config["n_kv_head"],
+        window_pattern=config["window_pattern"],
+    )
+
+
+def scaling_params(model_config: GPTConfig) -> tuple[int, float]:
+    """(matrix + lm_head parameters, FLOPs per token), computed on the meta device."""
+    with torch.device("meta"):
+        model = GPT(model_config)
+    counts = model.num_scaling_params()
+    return counts["transformer_matrices"] + counts["lm_head"], model.estimate_flops()
+
+
+def plan(config: dict[str, Any], vocab_size: int, world_size: int) -> Horizon:
+    """The run's horizon and batch arithmetic; raises ValueError naming the flag at fault."""
+    model_config = model_config_for(config, vocab_size)
+    params, flops_per_token = scaling_params(model_config)
+    reference_params, _ = scaling_params(model_config_for(config, vocab_size, depth=12))
+    return plan_horizon(
+        num_iterations=config["num_iterations"],
+        target_flops=config["target_flops"],
+        target_param_data_ratio=config["target_param_data_ratio"],
+        total_batch_size=config["total_batch_size"],
+        device_batch_size=config["device_batch_size"],
+        seq_len=config["max_seq_len"],
+        world_size=world_size,
+        scaling_params=params,
+        flops_per_token=flops_per_token,
+        reference_scaling_params=reference_params,
+        lr_batch_scaling=config["lr_batch_scaling"],
+    )
+
+
+@torch.no_grad()
+def greedy_samples(model: GPT, tokenizer: Tokenizer, runtime: Runtime) -> list[tuple[str, str]]:
+    samples = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer.encode(prompt, prepend="<|bos|>")
+        with runtime.autocast():
+            out = list(model.generate_naive(ids, SAMPLE_TOKENS, temperature=0.0))
+        samples.append((prompt, tokenizer.decode(out)))
+    return samples
+
+
+def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict[str, Any]:
+    paths = resolve_paths(config)
+    tokenizer = Tokenizer.load(paths["tokenizer_dir"])
+    token_bytes = tokenizer.token_bytes()
+    model_config = model_config_for(config, tokenizer.vocab_size)
+    horizon = plan(config, tokenizer.vocab_size, runtime.world_size)
+    B, T = config["device_batch_size"], config["max_seq_len"]
+    total = horizon.num_iterations
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+    model.to_empty(device=runtime.device)
+    model.init_weights()
+    flops_per_token = model.estimate_flops()
+    params = model.num_scaling_params()
+    # Weight decay was tuned at depth 12 and scales like 1/width^2 (width grows with depth).
+    weight_decay = config["weight_decay"] * (12 / config["depth"]) ** 2
+    optimizer = build_optimizer(
+        model,
+        embedding_lr=config["embedding_lr"],
+        unembedding_lr=config["unembedding_lr"],
+        matrix_lr=config["matrix_lr"],
+        scalar_lr=config["scalar_lr"],
+        weight_decay=weight_decay,
+        lr_scale=horizon.lr_scale,
+    )
+
+    state = LoopState()
+    loader_state = None
+    if config["resume_from_step"] >= 0:
+        model_state, optim_state, meta = ckpt.load_checkpoint(
+            paths["checkpoint_dir"], config["resume_from_step"], device=runtime.device,
+            load_optimizer=True, rank=runtime.rank,
+        )  # fmt: skip
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        state = LoopState.from_dict(meta.get("loop_state"))
+        # One loader position per rank: resuming needs the same number of processes.
+        saved_states = meta.get("loader_states") or []
+        if len(saved_states) != runtime.world_size:
+            raise ValueError(
+                f"resume_from_step: step {state.step} was saved by {len(saved_states)} "
+                f"process(es); resume it with the same number (got {runtime.world_size})"
+            )
+        loader_state = saved_states[runtime.rank]
+        del model_state, optim_state
+        runtime.print(f"resumed from step {state.step} of {paths['checkpoint_dir']}")
+    if state.step > total:
+        raise ValueError(f"resume_from_step: step {state.step} is past the horizon ({total})")
+
+    if runtime.master:
+        tokenizer_copy = ckpt.tokenizer_dir(paths["checkpoint_dir"])
+        if not tokenizer_copy.exists():
+            # Checkpoints carry their tokenizer so a chat worker needs only the directory.
+            tmp = tokenizer_copy.with_name(f".tokenizer.tmp{time.time_ns()}")
+            tokenizer.save(tmp)
+            tmp.rename(tokenizer_copy)
+
+    derived = {
+        "model_config": model_config.to_dict(),
+        "parameters": params,
+        "flops_per_token": flops_per_token,
+        "num_iterations": total,
+        "horizon_source": horizon.source,
+        "total_batch_size": horizon.total_batch_size,
+        "grad_accum_steps": horizon.grad_accum_steps,
+        "training_tokens": horizon.tokens,
+        "tokens_per_param": horizon.tokens / (params["transformer_matrices"] + params["lm_head"]),
+        "lr_scale": horizon.lr_scale,
+        "weight_decay_scaled": weight_decay,
+        "dtype": str(runtime.dtype).removeprefix("torch."),
+        **{k: str(v) for k, v in paths.items()},
+    }
+    runtime.print(format_config(config))
+    runtime.print(json.dumps(derived, indent=2))
+    events.start(config, total_steps=total, world_size=runtime.world_size,
+                 device=str(runtime.device), program="base_train", derived=derived,
+                 start_step=state.step)  # fmt: skip
+
+    train_model = torch.compile(model, dynamic=False) if config["compile"] else model
+    batches = pretrain_batches(
+        paths["data_dir"], tokenizer, B, T, split="train", rank=runtime.rank,
+        world_size=runtime.world_size, device=runtime.device, resume_state=loader_state,
+    )  # fmt: skip
+    eval_steps = max(1, config["eval_tokens"] // (B * T * runtime.world_size))
+    reporter = StepReporter(runtime, total, horizon.total_batch_size, flops_per_token)
+    val_bpb = None
+    inputs, targets, next_state = next(batches)
+    started = time.time()
+
+    while True:
+        step = state.step
+        last = step == total
+        if due(step, config["eval_every"], total):
+            val_batches = pretrain_batches(
+                paths["data_dir"], tokenizer, B, T, split="val", rank=runtime.rank,
+                world_size=runtime.world_size, device=runtime.device,
+            )  # fmt: skip
+            val_bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes, runtime)
+            if state.min_val_bpb is None or val_bpb < state.min_val_bpb:
+                state.min_val_bpb = val_bpb
+            runtime.print(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            events.eval(step, {"val/bpb": val_bpb})
+        if runtime.master and due(step, config["sample_every"], total):
+            for prompt, completion in greedy_samples(model, tokenizer, runtime):
+                runtime.print(f"sample: {prompt!r} -> {completion!r}")
+                events.sample(step, prompt, completion)
+        resumed_here = config["resume_from_step"] == step
+        if last or (config["save_every"] > 0 and step > 0 and step % config["save_every"] == 0
+                    and not resumed_here):  # fmt: skip
+            meta = {
+                "val_bpb": val_bpb,
+                "user_config": config,
+                "derived": derived,
+                "loader_states": runtime.all_gather_object(loader_state),
+                "loop_state": state.to_dict(),
+            }
+            save_training_checkpoint(runtime, events, paths["checkpoint_dir"], step, model,
+                                     optimizer, meta)  # fmt: skip
+        if last:
+            break
+
+        reporter.start_step()
+        loss_sum = torch.zeros((), device=runtime.device)
+        for _ in range(horizon.grad_accum_steps):
+            with runtime.autocast():
+                loss = train_model(inputs, targets)
+            loss_sum += loss.detach()
+            (loss / horizon.grad_accum_steps).backward()
+            # The next batch's position is where a resume must start if we stop after it.
+            loader_state = next_state
+            inputs, targets, next_state = next(batches)
+        lr_mult = lr_multiplier(step, total, config["warmup_ratio"], config["warmdown_ratio"],
+                                config["final_lr_frac"])  # fmt: skip
+        set_schedule(optimizer, lr_mult=lr_mult, momentum=muon_momentum(step),
+                     weight_decay=weight_decay_at(step, total, weight_decay))  # fmt: skip
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        state.step += 1
+        mean_loss = runtime.all_reduce_sum(loss_sum / horizon.grad_accum_steps)
+        values = reporter.end_step(state, mean_loss.item() / runtime.world_size, lr_mult)
+        events.metrics(state.step, values)
+        if state.step % config["log_every"] == 0 or state.step == total:
+            runtime.print(reporter.format(state, values))
+        if state.step == 1:
+            gc.collect()  # then keep the collector out of the timed loop
+            gc.freeze()
+
+    summary = {
+        "val_bpb": val_bpb,
+        "min_val_bpb": state.min_val_bpb,
+        "steps": total,
+        "training_time_sec": state.training_time,
+        "wall_time_sec": time.time() - started,
+        "tok_per_sec": (
+            horizon.total_batch_size * state.timed_steps / state.training_time
+            if state.training_time
+            else None
+        ),  # fmt: skip
+    }
+    if runtime.device.type == "cuda":
+        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    runtime.print(
+        f"done: {total} steps in {format_duration(summary['wall_time_sec'])}, "
+        f"min val bpb {state.min_val_bpb:.4f}"
+        if state.min_val_bpb is not None
+        else f"done: {total} steps"
+    )
+    events.report("Base model training", report_markdown(config, derived, summary))
+    return summary
+
+
+def report_markdown(config: dict, derived: dict, summary: dict) -> str:
+    params = derived["parameters"]
+    lines = [
+        "## Base model training",
+        f"- depth: {config['depth']} (width {derived['model_config']['n_embd']}, "
+        f"{derived['model_config']['n_head']} heads)",
+        f"- parameters: {params['total']:,} (matrices {params['transformer_matrices']:,}, "
+        f"lm_head {params['lm_head']:,})",
+        f"- FLOPs per token: {derived['flops_per_token']:.3e}",
+        f"- steps: {summary['steps']} ({derived['horizon_source']}), "
+        f"batch {derived['total_batch_size']:,} tokens, grad accum {derived['grad_accum_steps']}",
+        f"- training tokens: {derived['training_tokens']:,} "
+        f"({derived['tokens_per_param']:.1f} per parameter)",
+        f"- precision: {derived['dtype']}",
+    ]
+    if summary.get("min_val_bpb") is not None:
+        lines.append(f"- minimum validation bpb: {summary['min_val_bpb']:.4f}")
+    if summary.get("tok_per_sec"):
+        lines.append(f"- throughput: {summary['tok_per_sec']:,.0f} tok/s")
+    if summary.get("peak_memory_mib"):
+        lines.append(f"- peak memory: {summary['peak_memory_mib']:,.0f} MiB")
+    lines.append(f"- total training time: {format_duration(summary['training_time_sec'])}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = FLAGS.parse(argv)
+    runtime = init_runtime(config["device"], config["dtype"], config["seed"])
+    events = EventWriter(config["run_dir"] or None, runtime.rank)
+
+    def on_term(signum, frame):
+        raise Cancelled(f"received {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        train(config, runtime, events)
+        events.end("succeeded")
+        return 0
+    except (Cancelled, KeyboardInterrupt) as exc:
+        events.end("cancelled", error=str(exc) or "interrupted")
+        runtime.print(f"cancelled: {exc}")
+        return 130
+    except Exception as exc:
+        events.end("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        events.close()
+        shutdown(runtime)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

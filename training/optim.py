@@ -1,0 +1,522 @@
+"""The optimizer of SPEC §5: Muon for the block matrices, AdamW for everything else, in one object.
+
+Why two rules: a weight matrix is a linear map, and Muon updates it by the orthogonalized
+momentum (every singular direction moves the same amount), which trains the block matrices
+faster than Adam at the same cost. Embedding rows, the lm_head and the per-layer scalars are
+not maps in that sense (a row is read only when its token appears), so they keep AdamW --
+without weight decay (SPEC §5), i.e. bias-corrected Adam.
+
+Everything lives in ONE `torch.optim.Optimizer` (`MuonAdamW`) whose param groups carry a
+`kind` ("muon" or "adamw"), so `state_dict`, `zero_grad` and a schedule that sets
+`group["lr"] = group["initial_lr"] * mult` work the standard way on every group.
+
+Muon step, per group of same-shape matrices (stacked, so the orthogonalization is one batched
+matmul per shape instead of one per matrix):
+  1. Nesterov momentum: buf <- lerp(buf, g, 1 - mu); u = lerp(g, buf, mu).
+  2. Polar Express (`polar_express`): 5 bf16 iterations that map u to the nearest
+     semi-orthogonal matrix (all singular values ~1).
+  3. NorMuon: a running mean (beta2) of the squared update along the smaller dimension gives
+     one second moment per row (tall/square) or column (wide); the update is divided by its
+     square root, then rescaled to keep its Frobenius norm.
+  4. Step lr * max(1, rows/cols)^0.5 (a tall matrix's orthogonal update has smaller entries)
+     with "cautious" decoupled weight decay: p -= lr * (u + wd * p * [u * p > 0]), i.e. the
+     decay only acts where it pushes the same way as the update.
+
+Distributed (ZeRO-2): with torch.distributed initialized and world_size > 1, `step()` itself
+averages the gradients (so do NOT wrap the model in DDP), each rank updates only its shard and
+keeps only that shard's state, then parameters are all-gathered. Shards:
+  - Muon: the K matrices of a shape are split into contiguous blocks of ceil(K/world) whole
+    matrices (the orthogonalization needs whole matrices); the gradient stack is zero-padded
+    to ceil(K/world) * world, so a rank may own fewer matrices, or none.
+  - AdamW: each parameter is flattened and split into ceil(numel/world) elements per rank,
+    zero-padded at the end (Adam is elementwise, so any split gives the same result).
+Gradient averaging uses reduce-scatter where the backend has it (NCCL; recent gloo). Where a
+one-off probe finds it missing (older gloo), every rank all-reduces the whole padded buffer
+and keeps its slice instead: same numbers, world_size times the traffic, which only a CPU run
+ever pays. Optimizer state is per rank: save it as `optim_{step}_rank{r}.pt` and resume with
+the same world size (`load_state_dict` checks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from engine.gpt import GPT
+
+# (a, b, c) per iteration, X <- a X + (b A + c A^2) X with A = X X^T: the Polar Express
+# coefficients (arXiv 2505.16932) for 5 steps, each the minimax-optimal odd quintic for the
+# singular-value range left by the previous step.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# The coefficients assume singular values <= 1; bf16 rounding of the Frobenius normalization
+# can overshoot that slightly, and 2% headroom keeps the first (aggressive) step stable.
+POLAR_EXPRESS_SAFETY = 1.02
+ADAMW_BETAS = (0.8, 0.95)
+ADAMW_EPS = 1e-10
+NORMUON_BETA2 = 0.95
+# Adam LRs were tuned at width 768; wider models take proportionally smaller steps.
+ADAM_REFERENCE_WIDTH = 768
+# The resid lambdas scale the whole residual stream at every layer, so a small move has a
+# large effect: they get 1% of the scalar LR. The x0 lambdas get the full LR with a higher
+# beta1 (smoother steps), as in nanochat.
+RESID_LAMBDA_LR_FRACTION = 0.01
+X0_LAMBDA_BETAS = (0.96, 0.95)
+# Muon's momentum when no schedule sets it; base training ramps it up to this (SPEC §7).
+MUON_MOMENTUM = 0.95
+
+Kind = Literal["muon", "adamw"]
+GradReduction = Literal["auto", "reduce_scatter", "all_reduce"]
+_MUON_DEFAULTS = {"momentum": MUON_MOMENTUM, "beta2": NORMUON_BETA2, "weight_decay": 0.0}
+_ADAMW_DEFAULTS = {"betas": ADAMW_BETAS, "eps": ADAMW_EPS}
+
+
+def polar_express(g: torch.Tensor) -> torch.Tensor:
+    """The semi-orthogonal factor of each matrix in `g` (..., rows, cols), approximately.
+
+    Normalizes by the Frobenius norm x 1.02 (in fp32), then runs the 5 Polar Express
+    iterations in bf16. A tall matrix is transposed first so the Gram matrix A = X X^T is the
+    small side. Returns g's dtype and shape.
+    """
+    if g.dim() < 2:
+        raise ValueError(
+            f"polar_express needs matrices (..., rows, cols), got shape {tuple(g.shape)}"
+        )
+    tall = g.size(-2) > g.size(-1)
+    x = g.mT if tall else g
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:]).float()
+    norm = torch.linalg.matrix_norm(x, keepdim=True)
+    x = (x / (norm * POLAR_EXPRESS_SAFETY + 1e-7)).to(torch.bfloat16)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    x = x.reshape(shape)
+    return (x.mT if tall else x).to(g.dtype)
+
+
+def _normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """Divide each row (or column) of the stacked update by its running RMS, keeping the norm."""
+    reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
+    second_moment.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
+    scaled = update * second_moment.clamp_min(1e-10).rsqrt()
+    old_norm = torch.linalg.vector_norm(update, dim=(-2, -1), keepdim=True)
+    new_norm = torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True)
+    return scaled * (old_norm / new_norm.clamp_min(1e-10))
+
+
+def _muon_update(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    group: dict[str, Any],
+) -> None:
+    """One Muon step on a stack of same-shape matrices `params` (n, rows, cols), in place.
+
+    `grads` is a scratch copy (the stacked or reduced gradients) and is overwritten.
+    """
+    momentum = group["momentum"]
+    buf = state["momentum_buffer"]
+    buf.lerp_(grads, 1 - momentum)
+    update = polar_express(grads.lerp_(buf, momentum))
+    update = _normuon(update, state["second_momentum_buffer"], group["beta2"])
+    rows, cols = params.shape[-2:]
+    lr = group["lr"] * max(1.0, rows / cols) ** 0.5
+    decay = params * ((update * params) > 0) * group["weight_decay"]
+    params.sub_(lr * (update + decay))
+
+
+def _adamw_update(
+    param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+) -> None:
+    """One bias-corrected Adam step on a flat slice (no weight decay: SPEC §5), in place."""
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    step = state["step"]
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+    param.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+
+
+def _shard(total: int, world: int, rank: int) -> tuple[int, int, int]:
+    """(per_rank, lo, hi): rank owns items [lo, hi) of `total` split in blocks of per_rank."""
+    per_rank = math.ceil(total / world)
+    lo = min(rank * per_rank, total)
+    return per_rank, lo, min(lo + per_rank, total)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon + AdamW over kind-tagged param groups, optionally ZeRO-2 sharded across ranks.
+
+    Each group is a dict with `params`, `kind` and `lr`; optional keys default as follows.
+    muon: momentum 0.95, beta2 0.95, weight_decay 0 (all params 2-D, one shape per group).
+    adamw: betas (0.8, 0.95), eps 1e-10. Every group gets `initial_lr` (= lr unless given).
+
+    distributed: None = shard when torch.distributed is initialized with world_size > 1;
+    True = require that; False = plain single-process optimizer. grad_reduction: how gradients
+    are averaged when sharded ("auto" probes the backend for reduce-scatter once; see the
+    module docstring).
+    """
+
+    def __init__(
+        self,
+        param_groups: Iterable[dict[str, Any]],
+        *,
+        distributed: bool | None = None,
+        grad_reduction: GradReduction = "auto",
+    ) -> None:
+        if grad_reduction not in ("auto", "reduce_scatter", "all_reduce"):
+            raise ValueError(
+                "grad_reduction must be 'auto', 'reduce_scatter' or 'all_reduce', "
+                f"got {grad_reduction!r}"
+            )
+        initialized = dist.is_available() and dist.is_initialized()
+        if distributed and not initialized:
+            raise ValueError("distributed=True needs torch.distributed to be initialized first")
+        self.world_size = dist.get_world_size() if initialized and distributed is not False else 1
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        super().__init__(list(param_groups), defaults={})
+        # Whether sharded steps use reduce-scatter/all-gather (else the all-reduce fallback).
+        self.reduce_scatter = self.world_size > 1 and (
+            grad_reduction == "reduce_scatter"
+            or (grad_reduction == "auto" and _backend_has_reduce_scatter(self.param_groups))
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        kind = group.get("kind")
+        if kind not in ("muon", "adamw"):
+            raise ValueError(f"param group 'kind' must be 'muon' or 'adamw', got {kind!r}")
+        if "lr" not in group:
+            raise ValueError(f"{kind} param group needs an 'lr'")
+        for key, value in (_MUON_DEFAULTS if kind == "muon" else _ADAMW_DEFAULTS).items():
+            group.setdefault(key, value)
+        group.setdefault("initial_lr", group["lr"])
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if not params:
+            raise ValueError(f"{kind} param group {group.get('name', '')!r} has no parameters")
+        if kind == "muon":
+            shapes = {tuple(p.shape) for p in params}
+            if len(shapes) != 1 or params[0].dim() != 2:
+                raise ValueError(
+                    f"a muon param group must hold 2-D matrices of one shape, got {sorted(shapes)}"
+                )
+        group["params"] = params
+        super().add_param_group(group)
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        """Set every group's lr to initial_lr * multiplier (the LR schedule's hook)."""
+        if not math.isfinite(multiplier) or multiplier < 0:
+            raise ValueError(f"lr multiplier must be a finite number >= 0, got {multiplier}")
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+    def set_muon_momentum(self, momentum: float) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        for group in self._groups("muon"):
+            group["momentum"] = momentum
+
+    def set_muon_weight_decay(self, weight_decay: float) -> None:
+        if not math.isfinite(weight_decay) or weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        for group in self._groups("muon"):
+            group["weight_decay"] = weight_decay
+
+    def _groups(self, kind: Kind) -> list[dict[str, Any]]:
+        return [group for group in self.param_groups if group["kind"] == kind]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["sharding"] = {"world_size": self.world_size, "rank": self.rank}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("sharding", {"world_size": 1, "rank": 0})
+        here = {"world_size": self.world_size, "rank": self.rank}
+        if saved != here:
+            raise ValueError(
+                f"optimizer state was saved by rank {saved['rank']} of {saved['world_size']} "
+                f"but is being loaded by rank {self.rank} of {self.world_size}: resume with the "
+                "same number of processes, each loading its own optim_*_rank<r>.pt"
+            )
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Average gradients (when sharded), update this rank's shard, gather parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    raise RuntimeError(
+                        f"parameter {i} of the {group['kind']} group {group.get('name', '')!r} "
+                        "has no gradient: every parameter must take part in the loss "
+                        "(sharded ranks must all reduce the same tensors)"
+                    )
+        # Three passes so communication overlaps compute: start every gradient reduction,
+        # then update each group as its reduction lands (starting its gather), then finish.
+        units = [u for group in self.param_groups for u in self._units(group)]
+        reductions = [self._start_reduction(unit) for unit in units]
+        gathers = [self._update(unit, grads) for unit, grads in zip(units, reductions, strict=True)]
+        for finish in gathers:
+            finish()
+        return loss
+
+    def _units(self, group: dict[str, Any]) -> list[_Unit]:
+        """The pieces updated as one: a Muon group's whole stack, or one AdamW parameter."""
+        if group["kind"] == "muon":
+            return [_Unit(group, group["params"], self.world_size, self.rank)]
+        return [_Unit(group, [p], self.world_size, self.rank) for p in group["params"]]
+
+    def _start_reduction(self, unit: _Unit) -> Callable[[], torch.Tensor]:
+        """Start averaging the unit's gradients; the returned call waits for this rank's shard."""
+        if self.world_size == 1:
+            grads = unit.flat_grads()
+            return lambda: grads
+        padded = unit.padded_grads()
+        if self.reduce_scatter:
+            out = padded.new_empty((unit.per_rank, *padded.shape[1:]))
+            work = dist.reduce_scatter_single(out, padded, op=dist.ReduceOp.AVG, async_op=True)
+
+            def wait_reduce_scatter() -> torch.Tensor:
+                work.wait()
+                return out
+
+            return wait_reduce_scatter
+        work = dist.all_reduce(padded, op=dist.ReduceOp.SUM, async_op=True)
+
+        def wait_all_reduce() -> torch.Tensor:
+            work.wait()
+            start = self.rank * unit.per_rank
+            return padded[start : start + unit.per_rank].div_(self.world_size)
+
+        return wait_all_reduce
+
+    def _update(self, unit: _Unit, wait_grads: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        """Update this rank's shard of the unit; returns the call that finishes the gather."""
+        grads = wait_grads()[: unit.owned]
+        local = unit.local_params()
+        state = self.state[unit.params[0]]
+        if not state:
+            state.update(unit.fresh_state(local))
+        if unit.owned:
+            if unit.kind == "muon":
+                _muon_update(local[: unit.owned], grads, state, unit.group)
+            else:
+                _adamw_update(local[: unit.owned], grads, state, unit.group)
+        if self.world_size == 1:
+            return lambda: unit.write_back(local)
+        gathered = local.new_empty((unit.per_rank * self.world_size, *local.shape[1:]))
+        if self.reduce_scatter:
+            work = dist.all_gather_single(gathered, local, async_op=True)
+        else:
+            work = dist.all_gather(list(gathered.chunk(self.world_size)), local, async_op=True)
+
+        def finish() -> None:
+            work.wait()
+            unit.write_back(gathered)
+
+        return finish
+
+
+class _Unit:
+    """What one rank sees of a Muon stack or an AdamW parameter: sizes, its shard, copies.
+
+    Muon units index whole matrices (dim 0 of the stack); AdamW units index flat elements.
+    """
+
+    def __init__(
+        self, group: dict[str, Any], params: list[torch.Tensor], world: int, rank: int
+    ) -> None:
+        self.group = group
+        self.kind: Kind = group["kind"]
+        self.params = params
+        self.total = len(params) if self.kind == "muon" else params[0].numel()
+        self.per_rank, self.lo, self.hi = _shard(self.total, world, rank)
+        self.owned = self.hi - self.lo
+        self.world = world
+
+    def _item_shape(self) -> tuple[int, ...]:
+        return tuple(self.params[0].shape) if self.kind == "muon" else ()
+
+    def flat_grads(self) -> torch.Tensor:
+        """All gradients, unpadded: the (K, rows, cols) stack or the flat parameter gradient."""
+        if self.kind == "muon":
+            return torch.stack([p.grad for p in self.params])
+        return self.params[0].grad.reshape(-1)
+
+    def padded_grads(self) -> torch.Tensor:
+        """A fresh buffer of per_rank * world items holding the gradients, zeros after them."""
+        first = self.params[0]
+        padded = first.grad.new_zeros((self.per_rank * self.world, *self._item_shape()))
+        if self.kind == "muon":
+            for i, p in enumerate(self.params):
+                padded[i].copy_(p.grad)
+        else:
+            padded[: self.total].copy_(first.grad.reshape(-1))
+        return padded
+
+    def local_params(self) -> torch.Tensor:
+        """This rank's shard as a tensor to update in place.
+
+        Single process: the stacked matrices, or a view of the flat parameter itself. Sharded:
+        a per_rank-item buffer (owned items first, zeros after) that is the all-gather input.
+        """
+        if self.world == 1:
+            if self.kind == "muon":
+                return torch.stack(self.params)
+            return self.params[0].view(-1)
+        first = self.params[0]
+        local = first.new_zeros((self.per_rank, *self._item_shape()))
+        if self.kind == "muon":
+            for i in range(self.owned):
+                local[i].copy_(self.params[self.lo + i])
+        else:
+            local[: self.owned].copy_(first.view(-1)[self.lo : self.hi])
+        return local
+
+    def fresh_state(self, local: torch.Tensor) -> dict[str, Any]:
+        owned = local[: self.owned]
+        if self.kind == "adamw":
+            return {
+                "step": 0,
+                "exp_avg": torch.zeros_like(owned),
+                "exp_avg_sq": torch.zeros_like(owned),
+            }
+        n, rows, cols = owned.shape
+        stat_shape = (n, rows, 1) if rows >= cols else (n, 1, cols)
+        return {
+            "momentum_buffer": torch.zeros_like(owned),
+            "second_momentum_buffer": owned.new_zeros(stat_shape),
+        }
+
+    def write_back(self, values: torch.Tensor) -> None:
+        """Copy the first `total` items of `values` (stack or flat) into the parameters."""
+        if self.kind == "muon":
+            for i, p in enumerate(self.params):
+                p.copy_(values[i])
+        elif values.data_ptr() != self.params[0].data_ptr():
+            self.params[0].view(-1).copy_(values[: self.total])
+
+
+def _backend_has_reduce_scatter(param_groups: list[dict[str, Any]]) -> bool:
+    """Whether the default process group can reduce-scatter with AVG (older gloo cannot).
+
+    Every rank calls this at the same point with the same backend, so they all take the same
+    branch, and an unsupported op is refused locally before any data moves.
+    """
+    device = param_groups[0]["params"][0].device
+    world = dist.get_world_size()
+    probe = torch.ones(world, device=device)
+    out = torch.empty(1, device=device)
+    try:
+        dist.reduce_scatter_single(out, probe, op=dist.ReduceOp.AVG)
+        dist.all_gather_single(probe, out)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+    return True
+
+
+def set_schedule(
+    optimizer: MuonAdamW,
+    *,
+    lr_mult: float,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+) -> None:
+    """Apply one step's schedule values: LR multiplier for every group, Muon momentum and decay.
+
+    None leaves that value as it is (SFT and RL schedule only the LR).
+    """
+    optimizer.set_lr_multiplier(lr_mult)
+    if momentum is not None:
+        optimizer.set_muon_momentum(momentum)
+    if weight_decay is not None:
+        optimizer.set_muon_weight_decay(weight_decay)
+
+
+def build_optimizer(
+    model: GPT,
+    *,
+    embedding_lr: float,
+    unembedding_lr: float,
+    matrix_lr: float,
+    scalar_lr: float,
+    weight_decay: float,
+    lr_scale: float = 1.0,
+    distributed: bool | None = None,
+    grad_reduction: GradReduction = "auto",
+) -> MuonAdamW:
+    """The SPEC §5 optimizer for `model`: one Muon group per block-matrix shape, AdamW for the rest.
+
+    lr_scale multiplies every LR (the sqrt(B / B_ref) batch-size scaling). The AdamW LRs of
+    lm_head, wte and value embeddings are also scaled by (n_embd / 768)^-0.5; the scalars are
+    not (their effect does not grow with width). weight_decay is Muon's initial decay (each
+    step shrinks agreeing weights by lr * wd); change it, the momentum and the LR multiplier
+    per step with `set_schedule`. distributed and grad_reduction: see `MuonAdamW`.
+    """
+    named = {
+        "embedding_lr": embedding_lr,
+        "unembedding_lr": unembedding_lr,
+        "matrix_lr": matrix_lr,
+        "scalar_lr": scalar_lr,
+        "weight_decay": weight_decay,
+    }
+    for name, value in named.items():
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if not math.isfinite(lr_scale) or lr_scale <= 0:
+        raise ValueError(f"lr_scale must be a finite number > 0, got {lr_scale}")
+    by_kind = model.param_groups()
+    if {id(p) for p in by_kind["scalars"]} != {id(model.resid_lambdas), id(model.x0_lambdas)}:
+        raise ValueError("expected the model's scalars to be exactly resid_lambdas and x0_lambdas")
+    width_scale = (model.config.n_embd / ADAM_REFERENCE_WIDTH) ** -0.5
+    adam_lr = lr_scale * width_scale
+    groups: list[dict[str, Any]] = [
+        {"name": "lm_head", "params": by_kind["lm_head"], "lr": unembedding_lr * adam_lr},
+        {"name": "wte", "params": by_kind["wte"], "lr": embedding_lr * adam_lr},
+        {"name": "value_embeds", "params": by_kind["value_embeds"], "lr": embedding_lr * adam_lr},
+        {
+            "name": "resid_lambdas",
+            "params": [model.resid_lambdas],
+            "lr": scalar_lr * RESID_LAMBDA_LR_FRACTION * lr_scale,
+        },
+        {
+            "name": "x0_lambdas",
+            "params": [model.x0_lambdas],
+            "lr": scalar_lr * lr_scale,
+            "betas": X0_LAMBDA_BETAS,
+        },
+    ]
+    groups = [dict(g, kind="adamw") for g in groups if g["params"]]
+    shapes: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+    for p in by_kind["transformer_matrices"]:
+        shapes.setdefault(tuple(p.shape), []).append(p)
+    for shape, params in shapes.items():
+        groups.append(
+            {
+                "name": f"muon {shape[0]}x{shape[1]}",
+                "kind": "muon",
+                "params": params,
+                "lr": matrix_lr * lr_scale,
+                "weight_decay": weight_decay,
+            }
+        )
+    return MuonAdamW(groups, distributed=distributed, grad_reduction=grad_reduction)
