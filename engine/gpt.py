@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from engine.attention import attention
 from engine.common import compute_dtype
+from engine.fused_loss import softcap_linear_cross_entropy
 
 ROTARY_BASE = 10_000
 # The rotary table covers 10x the training context so generation can run past it.
@@ -491,7 +492,25 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        logits = self.lm_head(rms_norm(x))[..., : self.config.vocab_size].float()
+        x = rms_norm(x)
+        if targets is not None and loss_reduction != "none" and torch.is_grad_enabled():
+            # Training: head + cap + loss fused and chunked (see engine/fused_loss.py).
+            device_type = x.device.type
+            dtype = (
+                torch.get_autocast_dtype(device_type)
+                if torch.is_autocast_enabled(device_type)
+                else x.dtype
+            )
+            return softcap_linear_cross_entropy(
+                x.reshape(-1, x.size(-1)),
+                self.lm_head.weight,
+                targets.reshape(-1),
+                vocab_size=self.config.vocab_size,
+                softcap=LOGIT_SOFTCAP,
+                reduction=loss_reduction,
+                compute_dtype=dtype,
+            )
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits
