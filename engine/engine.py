@@ -1,0 +1,708 @@
+"""The inference engine: a KV cache, a batch of independent rows decoded together, and tools.
+
+Three layers, each usable on its own:
+
+* `KVCache` -- preallocated (layers, rows, max_len, kv_heads, head_dim) keys and values with a
+  length per row. A forward runs over a contiguous range of rows (`KVCache.rows(start, stop)`,
+  which implements the `engine.gpt.KVCache` protocol), so a prompt is prefilled into one row
+  alone, copied into as many rows as samples are wanted, and then decoded together with rows
+  that started earlier and sit at other lengths.
+* `Batch` -- the scheduler core an engine worker drives. `add` prefills a prompt and makes its
+  row(s) join; `step` runs one forward over every active row and returns one token per row;
+  finished rows leave and free their slot. Active rows always occupy slots 0..n-1 (a leaving
+  row's slot is refilled by the last row), so a step is one forward over one slice of the cache,
+  whatever the mix of prompts, lengths and sampling settings.
+* `Engine` -- nanochat's interface on top: `generate` (a stream of token columns) and
+  `generate_batch` (whole sequences) for one prompt and `num_samples` rows sharing its prefill.
+
+A row's prompt is prefilled up to its last token, which becomes the row's first decode input.
+That keeps every step uniform -- each active row feeds exactly one token -- and a one-token
+prompt needs no prefill at all.
+
+Sampling: every row owns a `torch.Generator` seeded from its own seed and draws one uniform
+number per sampled token, in blocks, so its random stream never depends on which other rows
+share the batch. The tokens of all rows are then drawn in one batched inverse-CDF step
+(`sample_tokens`). Temperature 0 is argmax, which makes cached decoding reproduce
+`GPT.generate_naive` token for token.
+
+Tools (SPEC §9): a row that emits `<|python_start|> expr <|python_end|>` gets the calculator's
+result forced in as `<|output_start|> result <|output_end|>`; forced tokens have mask 0 and are
+fed to the model like sampled ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from engine import calculator
+from engine.common import autocast, compute_dtype
+from engine.gpt import GPT, ROTARY_LENGTH_FACTOR
+
+if TYPE_CHECKING:
+    from engine.tokenizer import Tokenizer
+
+# Yielded by `Engine.generate` in the column of a row that has already finished.
+FINISHED = -1
+# Uniform draws are taken from a row's generator this many at a time: one small tensor op per
+# 64 sampled tokens instead of one per token.
+UNIFORM_BLOCK = 64
+_MASK64 = (1 << 64) - 1
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # the row emitted <|assistant_end|> or <|bos|>
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # removed by the caller
+
+
+# ---- KV cache -------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values for up to `batch_size` rows, allocated once.
+
+    `lengths` (on the cache's device) is what the model reads; `host_lengths` mirrors it in
+    Python so that planning a step (where to write, how far to attend) never waits on the
+    device.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_head: int,
+        head_dim: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if value < 1:
+                raise ValueError(f"KV cache {name} must be positive, got {value}")
+        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.host_lengths = [0] * batch_size
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    @classmethod
+    def for_model(cls, model: GPT, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache shaped for `model`, in its device's compute dtype."""
+        config = model.config
+        table = config.sequence_len * ROTARY_LENGTH_FACTOR
+        if max_len > table:
+            raise ValueError(f"KV cache max_len {max_len} exceeds the model's rotary table {table}")
+        device = model.get_device()
+        return cls(
+            config.n_layer,
+            batch_size,
+            max_len,
+            config.n_kv_head,
+            config.head_dim,
+            device=device,
+            dtype=compute_dtype(device),
+        )
+
+    def rows(self, start: int, stop: int) -> CacheRows:
+        """Rows [start, stop) as a cache a model forward can use (views, no copy)."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows [{start}, {stop}) are outside the cache's {self.batch_size}")
+        return CacheRows(self, start, stop)
+
+    def reset(self, slot: int) -> None:
+        """Empty one row (its old keys stay in memory but are never attended to)."""
+        self.lengths[slot] = 0
+        self.host_lengths[slot] = 0
+
+    def replicate(self, src: int, dst_start: int, dst_stop: int) -> None:
+        """Copy row `src`'s cached positions into rows [dst_start, dst_stop)."""
+        length = self.host_lengths[src]
+        if dst_start >= dst_stop:
+            return
+        if length:
+            self.k[:, dst_start:dst_stop, :length] = self.k[:, src : src + 1, :length]
+            self.v[:, dst_start:dst_stop, :length] = self.v[:, src : src + 1, :length]
+        self.lengths[dst_start:dst_stop] = length
+        self.host_lengths[dst_start:dst_stop] = [length] * (dst_stop - dst_start)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (used to keep the active rows contiguous)."""
+        length = self.host_lengths[src]
+        if length:
+            self.k[:, dst, :length] = self.k[:, src, :length]
+            self.v[:, dst, :length] = self.v[:, src, :length]
+        self.lengths[dst] = length
+        self.host_lengths[dst] = length
+
+
+class CacheRows:
+    """A contiguous range of a `KVCache`'s rows, implementing `engine.gpt.KVCache`.
+
+    Where a step writes and how many positions attention reads are planned once per forward,
+    on layer 0, from the host lengths: when every row has the same length (one prompt's
+    samples, a single stream) the new keys go in with one slice copy per layer, otherwise
+    with one indexed write. Attention is handed only the positions up to the longest row, so
+    its cost follows the real lengths rather than `max_len`.
+    """
+
+    def __init__(self, cache: KVCache, start: int, stop: int) -> None:
+        self._cache = cache
+        self._start, self._stop = start, stop
+        # Per-layer views made once: a decode step then costs one copy and one narrow per tensor.
+        self._k = [layer[start:stop] for layer in cache.k]
+        self._v = [layer[start:stop] for layer in cache.v]
+        self.lengths = cache.lengths[start:stop]
+        self.max_len = cache.max_len
+        self._end = 0
+        self._k_len = self.lengths
+        self._write_at: int | None = None
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def insert(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        num_new = k.size(1)
+        if layer == 0:
+            self._plan(num_new)
+        keys, values = self._k[layer], self._v[layer]
+        if self._write_at is not None:
+            keys.narrow(1, self._write_at, num_new).copy_(k)
+            values.narrow(1, self._write_at, num_new).copy_(v)
+        else:
+            keys.index_put_(self._index, k)
+            values.index_put_(self._index, v)
+        return keys.narrow(1, 0, self._end), values.narrow(1, 0, self._end), self._k_len
+
+    def advance(self, num_tokens: int) -> None:
+        self.lengths += num_tokens
+        host = self._cache.host_lengths
+        for slot in range(self._start, self._stop):
+            host[slot] += num_tokens
+
+    def _plan(self, num_new: int) -> None:
+        host = self._cache.host_lengths[self._start : self._stop]
+        shortest, longest = min(host), max(host)
+        if longest + num_new > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {num_new} new tokens after {longest} cached positions "
+                f"exceed max_len {self.max_len}"
+            )
+        self._end = longest + num_new
+        self._k_len = self.lengths + num_new
+        if shortest == longest:
+            self._write_at, self._index = shortest, None
+        else:
+            device = self.lengths.device
+            rows = torch.arange(len(host), device=device)[:, None]
+            positions = self.lengths[:, None] + torch.arange(num_new, device=device)
+            self._write_at, self._index = None, (rows, positions)
+
+
+# ---- rows and sampling ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. max_tokens None = as many as the cache allows."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (_not_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(
+                f"max_tokens must be a positive integer or None, got {self.max_tokens!r}"
+            )
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            raise ValueError(f"temperature must be a number, got {temperature!r}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
+        if self.top_k is not None and (_not_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if _not_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence being generated: its tokens, sampling state, tool state and outcome."""
+
+    tokens: list[int]
+    prompt_len: int
+    temperature: float
+    top_k: int | None
+    max_tokens: int
+    seed: int
+    index: int = 0  # position among the samples of its request
+    generator: torch.Generator = field(init=False, repr=False)
+    masks: list[int] = field(default_factory=list)  # per generated token: 1 sampled, 0 forced
+    num_generated: int = 0
+    forced: deque[int] = field(default_factory=deque)
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+    done: bool = False
+    finish_reason: FinishReason | None = None
+    slot: int = -1
+    _uniforms: list[float] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+
+    @property
+    def output_tokens(self) -> list[int]:
+        """The generated tokens (sampled and forced), without the prompt."""
+        return self.tokens[self.prompt_len :]
+
+    def next_uniform(self) -> float:
+        """The next number in [0, 1) of this row's own random stream."""
+        if not self._uniforms:
+            block = torch.rand(UNIFORM_BLOCK, generator=self.generator, dtype=torch.float64)
+            self._uniforms = block.tolist()[::-1]
+        return self._uniforms.pop()
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The generator seed of sample `index` of a request seeded with `seed`.
+
+    SplitMix64's output function: neighbouring (seed, index) pairs get unrelated streams, so
+    sample 1 of seed 7 is not sample 0 of seed 8.
+    """
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class SamplingSettings:
+    """The sampling settings of a batch's rows as tensors, built once per change of rows.
+
+    Rows at temperature 0 take the argmax. The others sample by inverse CDF over the vocabulary
+    in id order: the first token whose cumulative probability exceeds the row's uniform number
+    (float64 cumsum, so the tail of a 32k vocabulary keeps its mass). Top-k removes every token
+    below the row's k-th largest logit. Nothing depends on the other rows, so a row draws the
+    same token whichever rows share its batch.
+    """
+
+    def __init__(
+        self,
+        temperatures: Sequence[float],
+        top_ks: Sequence[int | None],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> None:
+        self.all_greedy = all(t == 0 for t in temperatures)
+        self.any_greedy = any(t == 0 for t in temperatures)
+        ks = [None if k is None else min(k, vocab_size) for k in top_ks]
+        limited = [k for k in ks if k is not None]
+        # One topk of the largest k serves every row; a row with a smaller k reads its own
+        # threshold further up, and a row without top-k gets no threshold.
+        self.topk_width = max(limited) if limited else None
+        self.kth_index = None
+        self.unlimited_rows = None
+        if limited and (len(limited) < len(ks) or min(limited) < max(limited)):
+            self.kth_index = torch.tensor(
+                [[(k or self.topk_width) - 1] for k in ks], dtype=torch.long, device=device
+            )
+            if len(limited) < len(ks):
+                self.unlimited_rows = torch.tensor([[k is None] for k in ks], device=device)
+        # float64 keeps the tail of a large vocabulary in the CDF; Apple's MPS has no float64.
+        self.cdf_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        # Greedy rows divide by 1: their sampled token is discarded anyway.
+        self.temperature = torch.tensor(
+            [[t if t > 0 else 1.0] for t in temperatures], dtype=torch.float32, device=device
+        )
+        self.greedy_rows = (
+            torch.tensor([[t == 0] for t in temperatures], device=device)
+            if self.any_greedy
+            else None
+        )
+
+    def sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits and (B, 1) uniforms in [0, 1) -> (B, 1) token ids."""
+        if self.all_greedy:
+            return logits.max(dim=-1, keepdim=True).indices
+        scaled = logits / self.temperature
+        if self.topk_width is not None:
+            top = logits.topk(self.topk_width, dim=-1).values
+            kth = top[:, -1:] if self.kth_index is None else top.gather(-1, self.kth_index)
+            if self.unlimited_rows is not None:
+                kth = kth.masked_fill(self.unlimited_rows, -math.inf)
+            scaled = scaled.masked_fill(logits < kth, -math.inf)
+        cdf = F.softmax(scaled, dim=-1).cumsum(dim=-1, dtype=self.cdf_dtype)
+        targets = uniforms.to(self.cdf_dtype) * cdf[:, -1:]
+        sampled = torch.searchsorted(cdf, targets, right=True).clamp_(max=logits.size(-1) - 1)
+        if self.greedy_rows is None:
+            return sampled
+        greedy = logits.max(dim=-1, keepdim=True).indices
+        return torch.where(self.greedy_rows, greedy, sampled)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperatures: Sequence[float],
+    top_ks: Sequence[int | None],
+    uniforms: Sequence[float],
+) -> list[int]:
+    """One token per row of (B, V) `logits`, each row with its own temperature, top-k and
+    uniform number in [0, 1) (see `SamplingSettings`)."""
+    settings = SamplingSettings(temperatures, top_ks, logits.size(-1), logits.device)
+    u = torch.tensor([[x] for x in uniforms], dtype=settings.cdf_dtype, device=logits.device)
+    return settings.sample(logits, u).view(-1).tolist()
+
+
+@dataclass(frozen=True)
+class _SpecialIds:
+    """The token ids the engine reacts to; None where the tokenizer lacks the token."""
+
+    stop: frozenset[int]
+    python_start: int | None
+    python_end: int | None
+    output_start: int | None
+    output_end: int | None
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer | None) -> _SpecialIds:
+        if tokenizer is None:
+            return cls(frozenset(), None, None, None, None)
+
+        def lookup(name: str) -> int | None:
+            try:
+                return tokenizer.encode_special(name)
+            except ValueError:
+                return None
+
+        stop = {tokenizer.get_bos_token_id(), lookup("<|assistant_end|>")} - {None}
+        return cls(
+            frozenset(stop),
+            lookup("<|python_start|>"),
+            lookup("<|python_end|>"),
+            lookup("<|output_start|>"),
+            lookup("<|output_end|>"),
+        )
+
+    @property
+    def has_tools(self) -> bool:
+        return None not in (self.python_start, self.python_end, self.output_start, self.output_end)
+
+
+# ---- the batch ------------------------------------------------------------------------------
+
+
+class Batch:
+    """Rows decoded together, one token per row per `step`; rows may join and leave between
+    steps (continuous batching).
+
+    `max_rows` rows of `max_len` positions each are allocated up front. max_len defaults to the
+    model's context (`sequence_len`); a larger one (up to the rotary table) lets rows run past
+    the context the model was trained on. Without a tokenizer rows stop only at max_tokens and
+    tools are off (benchmarks on random weights). One thread drives a batch: it is not locked.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer | None = None,
+        *,
+        max_rows: int = 8,
+        max_len: int | None = None,
+    ) -> None:
+        if _not_int(max_rows) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+        max_len = model.config.sequence_len if max_len is None else max_len
+        if _not_int(max_len) or max_len < 1:
+            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.get_device()
+        self.cache = KVCache.for_model(model, max_rows, max_len)
+        self.rows: list[Row] = []
+        self._special = _SpecialIds.of(tokenizer)
+        # On CPU autocast is a no-op; skipping its context saves time on every step.
+        self._mixed_precision = compute_dtype(self.device) != torch.float32
+        self._view: CacheRows | None = None
+        self._settings: SamplingSettings | None = None
+        self._next_ids: torch.Tensor | None = None
+
+    @property
+    def max_rows(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_rows - len(self.rows)
+
+    def add(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Row:
+        """Prefill `prompt` into a free row and make it join the batch."""
+        return self.add_samples(prompt, params, 1)[0]
+
+    @torch.inference_mode()
+    def add_samples(
+        self, prompt: Sequence[int], params: SamplingParams | None, num_samples: int
+    ) -> list[Row]:
+        """Prefill `prompt` once and start `num_samples` rows from it, each with its own seed
+        (`row_seed(params.seed, i)`)."""
+        params = SamplingParams() if params is None else params
+        if _not_int(num_samples) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if num_samples > self.free_rows:
+            raise ValueError(
+                f"the batch has {self.free_rows} free rows of {self.max_rows}, "
+                f"{num_samples} requested"
+            )
+        prompt = self._checked_tokens(prompt, "prompt")
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        # The last prompt token is the first decode input, so the cache must hold the other
+        # len - 1 plus one position per generated token but the last.
+        room = self.max_len - (len(prompt) - 1)
+        if room < 1:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens does not fit the KV cache of {self.max_len} "
+                f"positions"
+            )
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        first = len(self.rows)
+        self.cache.reset(first)
+        if len(prompt) > 1:
+            ids = torch.tensor([prompt[:-1]], dtype=torch.long, device=self.device)
+            self._forward(ids, self.cache.rows(first, first + 1))
+        self.cache.replicate(first, first + 1, first + num_samples)
+        new_rows = []
+        for i in range(num_samples):
+            row = Row(
+                tokens=list(prompt),
+                prompt_len=len(prompt),
+                temperature=float(params.temperature),
+                top_k=params.top_k,
+                max_tokens=max_tokens,
+                seed=row_seed(params.seed, i),
+                index=i,
+                slot=first + i,
+            )
+            new_rows.append(row)
+        self.rows.extend(new_rows)
+        self._rows_changed()
+        return new_rows
+
+    def force(self, row: Row, tokens: Sequence[int]) -> None:
+        """Make `row` emit `tokens` next (mask 0), as if the model had chosen them: they are fed
+        to the model and seen by the tool logic like sampled tokens."""
+        if row.done or row not in self.rows:
+            raise ValueError("cannot force tokens into a row that is not active in this batch")
+        row.forced.extend(self._checked_tokens(tokens, "forced tokens"))
+
+    def cancel(self, row: Row) -> None:
+        """Stop `row` now and free its slot (e.g. the client went away)."""
+        if row.done:
+            return
+        if row not in self.rows:
+            raise ValueError("cannot cancel a row that is not in this batch")
+        row.done, row.finish_reason = True, FinishReason.CANCELLED
+        self._remove([row])
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, int, int]]:
+        """One forward over every active row: (row, token, mask) per row, in slot order.
+
+        Rows that finish with this token (stop token or max_tokens) leave the batch after it.
+        """
+        rows = self.rows
+        if not rows:
+            return []
+        if self._view is None:
+            self._view = self.cache.rows(0, len(rows))
+        ids = self._next_ids
+        if ids is None:
+            ids = torch.tensor([row.tokens[-1:] for row in rows], device=self.device)
+        logits = self._forward(ids, self._view)[:, -1]
+        sampled = self._sample(logits)
+        events = []
+        finished = []
+        forced_any = False
+        for row, token in zip(rows, sampled.view(-1).tolist(), strict=True):
+            mask = 1
+            if row.forced:
+                token, mask, forced_any = row.forced.popleft(), 0, True
+            self._record(row, token, mask)
+            events.append((row, token, mask))
+            if row.done:
+                finished.append(row)
+        # Unless something was forced or rows changed, this step's tokens are the next inputs
+        # as they are: no list -> tensor round trip (nor a host -> device copy on a GPU).
+        self._next_ids = None if forced_any else sampled
+        if finished:
+            self._remove(finished)
+        return events
+
+    def _forward(self, ids: torch.Tensor, cache: CacheRows) -> torch.Tensor:
+        if self._mixed_precision:
+            with autocast(self.device):
+                return self.model(ids, kv_cache=cache)
+        return self.model(ids, kv_cache=cache)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1) tokens, one per active row."""
+        rows = self.rows
+        if self._settings is None:
+            self._settings = SamplingSettings(
+                [row.temperature for row in rows],
+                [row.top_k for row in rows],
+                logits.size(-1),
+                self.device,
+            )
+        if self._settings.all_greedy or all(row.forced for row in rows):
+            return logits.max(dim=-1, keepdim=True).indices
+        # Rows whose next token is forced draw nothing, so a row's random stream does not
+        # depend on what gets forced into it.
+        uniforms = [
+            [row.next_uniform() if row.temperature > 0 and not row.forced else 0.0] for row in rows
+        ]
+        u = torch.tensor(uniforms, dtype=self._settings.cdf_dtype, device=self.device)
+        return self._settings.sample(logits, u)
+
+    def _record(self, row: Row, token: int, mask: int) -> None:
+        row.tokens.append(token)
+        row.masks.append(mask)
+        row.num_generated += 1
+        special = self._special
+        if token in special.stop:
+            row.done, row.finish_reason = True, FinishReason.STOP
+        elif row.num_generated >= row.max_tokens:
+            row.done, row.finish_reason = True, FinishReason.LENGTH
+        if row.done or not special.has_tools:
+            return
+        if token == special.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif token == special.python_end and row.in_python:
+            row.in_python = False
+            result = calculator.evaluate_expression(self.tokenizer.decode(row.python_tokens))
+            if result is not None:
+                row.forced.extend(
+                    [special.output_start, *self.tokenizer.encode(result), special.output_end]
+                )
+        elif row.in_python:
+            row.python_tokens.append(token)
+
+    def _remove(self, leaving: list[Row]) -> None:
+        # Fill each freed slot with the last row, keeping the active rows in slots 0..n-1.
+        # Highest slots first, so the row moved down is never one that is leaving too.
+        for row in sorted(leaving, key=lambda r: r.slot, reverse=True):
+            last = self.rows.pop()
+            if last is not row:
+                self.cache.move(last.slot, row.slot)
+                last.slot = row.slot
+                self.rows[row.slot] = last
+            row.slot = -1
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        self._view = None
+        self._settings = None
+        self._next_ids = None
+
+    def _checked_tokens(self, tokens: Sequence[int], what: str) -> list[int]:
+        tokens = list(tokens)
+        vocab = self.model.config.vocab_size
+        for token in tokens:
+            if _not_int(token) or not 0 <= token < vocab:
+                raise ValueError(f"{what} hold {token!r}, not a token id in [0, {vocab})")
+        return tokens
+
+
+# ---- the nanochat-style interface ----------------------------------------------------------
+
+
+class Engine:
+    """Generation for one prompt at a time, `num_samples` rows sharing its prefill."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """Per step, (token of each sample, mask of each sample): mask 1 = sampled, 0 = forced.
+
+        A sample's column holds its stop token (<|assistant_end|> or <|bos|>) on the step it
+        stops, then `FINISHED` (with mask 0) until the last sample is done. max_tokens None or
+        too large is clamped to what fits in the model's context (`sequence_len`).
+        """
+        context = self.model.config.sequence_len
+        if len(tokens) > context:
+            raise ValueError(
+                f"prompt of {len(tokens)} tokens exceeds the model's context of {context} tokens"
+            )
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed
+        )
+        # Size the cache to this request: prompt minus its last token, plus one per new token.
+        cached = max(len(tokens) - 1, 0)
+        room = context - cached
+        needed = cached + (room if max_tokens is None else min(max_tokens, room))
+        batch = Batch(self.model, self.tokenizer, max_rows=num_samples, max_len=max(needed, 1))
+        batch.add_samples(tokens, params, num_samples)
+        return _columns(batch, num_samples)
+
+    def generate_batch(
+        self,
+        tokens: Sequence[int],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Whole sequences: (prompt + generated tokens, masks) per sample.
+
+        Stop tokens are left out; the prompt's positions have mask 0.
+        """
+        stops = _SpecialIds.of(self.tokenizer).stop
+        sequences = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        for column, mask_column in self.generate(
+            tokens, num_samples, max_tokens, temperature, top_k, seed
+        ):
+            for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
+                if token != FINISHED and token not in stops:
+                    sequences[i].append(token)
+                    masks[i].append(mask)
+        return sequences, masks
+
+
+def _columns(batch: Batch, num_samples: int) -> Iterator[tuple[list[int], list[int]]]:
+    while batch.rows:
+        column = [FINISHED] * num_samples
+        masks = [0] * num_samples
+        for row, token, mask in batch.step():
+            column[row.index] = token
+            masks[row.index] = mask
+        yield column, masks
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
