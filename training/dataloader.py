@@ -2,8 +2,10 @@
 
 Pretraining (`pretrain_batches`) reads the parquet shards of a data directory (one `text`
 column; sorted by file name; the last shard is the validation split, the others are train).
-Rank `r` of `w` reads the row groups `r, r+w, r+2w, ...` of every shard of its split, in shard
-order, and loops over the split forever, counting epochs from 1. The validation split loops
+The split's row groups, taken in shard order, form one list; rank `r` of `w` reads entries
+`r, r+w, r+2w, ...` of it and loops over them forever, counting epochs from 1. Striding over the
+whole split rather than within each shard lets small corpora whose shards hold a single row
+group (the built-in one) still feed several ranks. The validation split loops
 too: an evaluator takes a fixed number of batches from a fresh loader, which is deterministic,
 and no rank can run dry before the others (a finite split would let a rank with fewer row
 groups stop early and hang the others in their all-reduce).
@@ -95,14 +97,15 @@ def pretrain_batches(
     _check_positive(B=B, T=T, tokenizer_threads=tokenizer_threads, buffer_docs=buffer_docs)
     _check_rank(rank, world_size)
     shards = _split_shards(data_dir, split)
-    if not any(range(rank, len(shard.rows), world_size) for shard in shards):
+    mine = _rank_row_groups(shards, rank, world_size)
+    if not mine:
         total = sum(len(shard.rows) for shard in shards)
         raise ValueError(
             f"rank {rank} of {world_size} gets no row groups: the {split} split of {data_dir} "
             f"has {total} row group(s) in {len(shards)} shard(s); use fewer ranks or more data"
         )
     if resume_state is None:
-        position, waiting = (1, shards[0].index, rank, 0), []
+        position, waiting = (1, mine[0][0].index, mine[0][1], 0), []
     else:
         position, waiting = _checked_state(resume_state, shards, rank, world_size)
     return _pretrain_stream(
@@ -116,6 +119,12 @@ class _Shard:
     index: int  # position among all sorted shards of the directory: the state's pq_idx
     path: Path
     rows: tuple[int, ...]  # documents per row group
+
+
+def _rank_row_groups(shards: list[_Shard], rank: int, world_size: int) -> list[tuple[_Shard, int]]:
+    """This rank's (shard, row group) pairs: every world_size-th of the split's row groups."""
+    every = [(shard, rg) for shard in shards for rg in range(len(shard.rows))]
+    return every[rank::world_size]
 
 
 def _split_shards(data_dir: str | Path, split: str) -> list[_Shard]:
@@ -170,21 +179,28 @@ def _documents(
     """
     epoch, pq_idx, rg_idx, doc_idx = position
     bos = tokenizer.get_bos_token_id()
-    first = [shard.index for shard in shards].index(pq_idx)
-    while True:
-        for shard in shards[first:]:
-            with pq.ParquetFile(shard.path) as parquet:
-                for rg in range(rg_idx, len(shard.rows), world_size):
-                    texts = _read_texts(parquet, shard, rg)
-                    for start in range(doc_idx, len(texts), TOKENIZE_BATCH):
-                        chunk = texts[start : start + TOKENIZE_BATCH]
-                        encoded = tokenizer.encode(chunk, prepend=bos, num_threads=threads)
-                        for offset, ids in enumerate(encoded):
-                            yield (epoch, shard.index, rg, start + offset), ids
-                    doc_idx = 0
-            rg_idx = rank
-        first = 0
-        epoch += 1
+    mine = _rank_row_groups(shards, rank, world_size)
+    first = [(shard.index, rg) for shard, rg in mine].index((pq_idx, rg_idx))
+    parquet, opened = None, None
+    try:
+        while True:
+            for shard, rg in mine[first:]:
+                if opened is not shard:
+                    if parquet is not None:
+                        parquet.close()
+                    parquet, opened = pq.ParquetFile(shard.path), shard
+                texts = _read_texts(parquet, shard, rg)
+                for start in range(doc_idx, len(texts), TOKENIZE_BATCH):
+                    chunk = texts[start : start + TOKENIZE_BATCH]
+                    encoded = tokenizer.encode(chunk, prepend=bos, num_threads=threads)
+                    for offset, ids in enumerate(encoded):
+                        yield (epoch, shard.index, rg, start + offset), ids
+                doc_idx = 0
+            first = 0
+            epoch += 1
+    finally:
+        if parquet is not None:
+            parquet.close()
 
 
 def _pretrain_stream(
@@ -274,6 +290,7 @@ def _checked_state(
     if state["epoch"] < 1:
         raise ValueError(f"resume_state['epoch'] counts from 1, got {state['epoch']}")
     by_index = {shard.index: shard for shard in shards}
+    mine = {(shard.index, rg) for shard, rg in _rank_row_groups(shards, rank, world_size)}
 
     def check_place(pq_idx: Any, rg_idx: Any, what: str) -> _Shard:
         if not _is_int(pq_idx) or pq_idx not in by_index:
@@ -281,7 +298,7 @@ def _checked_state(
                 f"resume_state {what}: pq_idx {pq_idx!r} is not a shard of this split "
                 f"(its shards are {sorted(by_index)}): was the data directory changed?"
             )
-        if not _is_int(rg_idx) or rg_idx < 0 or rg_idx % world_size != rank:
+        if not _is_int(rg_idx) or (pq_idx, rg_idx) not in mine:
             raise ValueError(
                 f"resume_state {what}: rg_idx {rg_idx!r} is not a row group of rank {rank} "
                 f"of {world_size}"

@@ -2,9 +2,9 @@
 
 A dataset is a directory of parquet files with one `text` column, written in row groups of
 1024 documents with zstd compression and read in name order; the last shard is the
-validation split. Row groups are the unit of reading: distributed ranks stride over them
-(`start`, `start + stride`, ...), so every rank sees different documents without any
-coordination.
+validation split. Row groups are the unit of reading: distributed ranks stride over the
+split's row groups taken in shard order (`start`, `start + stride`, ...), so every rank sees
+different documents without any coordination.
 
 Three ways to get shards, each writing atomically (a temp file in the target directory, then
 `os.replace`, so an interrupted run never leaves a half shard that a later reader would
@@ -142,7 +142,7 @@ class RowGroup:
 def iter_row_groups(
     data_dir: str | os.PathLike, split: str = "train", start: int = 0, stride: int = 1
 ) -> Iterator[RowGroup]:
-    """Row groups `start, start + stride, ...` of each shard of a split, in order (one pass).
+    """Row groups `start, start + stride, ...` of a split's row groups in shard order (one pass).
 
     The same striding as the pretraining loader: rank r of w ranks passes start=r, stride=w.
     """
@@ -150,11 +150,15 @@ def iter_row_groups(
         raise ValueError(f"need stride >= 1 and 0 <= start < stride, got {start=} {stride=}")
     shards = split_shards(data_dir, split)
     first = 0 if split == "train" else len(list_shards(data_dir)) - 1
-    for offset, path in enumerate(shards):
-        parquet = pq.ParquetFile(path)
-        for rg in range(start, parquet.num_row_groups, stride):
+    groups = [
+        (first + offset, path, rg)
+        for offset, path in enumerate(shards)
+        for rg in range(pq.read_metadata(path).num_row_groups)
+    ]
+    for shard, path, rg in groups[start::stride]:
+        with pq.ParquetFile(path) as parquet:
             table = parquet.read_row_group(rg, columns=[TEXT_COLUMN])
-            yield RowGroup(first + offset, rg, table.column(TEXT_COLUMN).to_pylist())
+        yield RowGroup(shard, rg, table.column(TEXT_COLUMN).to_pylist())
 
 
 def iter_texts(

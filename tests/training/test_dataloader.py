@@ -24,6 +24,7 @@ WORDS = [
 # Documents per shard: the last shard is validation. Row groups of 8 leave a short last group,
 # and the shards have different numbers of row groups (5, 3, 4 | 3).
 SHARD_SIZES = (37, 20, 29, 21)
+TRAIN = range(len(SHARD_SIZES) - 1)
 ROW_GROUP = 8
 B, T = 2, 32
 T_SFT = 64  # conversations are longer than documents: room for two or three a row
@@ -80,12 +81,17 @@ def _doc_tokens(tok: Tokenizer, shard_texts) -> dict[tuple[int, int, int], list[
 
 
 def _reading_order(shard_texts, shards, rank, world) -> list[tuple[int, int, int]]:
-    """The documents a rank should read in one pass, in order."""
+    """The documents a rank should read in one pass, in order.
+
+    The split's row groups in shard order form one list; rank r takes every world-th from r.
+    """
+    groups = [
+        (pq_idx, rg) for pq_idx in shards for rg in range(-(-len(shard_texts[pq_idx]) // ROW_GROUP))
+    ]
     order = []
-    for pq_idx in shards:
+    for pq_idx, rg in groups[rank::world]:
         n = len(shard_texts[pq_idx])
-        for rg in range(rank, -(-n // ROW_GROUP), world):
-            order += [(pq_idx, rg, d) for d in range(min(ROW_GROUP, n - rg * ROW_GROUP))]
+        order += [(pq_idx, rg, d) for d in range(min(ROW_GROUP, n - rg * ROW_GROUP))]
     return order
 
 
@@ -223,7 +229,8 @@ def test_ranks_read_disjoint_row_groups_that_together_cover_the_train_split(
                 seen |= {where[tuple(p)] for p in _pieces(row, bos) if tuple(p) in where}
             if state["epoch"] == 3:
                 break
-        assert all(rg % world == rank for _, rg in seen)
+        expected = {(pq, rg) for pq, rg, _ in _reading_order(shard_texts, TRAIN, rank, world)}
+        assert seen == expected
         seen_by_rank.append(seen)
     for a, b in itertools.combinations(seen_by_rank, 2):
         assert not a & b
@@ -453,3 +460,18 @@ def test_sft_reads_one_shot_iterators_once_and_names_bad_conversations(tok):
         sft_batches(conversations[0], tok, 2, T_SFT)
     with pytest.raises(ValueError, match="rank 1 of 2 gets none"):
         sft_batches(conversations[:1], tok, 2, T_SFT, rank=1, world_size=2)
+
+
+def test_shards_of_one_row_group_still_feed_every_rank(tmp_path, tok, shard_texts):
+    """Like the built-in corpus: each shard is a single row group, and 2 ranks share 3 shards."""
+    for i, texts in enumerate(shard_texts):
+        pq.write_table(pa.table({"text": texts}), tmp_path / f"shard_{i:05d}.parquet")
+    seen = []
+    for rank in range(2):
+        loader = pretrain_batches(tmp_path, tok, 2, 16, rank=rank, world_size=2, buffer_docs=4)
+        inputs, _, state = next(loader)
+        assert inputs.shape == (2, 16)
+        seen.append(state["pq_idx"])
+    assert seen[0] != seen[1]
+    with pytest.raises(ValueError, match="rank 3 of 4 gets no row groups"):
+        pretrain_batches(tmp_path, tok, 2, 16, rank=3, world_size=4)
