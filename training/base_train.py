@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from training.flags import Flag, FlagSet, format_config
 from training.loop import LoopState, StepReporter, due, format_duration, save_training_checkpoint
 from training.loss_eval import evaluate_bpb
 from training.optim import build_optimizer, set_schedule
+from training.program import cancel_on_sigterm, run_program
 from training.runtime import DTYPES, Runtime, init_runtime, shutdown
 from training.scaling import (
     Horizon,
@@ -118,10 +118,6 @@ SAMPLE_PROMPTS = (
     "If 5*x + 3 = 13, then x is",
 )
 SAMPLE_TOKENS = 16
-
-
-class Cancelled(Exception):
-    """Raised from the SIGTERM handler so the run ends with a `cancelled` event."""
 
 
 def resolve_paths(config: dict[str, Any]) -> dict[str, Path]:
@@ -385,27 +381,13 @@ def report_markdown(config: dict, derived: dict, summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     config = FLAGS.parse(argv)
     runtime = init_runtime(config["device"], config["dtype"], config["seed"])
-    events = EventWriter(config["run_dir"] or None, runtime.rank)
-
-    def on_term(signum, frame):
-        raise Cancelled(f"received {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, on_term)
     try:
-        train(config, runtime, events)
-        events.end("succeeded")
-        return 0
-    except (Cancelled, KeyboardInterrupt) as exc:
-        events.end("cancelled", error=str(exc) or "interrupted")
-        runtime.print(f"cancelled: {exc}")
-        return 130
-    except Exception as exc:
-        events.end("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        with EventWriter(config["run_dir"] or None, runtime.rank) as events:
+            return run_program(events, lambda: train(config, runtime, events))
     finally:
-        events.close()
         shutdown(runtime)
 
 
 if __name__ == "__main__":
+    cancel_on_sigterm()
     sys.exit(main())

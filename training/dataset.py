@@ -38,7 +38,6 @@ import pkgutil
 import pydoc
 import random
 import re
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -60,6 +59,7 @@ import pyarrow.parquet as pq
 from engine.paths import data_home
 from training.events import EventWriter
 from training.flags import ConfigError, Flag, FlagSet
+from training.program import USER_ERRORS, cancel_on_sigterm, run_program
 
 TEXT_COLUMN = "text"
 ROW_GROUP_SIZE = 1024
@@ -891,26 +891,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             world_size=1, device="cpu", program="dataset",
         )  # fmt: skip
         started = time.time()
-        try:
+
+        def body() -> None:
             _run(command, config, positional, events)
-        except KeyboardInterrupt:
-            events.end("cancelled", "interrupted")
-            print("cancelled", file=sys.stderr)
-            return 130
-        except (ValueError, OSError, DownloadError) as exc:
-            # Bad input or an unreachable server: the message says it all, a traceback would not.
-            events.end("failed", f"{type(exc).__name__}: {exc}")
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except Exception as exc:
-            events.end("failed", f"{type(exc).__name__}: {exc}")
-            raise
-        print(f"done in {time.time() - started:.1f}s")
-        events.end("succeeded")
-        return 0
+            print(f"done in {time.time() - started:.1f}s")
+
+        return run_program(events, body, user_errors=(*USER_ERRORS, DownloadError))
 
 
 if __name__ == "__main__":
-    # The web app cancels a run with SIGTERM; handling it like Ctrl-C records "cancelled".
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    cancel_on_sigterm()
     sys.exit(main())

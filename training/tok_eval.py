@@ -16,7 +16,6 @@ vocabulary that saw almost no Hangul does (nearly one token per byte).
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from engine.tokenizer import Tokenizer
 from training import dataset
 from training.events import EventWriter
 from training.flags import Flag, FlagSet
+from training.program import cancel_on_sigterm, run_program
 
 SAMPLES_DIR = Path(__file__).with_name("corpus") / "tok_eval"
 SAMPLE_KINDS = ("news", "korean", "code", "math", "science")
@@ -205,24 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = FLAGS.parse(argv)
     with EventWriter(config["run_dir"]) as events:
         events.start(config, total_steps=0, world_size=1, device="cpu", program="tok_eval")
-        try:
-            run(config, events)
-        except KeyboardInterrupt:
-            events.end("cancelled", "interrupted")
-            print("cancelled", file=sys.stderr)
-            return 130
-        except (ValueError, OSError) as exc:
-            events.end("failed", f"{type(exc).__name__}: {exc}")
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except Exception as exc:
-            events.end("failed", f"{type(exc).__name__}: {exc}")
-            raise
-        events.end("succeeded")
-        return 0
+        return run_program(events, lambda: run(config, events))
 
 
 if __name__ == "__main__":
-    # The web app cancels a run with SIGTERM; handling it like Ctrl-C records "cancelled".
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    cancel_on_sigterm()
     sys.exit(main())

@@ -10,7 +10,6 @@ nanochat's default, about 8 FineWeb-edu shards, far more than a 32K vocabulary n
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +23,7 @@ from engine.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 from training import dataset
 from training.events import EventWriter
 from training.flags import Flag, FlagSet
+from training.program import cancel_on_sigterm, run_program
 
 FLAGS = FlagSet(
     "tok_train",
@@ -138,25 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config["out"] = str(config["out"] or data_home() / "tokenizer")
     with EventWriter(config["run_dir"]) as events:
         events.start(config, total_steps=0, world_size=1, device="cpu", program="tok_train")
-        try:
-            run(config, events)
-        except KeyboardInterrupt:
-            events.end("cancelled", "interrupted")
-            print("cancelled", file=sys.stderr)
-            return 130
-        except (ValueError, OSError) as exc:
-            # Too little text for the vocabulary, a missing directory: the message is the help.
-            events.end("failed", f"{type(exc).__name__}: {exc}")
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except Exception as exc:
-            events.end("failed", f"{type(exc).__name__}: {exc}")
-            raise
-        events.end("succeeded")
-        return 0
+        return run_program(events, lambda: run(config, events))
 
 
 if __name__ == "__main__":
-    # The web app cancels a run with SIGTERM; handling it like Ctrl-C records "cancelled".
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    cancel_on_sigterm()
     sys.exit(main())
