@@ -16,17 +16,14 @@ rank 0 saves the model and meta.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.fileio import atomic_write
 from engine.gpt import GPT, GPTConfig
 
 if TYPE_CHECKING:
@@ -122,10 +119,10 @@ def save_checkpoint(
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     if optim_state is not None:
-        _atomic_write(optim_path(directory, step, rank), lambda f: torch.save(optim_state, f))
+        atomic_write(optim_path(directory, step, rank), lambda f: torch.save(optim_state, f))
     if model_state is not None:
-        _atomic_write(model_path(directory, step), lambda f: torch.save(model_state, f))
-        _atomic_write(meta_path(directory, step), lambda f: f.write(meta_text.encode("utf-8")))
+        atomic_write(model_path(directory, step), lambda f: torch.save(model_state, f))
+        atomic_write(meta_path(directory, step), lambda f: f.write(meta_text.encode("utf-8")))
 
 
 def load_checkpoint(
@@ -222,18 +219,3 @@ def _meta_json(step: int, model_config: GPTConfig | dict, meta: dict[str, Any]) 
         return json.dumps({**meta, "step": step, "model_config": config}, indent=2)
     except (TypeError, ValueError) as error:
         raise ValueError(f"checkpoint meta must be JSON-serialisable: {error}") from error
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write via a hidden temp file in the same directory, then rename it into place."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise

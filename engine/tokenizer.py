@@ -20,14 +20,15 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import rustbpe
 import tiktoken
 import torch
+
+from engine.fileio import atomic_write
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -155,8 +156,8 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         token_bytes = self.token_bytes()
-        _write_atomically(directory / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f))
-        _write_atomically(directory / TOKENIZER_FILE, lambda f: pickle.dump(self._enc, f))
+        atomic_write(directory / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f))
+        atomic_write(directory / TOKENIZER_FILE, lambda f: pickle.dump(self._enc, f))
 
     # ---- vocabulary ---------------------------------------------------------------------
 
@@ -391,18 +392,3 @@ def _checked_part(part: Any, index: int, part_index: int) -> tuple[str, str]:
     if not isinstance(text, str):
         raise ValueError(f"{where} ({kind}) needs a str 'text', got {type(text).__name__}")
     return kind, text
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temp file in the same directory, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

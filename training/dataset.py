@@ -56,6 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.fileio import atomic_path
 from engine.paths import data_home
 from training.events import EventWriter
 from training.flags import ConfigError, Flag, FlagSet
@@ -210,15 +211,8 @@ def write_shard(path: str | os.PathLike, texts: Sequence[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({TEXT_COLUMN: pa.array(texts, type=pa.string())})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -300,18 +294,15 @@ def download_shard(
         return ShardDownload(dest.name, "skipped", 0, dest.stat().st_size)
     dest.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, attempts + 1):
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-            # Reading the footer catches a truncated body that the server reported as complete.
-            pq.ParquetFile(tmp).close()
-            os.replace(tmp, dest)
+            with atomic_path(dest) as tmp:
+                with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                    while chunk := resp.read(1 << 20):
+                        f.write(chunk)
+                # Reading the footer catches a truncated body the server reported as complete.
+                pq.ParquetFile(tmp).close()
             return ShardDownload(dest.name, "downloaded", attempt, dest.stat().st_size)
         except Exception as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
             if attempt == attempts or not _is_retryable(exc):
                 raise
             time.sleep(backoff_s * 2 ** (attempt - 1))

@@ -1,0 +1,40 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Checkpoints, tokenizers and dataset shards are read by other processes (a chat worker, a
+training run on another rank, the web app) while they may be being written, and a crash or a
+cancelled run must never leave a truncated file that looks complete. So every writer goes
+through a hidden temp file in the target directory (same filesystem, so the rename is atomic),
+fsyncs it, and renames it into place; on any error the temp file is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block succeeds it becomes `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write(file)` on a temp file and move it to `path` once complete."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
