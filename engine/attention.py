@@ -106,20 +106,37 @@ def _sdpa_attention(
     q_pos: torch.Tensor | None,
 ) -> torch.Tensor:
     tq, tk = q.size(1), k.size(1)
-    gqa = q.size(2) != k.size(2)
-    # SDPA wants (B, H, T, D).
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     # The farthest a visible key can be from its query is tk - 1 positions.
     window_binds = window is not None and window < tk - 1
     if k_len is None and q_pos is None and tq == tk and not window_binds:
-        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+        mask, causal = None, True
     else:
-        mask = _visible_keys(tq, tk, window, k_len, q_pos, q.device)
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
+        mask, causal = visible_keys(tq, tk, window, k_len, q_pos, q.device), False
+    # SDPA wants (B, H, T, D).
+    y = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask, causal=causal)
     return y.transpose(1, 2)
 
 
-def _visible_keys(
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """PyTorch's SDPA on heads-first (B, H, T, D) tensors, unchecked: the kernel under
+    `attention`, for callers that plan masks themselves (engine/inference.py).
+
+    mask: boolean, broadcastable to (B, 1, Tq, Tk), True where a query may see a key (see
+    `visible_keys`); None with causal=False means every query sees every key.
+    """
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.size(1) != k.size(1)
+    )
+
+
+def visible_keys(
     tq: int,
     tk: int,
     window: int | None,
@@ -127,7 +144,10 @@ def _visible_keys(
     q_pos: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor:
-    """Boolean (B or 1, 1, Tq, Tk) mask, True where a query may attend to a key."""
+    """Boolean (B or 1, 1, Tq, Tk) mask, True where a query may attend to a key.
+
+    The arguments mean what they mean for `attention`.
+    """
     if q_pos is None:
         ends = k_len if k_len is not None else torch.tensor([tk], device=device)
         q_pos = ends.to(device)[:, None] - tq + torch.arange(tq, device=device)

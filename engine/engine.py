@@ -2,8 +2,8 @@
 
 Three layers, each usable on its own:
 
-* `KVCache` -- preallocated (layers, rows, max_len, kv_heads, head_dim) keys and values with a
-  length per row. A forward runs over a contiguous range of rows (`KVCache.rows(start, stop)`,
+* `KVCache` -- preallocated (layers, rows, kv_heads, max_len, head_dim) keys and values (heads
+  first, the layout attention reads) with a length per row. A forward runs over a contiguous range of rows (`KVCache.rows(start, stop)`,
   which implements the `engine.gpt.KVCache` protocol), so a prompt is prefilled into one row
   alone, copied into as many rows as samples are wanted, and then decoded together with rows
   that started earlier and sit at other lengths.
@@ -14,6 +14,9 @@ Three layers, each usable on its own:
   whatever the mix of prompts, lengths and sampling settings.
 * `Engine` -- nanochat's interface on top: `generate` (a stream of token columns) and
   `generate_batch` (whole sequences) for one prompt and `num_samples` rows sharing its prefill.
+
+Forwards go through `engine.inference.InferenceForward` (GPT's math in a third of the ops, for
+devices that compute in fp32) or `GPT.forward` under autocast (mixed precision).
 
 A row's prompt is prefilled up to its last token, which becomes the row's first decode input.
 That keeps every step uniform -- each active row feeds exactly one token -- and a one-token
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 from engine import calculator
 from engine.common import autocast, compute_dtype
 from engine.gpt import GPT, ROTARY_LENGTH_FACTOR
+from engine.inference import InferenceForward
 
 if TYPE_CHECKING:
     from engine.tokenizer import Tokenizer
@@ -88,7 +92,7 @@ class KVCache:
         for name, value in (("batch_size", batch_size), ("max_len", max_len)):
             if value < 1:
                 raise ValueError(f"KV cache {name} must be positive, got {value}")
-        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -131,8 +135,8 @@ class KVCache:
         if dst_start >= dst_stop:
             return
         if length:
-            self.k[:, dst_start:dst_stop, :length] = self.k[:, src : src + 1, :length]
-            self.v[:, dst_start:dst_stop, :length] = self.v[:, src : src + 1, :length]
+            self.k[:, dst_start:dst_stop, :, :length] = self.k[:, src : src + 1, :, :length]
+            self.v[:, dst_start:dst_stop, :, :length] = self.v[:, src : src + 1, :, :length]
         self.lengths[dst_start:dst_stop] = length
         self.host_lengths[dst_start:dst_stop] = [length] * (dst_stop - dst_start)
 
@@ -140,28 +144,33 @@ class KVCache:
         """Copy row `src` into row `dst` (used to keep the active rows contiguous)."""
         length = self.host_lengths[src]
         if length:
-            self.k[:, dst, :length] = self.k[:, src, :length]
-            self.v[:, dst, :length] = self.v[:, src, :length]
+            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
         self.lengths[dst] = length
         self.host_lengths[dst] = length
 
 
 class CacheRows:
-    """A contiguous range of a `KVCache`'s rows, implementing `engine.gpt.KVCache`.
+    """A contiguous range of a `KVCache`'s rows, implementing `engine.gpt.KVCache` and
+    `engine.inference.StepKVCache`.
 
     Where a step writes and how many positions attention reads are planned once per forward,
     on layer 0, from the host lengths: when every row has the same length (one prompt's
     samples, a single stream) the new keys go in with one slice copy per layer, otherwise
-    with one indexed write. Attention is handed only the positions up to the longest row, so
-    its cost follows the real lengths rather than `max_len`.
+    with one indexed write. `insert` hands attention only the positions up to the longest row,
+    so its cost follows the real lengths rather than `max_len`.
     """
 
     def __init__(self, cache: KVCache, start: int, stop: int) -> None:
         self._cache = cache
         self._start, self._stop = start, stop
-        # Per-layer views made once: a decode step then costs one copy and one narrow per tensor.
+        # Per-layer views made once, heads-first (B, H, max_len, D) for reading and
+        # (B, max_len, H, D) for writing: a decode step then costs one copy and one narrow
+        # per tensor.
         self._k = [layer[start:stop] for layer in cache.k]
         self._v = [layer[start:stop] for layer in cache.v]
+        self._k_by_pos = [keys.transpose(1, 2) for keys in self._k]
+        self._v_by_pos = [values.transpose(1, 2) for values in self._v]
         self.lengths = cache.lengths[start:stop]
         self.max_len = cache.max_len
         self._end = 0
@@ -172,17 +181,31 @@ class CacheRows:
     def insert(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.write(layer, k, v)
+        keys, values = self._k_by_pos[layer], self._v_by_pos[layer]
+        return keys.narrow(1, 0, self._end), values.narrow(1, 0, self._end), self._k_len
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, T, H, D) at each row's next T positions and return the layer's
+        whole heads-first keys and values (B, H, max_len, D); positions at or past a row's
+        new length hold stale data."""
         num_new = k.size(1)
         if layer == 0:
             self._plan(num_new)
-        keys, values = self._k[layer], self._v[layer]
+        keys, values = self._k_by_pos[layer], self._v_by_pos[layer]
         if self._write_at is not None:
             keys.narrow(1, self._write_at, num_new).copy_(k)
             values.narrow(1, self._write_at, num_new).copy_(v)
         else:
             keys.index_put_(self._index, k)
             values.index_put_(self._index, v)
-        return keys.narrow(1, 0, self._end), values.narrow(1, 0, self._end), self._k_len
+        return self._k[layer], self._v[layer]
+
+    def host_lengths(self) -> list[int]:
+        """The rows' cached lengths as Python ints."""
+        return self._cache.host_lengths[self._start : self._stop]
 
     def advance(self, num_tokens: int) -> None:
         self.lengths += num_tokens
@@ -341,7 +364,7 @@ class SamplingSettings:
             kth = top[:, -1:] if self.kth_index is None else top.gather(-1, self.kth_index)
             if self.unlimited_rows is not None:
                 kth = kth.masked_fill(self.unlimited_rows, -math.inf)
-            scaled = scaled.masked_fill(logits < kth, -math.inf)
+            scaled.masked_fill_(logits < kth, -math.inf)
         cdf = F.softmax(scaled, dim=-1).cumsum(dim=-1, dtype=self.cdf_dtype)
         targets = uniforms.to(self.cdf_dtype) * cdf[:, -1:]
         sampled = torch.searchsorted(cdf, targets, right=True).clamp_(max=logits.size(-1) - 1)
@@ -431,8 +454,11 @@ class Batch:
         self.cache = KVCache.for_model(model, max_rows, max_len)
         self.rows: list[Row] = []
         self._special = _SpecialIds.of(tokenizer)
-        # On CPU autocast is a no-op; skipping its context saves time on every step.
-        self._mixed_precision = compute_dtype(self.device) != torch.float32
+        # Without mixed precision (CPU, MPS) the lean forward of engine/inference.py replaces
+        # GPT.forward when the weights are in the cache's dtype; with it, GPT.forward runs
+        # under autocast.
+        lean = compute_dtype(self.device) == self.cache.k.dtype == model.lm_head.weight.dtype
+        self._lean = InferenceForward(model) if lean else None
         self._view: CacheRows | None = None
         self._settings: SamplingSettings | None = None
         self._next_ids: torch.Tensor | None = None
@@ -483,7 +509,7 @@ class Batch:
         self.cache.reset(first)
         if len(prompt) > 1:
             ids = torch.tensor([prompt[:-1]], dtype=torch.long, device=self.device)
-            self._forward(ids, self.cache.rows(first, first + 1))
+            self._forward(ids, self.cache.rows(first, first + 1), logits=False)
         self.cache.replicate(first, first + 1, first + num_samples)
         new_rows = []
         for i in range(num_samples):
@@ -532,7 +558,7 @@ class Batch:
         ids = self._next_ids
         if ids is None:
             ids = torch.tensor([row.tokens[-1:] for row in rows], device=self.device)
-        logits = self._forward(ids, self._view)[:, -1]
+        logits = self._forward(ids, self._view)
         sampled = self._sample(logits)
         events = []
         finished = []
@@ -552,11 +578,14 @@ class Batch:
             self._remove(finished)
         return events
 
-    def _forward(self, ids: torch.Tensor, cache: CacheRows) -> torch.Tensor:
-        if self._mixed_precision:
-            with autocast(self.device):
-                return self.model(ids, kv_cache=cache)
-        return self.model(ids, kv_cache=cache)
+    def _forward(
+        self, ids: torch.Tensor, cache: CacheRows, logits: bool = True
+    ) -> torch.Tensor | None:
+        """The (B, vocab) logits of each row's last new token, or None when not wanted."""
+        if self._lean is not None:
+            return self._lean(ids, cache, logits=logits)
+        with autocast(self.device):
+            return self.model(ids, kv_cache=cache)[:, -1]
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, 1) tokens, one per active row."""
