@@ -3,10 +3,11 @@
 Three layers, each usable on its own:
 
 * `KVCache` -- preallocated (layers, rows, kv_heads, max_len, head_dim) keys and values (heads
-  first, the layout attention reads) with a length per row. A forward runs over a contiguous range of rows (`KVCache.rows(start, stop)`,
-  which implements the `engine.gpt.KVCache` protocol), so a prompt is prefilled into one row
-  alone, copied into as many rows as samples are wanted, and then decoded together with rows
-  that started earlier and sit at other lengths.
+  first, the layout attention reads) with a length per row. A forward runs over a contiguous
+  range of rows (`KVCache.rows(start, stop)`, which implements the `engine.gpt.KVCache`
+  protocol), so a prompt is prefilled into one row alone, copied into as many rows as samples
+  are wanted, and then decoded together with rows that started earlier and sit at other
+  lengths.
 * `Batch` -- the scheduler core an engine worker drives. `add` prefills a prompt and makes its
   row(s) join; `step` runs one forward over every active row and returns one token per row;
   finished rows leave and free their slot. Active rows always occupy slots 0..n-1 (a leaving
@@ -585,7 +586,8 @@ class Batch:
         if self._lean is not None:
             return self._lean(ids, cache, logits=logits)
         with autocast(self.device):
-            return self.model(ids, kv_cache=cache)[:, -1]
+            out = self.model(ids, kv_cache=cache)
+        return out[:, -1] if logits else None
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, 1) tokens, one per active row."""

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import torch
 
-# Tokens per elementwise chunk. 256 tokens x 8192 vocab x 4 bytes = 8 MiB per fp32 pass:
-# measured on the 2-core dev box (depth 4, 8k vocab, bf16) 1024 -> 350 ms, 512 -> 240,
-# 256 -> 210, 64 -> 270 per 4096 tokens with the previous kernel. Above 32 MiB per tensor
-# glibc serves every allocation with a fresh mmap, so each pass also paid for page faults.
+# Tokens per elementwise chunk. 256 tokens x 8192 vocab x 4 bytes = 8 MiB per fp32 pass.
+# Measured on the 2-core dev box (depth 4, 8k vocab, bf16, 4096 tokens, forward + backward):
+# chunks of 1024 took 350 ms, 256 took 210 ms with the one-matmul-per-chunk kernel that came
+# before; above 32 MiB per tensor glibc serves every allocation with a fresh mmap, so each
+# pass also paid for page faults. With matmul groups, 32 to 256 all take ~115 ms.
 DEFAULT_CHUNK = 256
 # Tokens per matmul: the head matmuls run on groups of whole chunks this large, which keeps
 # them efficient and adds each group's weight gradient to the fp32 total once, not per chunk.
@@ -37,11 +38,11 @@ MAX_SOFTCAP = 30.0
 
 class _SoftcapLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size, softcap, reduction, chunk, dtype):
+    def forward(ctx, hidden, weight, targets, vocab_size, softcap, reduction, chunk, group, dtype):
         # Explicit dtypes below; autocast would only add casts of what is already cast.
         with torch.autocast(hidden.device.type, enabled=False):
             return _forward(ctx, hidden, weight, targets, vocab_size, softcap, reduction, chunk,
-                            dtype)  # fmt: skip
+                            group, dtype)  # fmt: skip
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -49,11 +50,11 @@ class _SoftcapLinearCrossEntropy(torch.autograd.Function):
         return (
             (grad_hidden * grad_output).to(ctx.hidden_dtype),
             (grad_weight * grad_output).to(ctx.weight_dtype),
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )  # fmt: skip
 
 
-def _forward(ctx, hidden, weight, targets, vocab_size, softcap, reduction, chunk, dtype):
+def _forward(ctx, hidden, weight, targets, vocab_size, softcap, reduction, chunk, group, dtype):
     n = hidden.shape[0]
     device = hidden.device
     w = weight[:vocab_size].to(dtype)
@@ -66,7 +67,7 @@ def _forward(ctx, hidden, weight, targets, vocab_size, softcap, reduction, chunk
     total = torch.zeros((), dtype=torch.float32, device=device)
     grad_hidden = torch.empty((n, hidden.shape[1]), dtype=dtype, device=device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
-    group = max(chunk, MATMUL_ROWS // chunk * chunk)
+    group = max(chunk, group // chunk * chunk)
     for g_start in range(0, n, group):
         g_stop = min(g_start + group, n)
         h = h_all[g_start:g_stop]
@@ -117,11 +118,13 @@ def softcap_linear_cross_entropy(
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
     chunk: int = DEFAULT_CHUNK,
+    matmul_rows: int = MATMUL_ROWS,
 ) -> torch.Tensor:
     """Cross-entropy of `softcap * tanh((hidden @ weight[:vocab].T) / softcap)` vs targets.
 
     hidden (N, C), weight (V_padded, C), targets (N,) with -1 = ignore. Matmuls run in
-    `compute_dtype` (default: hidden's dtype), the softmax in fp32.
+    `compute_dtype` (default: hidden's dtype) on `matmul_rows` tokens at a time (rounded down
+    to whole chunks), the softmax in fp32 on `chunk` tokens at a time.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -129,5 +132,5 @@ def softcap_linear_cross_entropy(
         raise ValueError(f"softcap must be in (0, {MAX_SOFTCAP}], got {softcap!r}")
     dtype = compute_dtype or hidden.dtype
     return _SoftcapLinearCrossEntropy.apply(
-        hidden, weight, targets, vocab_size, softcap, reduction, chunk, dtype
+        hidden, weight, targets, vocab_size, softcap, reduction, chunk, matmul_rows, dtype
     )

@@ -9,8 +9,9 @@ computes with a KV cache -- the same formulas, normalisations and rotations in t
 * derived weights (`InferenceWeights`), built once and rebuilt only when a parameter changes:
   q, k, v and the value-embedding gate as one pre-transposed matrix (one matmul per layer
   instead of four; the gate reads 32 input channels, so its other rows are zero), the MLP's
-  input matrix and the lm_head pre-transposed (a (K, N) row-major matrix makes the small-batch
-  matmul up to 1.6x faster), the layer scalars as Python floats;
+  input matrix and the lm_head pre-transposed (a (K, N) row-major matrix makes the 8-row
+  matmul up to 1.6x faster), the layer scalars read once. The copies cost (7 C^2 layers +
+  vocab C) floats: 12 MB for the 4-layer bench model, about 1.3 GB at depth 20;
 * rotary tables in "halves" form: with a head viewed as its two halves (2, D/2), rotating it is
   `x * [cos, cos] + flip(x) * [-sin, sin]`, three ops for q and k of all heads together;
 * attention planned once per step (`_StepPlan`): when every row has the same length a one-token
@@ -19,9 +20,9 @@ computes with a KV cache -- the same formulas, normalisations and rotations in t
 * residual adds fused into the output projections (`addmm`), in-place activations, and logits
   for the last position only (none at all for a prefill).
 
-It runs in the weights' dtype (fp32 on CPU): under autocast `addmm` would round the residual
-stream to bf16, so mixed-precision devices keep `GPT.forward`. The tests hold it to
-`GPT.forward` (logits allclose) and to `generate_naive` (greedy tokens equal).
+It runs in the weights' dtype, which must be fp32 (or fp64): under autocast `addmm` would round
+the residual stream to bf16, so mixed-precision devices keep `GPT.forward`. The tests hold it
+to `GPT.forward` (logits allclose) and to `generate_naive` (greedy tokens equal).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import sdpa, visible_keys
-from engine.gpt import GPT, LOGIT_SOFTCAP, VE_GATE_CHANNELS
+from engine.gpt import GPT, LOGIT_SOFTCAP, VE_GATE_CHANNELS, rotary_halves
 
 
 class StepKVCache(Protocol):
@@ -64,7 +65,7 @@ class _Layer:
     fc_proj: torch.Tensor  # (4C, C), the transposed view of mlp.c_proj
     value_embed: torch.Tensor | None  # (vocab, kv_dim) table, for layers that have one
     resid_lambda: float
-    x0_lambda: float
+    x0_lambda: torch.Tensor  # 0-d: multiplying by a Python float costs an extra scalar wrap
     window: int
 
 
@@ -77,19 +78,24 @@ class InferenceWeights:
 
     def __init__(self, model: GPT, key: tuple) -> None:
         config = model.config
+        wte = model.transformer.wte.weight
+        if wte.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"InferenceForward computes in the weights' dtype, which must be fp32 or fp64, "
+                f"got {wte.dtype}: run GPT.forward under autocast instead"
+            )
         self.key = key
         self.softcap = LOGIT_SOFTCAP
-        wte = model.transformer.wte.weight
+        # F.rms_norm's default eps, as a tensor so that adding it costs no scalar wrap.
         self.norm_eps = torch.tensor(torch.finfo(wte.dtype).eps, dtype=wte.dtype, device=wte.device)
         with torch.no_grad():
-            self.wte = model.transformer.wte.weight.detach()
+            self.wte = wte.detach()
             self.lm_head = model.lm_head.weight.detach()[: config.vocab_size].t().contiguous()
-            # Halves form of the rotary tables (see the module docstring): (L, 1, 2, D/2).
-            cos, sin = model.rotary_cos.detach(), model.rotary_sin.detach()
-            self.rotary_cos = torch.stack((cos, cos), dim=1)[:, None]
-            self.rotary_sin = torch.stack((-sin, sin), dim=1)[:, None]
+            # Halves form of the rotary tables, one row per position: (L, 1, 2, D/2).
+            cos2, sin2 = rotary_halves(model.rotary_cos.detach(), model.rotary_sin.detach())
+            self.rotary_cos, self.rotary_sin = cos2[:, None], sin2[:, None]
             resid = model.resid_lambdas.tolist()
-            x0 = model.x0_lambdas.tolist()
+            x0 = model.x0_lambdas.detach().clone()
             self.layers = []
             for i, block in enumerate(model.transformer.h):
                 attn, mlp = block.attn, block.mlp
@@ -128,25 +134,30 @@ class InferenceForward:
 
     def __init__(self, model: GPT) -> None:
         self.model = model
-        # (module, attribute) of every tensor the derived weights come from. Looked up on each
-        # call, so a parameter replaced by a new one (load_state_dict(assign=True)) is noticed.
+        # (the module's parameter or buffer dict, name) of every tensor the derived weights come
+        # from. Looked up on each call, so a parameter replaced by a new one
+        # (load_state_dict(assign=True)) is noticed; the dicts skip nn.Module.__getattr__,
+        # which made this check cost 28 µs a step instead of 6.
         self._sources = [
-            (module, name)
+            (tensors, name)
             for module in model.modules()
-            for name, _ in [
-                *module.named_parameters(recurse=False),
-                *module.named_buffers(recurse=False),
-            ]
+            for tensors in (module._parameters, module._buffers)
+            for name, tensor in tensors.items()
+            if tensor is not None
         ]
         self._weights: InferenceWeights | None = None
 
     def weights(self) -> InferenceWeights:
         """The derived weights, rebuilt if any source tensor changed since the last call."""
-        key = tuple(
+        tensors = [source[name] for source, name in self._sources]
+        try:
+            key = tuple((tensor.data_ptr(), tensor._version) for tensor in tensors)
+        except RuntimeError:
             # Inference tensors (a model built under inference_mode) have no version counter.
-            (tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version)
-            for tensor in (getattr(module, name) for module, name in self._sources)
-        )
+            key = tuple(
+                (tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version)
+                for tensor in tensors
+            )
         if self._weights is None or self._weights.key != key:
             self._weights = InferenceWeights(self.model, key)
         return self._weights
@@ -259,8 +270,8 @@ class _StepPlan:
 
 
 def _rms_norm(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """`F.rms_norm` over the last dim in 4 kernels instead of its ~10; `eps` is a 0-d tensor
-    holding finfo(dtype).eps, F.rms_norm's default. Same result for the power-of-two widths
-    used here (1/width is then exact)."""
+    """`F.rms_norm` over the last dim in 5 kernels instead of its ~10 (fp32/fp64 input); `eps`
+    is a 0-d tensor holding finfo(dtype).eps, F.rms_norm's default. Same result for
+    power-of-two widths (1/width is then exact), within an ulp otherwise."""
     mean_square_plus_eps = torch.add(eps, (x * x).sum(-1, keepdim=True), alpha=1 / x.size(-1))
     return x * mean_square_plus_eps.rsqrt_()

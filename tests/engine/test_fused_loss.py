@@ -15,8 +15,8 @@ def plain(hidden, weight, targets, vocab, cap, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("chunk", [7, 64, 1024])
-def test_loss_and_gradients_match_the_plain_path(reduction, chunk):
+@pytest.mark.parametrize(("chunk", "matmul_rows"), [(7, 1024), (7, 20), (64, 64), (1024, 1024)])
+def test_loss_and_gradients_match_the_plain_path(reduction, chunk, matmul_rows):
     torch.manual_seed(0)
     n, c, vocab, padded = 50, 32, 100, 128
     hidden = torch.randn(n, c, requires_grad=True)
@@ -28,7 +28,8 @@ def test_loss_and_gradients_match_the_plain_path(reduction, chunk):
     want_h, want_w = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
     got = softcap_linear_cross_entropy(hidden, weight, targets, vocab_size=vocab, softcap=15.0,
-                                       reduction=reduction, chunk=chunk)  # fmt: skip
+                                       reduction=reduction, chunk=chunk,
+                                       matmul_rows=matmul_rows)  # fmt: skip
     (got * 3).backward()  # a non-unit upstream gradient is applied too
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(hidden.grad, 3 * want_h, rtol=1e-4, atol=1e-6)
@@ -68,3 +69,29 @@ def test_bad_reduction_is_refused():
     with pytest.raises(ValueError, match="reduction must be"):
         softcap_linear_cross_entropy(torch.zeros(1, 2), torch.zeros(64, 2), torch.zeros(1).long(),
                                      vocab_size=2, softcap=15.0, reduction="none")  # fmt: skip
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, 31.0])
+def test_a_softcap_that_could_underflow_the_softmax_is_refused(softcap):
+    with pytest.raises(ValueError, match="softcap must be in"):
+        softcap_linear_cross_entropy(torch.zeros(1, 2), torch.zeros(64, 2), torch.zeros(1).long(),
+                                     vocab_size=2, softcap=softcap)  # fmt: skip
+
+
+def test_bf16_matches_the_plain_path_under_autocast():
+    torch.manual_seed(1)
+    hidden = torch.randn(300, 32, requires_grad=True)
+    weight = (torch.randn(128, 32) * 0.5).requires_grad_()
+    targets = torch.randint(0, 100, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(hidden, weight, targets, 100, 15.0, "mean")
+        got = softcap_linear_cross_entropy(hidden, weight, targets, vocab_size=100, softcap=15.0,
+                                           compute_dtype=torch.bfloat16, chunk=64,
+                                           matmul_rows=128)  # fmt: skip
+    expected.backward()
+    want_h, want_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-3)
+    torch.testing.assert_close(hidden.grad, want_h, rtol=0.05, atol=1e-4)
+    torch.testing.assert_close(weight.grad, want_w, rtol=0.05, atol=1e-4)

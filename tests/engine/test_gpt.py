@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.common import autocast, autodetect_device, compute_dtype
 from engine.gpt import (
@@ -11,6 +12,7 @@ from engine.gpt import (
     GPTConfig,
     ReferenceKVCache,
     apply_rotary,
+    relu_square,
     rms_norm,
     rotary_tables,
     sample_next_token,
@@ -128,6 +130,57 @@ def test_rotary_scores_depend_only_on_relative_position():
 
     torch.testing.assert_close(score(7, 3), score(30, 26))
     assert not torch.allclose(score(7, 3), score(7, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_bit_identical_to_the_textbook_formula(dtype):
+    cos, sin = rotary_tables(12, head_dim=16)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    x = torch.randn(2, 12, 3, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x1, x2 = x[..., :8], x[..., 8:]
+    c, s = cos.to(dtype), sin.to(dtype)
+    expected = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    assert torch.equal(apply_rotary(x, cos, sin), expected)
+
+
+# --- fused building blocks: same forward, shorter backward ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rms_norm_equals_f_rms_norm_in_value_and_gradient(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4, 5, 32, generator=gen)).to(dtype).requires_grad_()
+    upstream = torch.randn(4, 5, 32, generator=gen).to(dtype)
+    ours = rms_norm(x)
+    reference = F.rms_norm(x, (32,))
+    assert torch.equal(ours, reference)
+    (grad,) = torch.autograd.grad(ours, x, upstream)
+    (expected,) = torch.autograd.grad(reference, x, upstream)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grad, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_relu_square_equals_autograd_of_relu_then_square():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, generator=gen, requires_grad=True)
+    upstream = torch.randn(6, 40, generator=gen)
+    ours = relu_square(x)
+    reference = F.relu(x).square()
+    assert torch.equal(ours, reference)
+    (grad,) = torch.autograd.grad(ours, x, upstream)
+    (expected,) = torch.autograd.grad(reference, x, upstream)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_fused_qkv_projection_equals_the_three_projections():
+    model = tiny_model(n_head=4, n_kv_head=2)
+    randomize(model)
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    fused = F.linear(x, attn.qkv_weight())
+    separate = torch.cat((attn.c_q(x), attn.c_k(x), attn.c_v(x)), dim=-1)
+    torch.testing.assert_close(fused, separate, rtol=0, atol=1e-6)
+    assert set(model.state_dict()) == set(tiny_model(n_head=4, n_kv_head=2).state_dict())
 
 
 # --- forward and loss -------------------------------------------------------------------------

@@ -57,11 +57,12 @@ def check_equal_lengths(model):
     full = model(idx)
     cache = KVCache.for_model(model, batch_size=2, max_len=24)
     rows = cache.rows(0, 2)
-    # A fresh causal prefill, a chunk after cached tokens (masked), then one token at a time
+    # A fresh prefill (causal for the L layers, masked for the S layers whose window of 8
+    # binds within 12 tokens), a chunk after cached tokens (masked), then one token at a time
     # (sliced to the window, no mask) until both windows bind.
-    got = [lean(idx[:, :6], rows), lean(idx[:, 6:11], rows)]
-    got += [lean(idx[:, t : t + 1], rows) for t in range(11, 24)]
-    positions = [5, 10, *range(11, 24)]
+    got = [lean(idx[:, :12], rows), lean(idx[:, 12:15], rows)]
+    got += [lean(idx[:, t : t + 1], rows) for t in range(15, 24)]
+    positions = [11, 14, *range(15, 24)]
     torch.testing.assert_close(torch.stack(got, dim=1), full[:, positions], **TOLERANCE)
     assert cache.host_lengths == [24, 24] and cache.lengths.tolist() == [24, 24]
 
@@ -149,4 +150,7 @@ def test_bad_calls_are_rejected():
             lean(tokens(1, 1), too_long.rows(0, 1))
         bf16 = KVCache(3, 1, 8, 2, 16, device="cpu", dtype=torch.bfloat16)
         with pytest.raises(ValueError, match="KV cache holds torch.bfloat16"):
+            lean(tokens(1, 1), bf16.rows(0, 1))
+        model.to(torch.bfloat16)
+        with pytest.raises(ValueError, match="must be fp32 or fp64"):
             lean(tokens(1, 1), bf16.rows(0, 1))
