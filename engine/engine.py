@@ -345,9 +345,13 @@ class SamplingSettings:
                 self.unlimited_rows = torch.tensor([[k is None] for k in ks], device=device)
         # float64 keeps the tail of a large vocabulary in the CDF; Apple's MPS has no float64.
         self.cdf_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
-        # Greedy rows divide by 1: their sampled token is discarded anyway.
-        self.temperature = torch.tensor(
-            [[t if t > 0 else 1.0] for t in temperatures], dtype=torch.float32, device=device
+        # Greedy rows divide by 1: their sampled token is discarded anyway. Dividing by 1 is
+        # exact, so a batch whose temperatures are all 1 (or 0) skips the pass.
+        divisors = [t if t > 0 else 1.0 for t in temperatures]
+        self.temperature = (
+            None
+            if all(d == 1.0 for d in divisors)
+            else torch.tensor([[d] for d in divisors], dtype=torch.float32, device=device)
         )
         self.greedy_rows = (
             torch.tensor([[t == 0] for t in temperatures], device=device)
@@ -359,13 +363,13 @@ class SamplingSettings:
         """(B, V) logits and (B, 1) uniforms in [0, 1) -> (B, 1) token ids."""
         if self.all_greedy:
             return logits.max(dim=-1, keepdim=True).indices
-        scaled = logits / self.temperature
+        scaled = logits if self.temperature is None else logits / self.temperature
         if self.topk_width is not None:
             top = logits.topk(self.topk_width, dim=-1).values
             kth = top[:, -1:] if self.kth_index is None else top.gather(-1, self.kth_index)
             if self.unlimited_rows is not None:
                 kth = kth.masked_fill(self.unlimited_rows, -math.inf)
-            scaled.masked_fill_(logits < kth, -math.inf)
+            scaled = torch.where(logits < kth, -math.inf, scaled)
         cdf = F.softmax(scaled, dim=-1).cumsum(dim=-1, dtype=self.cdf_dtype)
         targets = uniforms.to(self.cdf_dtype) * cdf[:, -1:]
         sampled = torch.searchsorted(cdf, targets, right=True).clamp_(max=logits.size(-1) - 1)
