@@ -128,6 +128,22 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # timeout the broker would hand the same run to a second worker while the first still trains.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 7 * 24 * 3600}
 
+# --- runs: heartbeats, lost-worker detection, cancel -------------------------------------------
+# A running run's task writes a heartbeat every RUNS_HEARTBEAT_SECONDS; `celery beat` runs the
+# reconciler every RUNS_RECONCILE_SECONDS, which fails runs silent for RUNS_STALE_SECONDS.
+RUNS_HEARTBEAT_SECONDS = float(os.environ.get("RUNS_HEARTBEAT_SECONDS", "2"))
+RUNS_STALE_SECONDS = float(os.environ.get("RUNS_STALE_SECONDS", "30"))
+RUNS_RECONCILE_SECONDS = float(os.environ.get("RUNS_RECONCILE_SECONDS", "10"))
+RUNS_CANCEL_GRACE_SECONDS = float(os.environ.get("RUNS_CANCEL_GRACE_SECONDS", "5"))
+CELERY_BEAT_SCHEDULE = {
+    "reconcile-runs": {
+        "task": "runs.reconcile",
+        "schedule": RUNS_RECONCILE_SECONDS,
+        "options": {"queue": "default", "expires": RUNS_RECONCILE_SECONDS},
+    }
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(NANOCHAT_HOME / "celerybeat-schedule")
+
 # --- auth, i18n, static -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

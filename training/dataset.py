@@ -870,6 +870,7 @@ def _run(command: str, config: dict[str, Any], positional: Any, events: EventWri
         f"{out}: {stats.shards} shards, {stats.documents:,} documents, "
         f"{stats.characters:,} characters, {stats.bytes_on_disk / 1e6:.1f} MB on disk"
     )
+    events.emit("dataset", path=str(out), source=source, **stats.to_dict())
     events.report("Dataset", stats_markdown(out, stats, source))
 
 

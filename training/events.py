@@ -14,6 +14,8 @@ Types and their fields:
   eval_result  task, metric, value, details
   report       section, markdown
   end          status ("succeeded" | "failed" | "cancelled"), error
+  dataset      path, source, shards, documents, characters, bytes_on_disk, val_* (dataset built)
+  tokenizer    path, vocab_size, documents, characters, seconds (tokenizer trained)
 
 The same module reads the file (`read_events`), so both sides share one definition.
 """
@@ -39,6 +41,8 @@ KNOWN_TYPES = (
     "eval_result",
     "report",
     "end",
+    "dataset",
+    "tokenizer",
 )
 
 

@@ -129,6 +129,7 @@ def run(config: dict[str, Any], events: EventWriter) -> None:
         f"token bytes (ordinary tokens): min {stats['min']:.0f}, max {stats['max']:.0f}, "
         f"mean {stats['mean']:.3f}, std {stats['std']:.3f}"
     )
+    events.emit("tokenizer", path=str(out), vocab_size=tokenizer.vocab_size, **info)
     events.report("Tokenizer training", report_markdown(config, info, stats))
 
 

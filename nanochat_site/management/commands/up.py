@@ -1,7 +1,7 @@
 """`manage.py up`: the whole product on one machine, in one terminal.
 
 Migrates, makes sure an admin exists, starts the embedded Redis when REDIS_URL is unset, then
-runs the web server (daphne), the Celery workers and the engine workers as children until
+runs the web server (daphne), the Celery workers, celery beat and the engine workers as children until
 Ctrl-C or SIGTERM, and stops them all. Each piece is the same command a multi-machine
 deployment runs on its own (see docker/compose.yaml).
 """
@@ -34,6 +34,14 @@ def celery_worker_argv(queue: str, concurrency: int) -> list[str]:
         sys.executable, "-m", "celery", "-A", "nanochat_site", "worker",
         "-Q", queue, "-c", str(concurrency), "-n", f"{queue}@%h",
         "-O", "fair", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+
+
+def beat_argv() -> list[str]:
+    """The scheduler of periodic housekeeping (the lost-run reconciler)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "nanochat_site", "beat", "--loglevel", "INFO",
+        "--schedule", str(settings.CELERY_BEAT_SCHEDULE_FILENAME),
     ]  # fmt: skip
 
 
@@ -83,6 +91,7 @@ class Command(BaseCommand):
             for spec in [
                 ChildSpec("worker-training", celery_worker_argv("training", 1), env, cwd),
                 ChildSpec("worker-default", celery_worker_argv("default", 2), env, cwd),
+                ChildSpec("beat", beat_argv(), env, cwd),
             ]:
                 supervisor.start(spec)
             web = supervisor.start(ChildSpec("web", web_argv(host, port), env, cwd))

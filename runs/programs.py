@@ -1,0 +1,185 @@
+"""Which training program each run kind launches, with which flags and which inputs.
+
+One entry per kind: the FlagSet the user's config is checked against (the same one the
+program's argparse reads, so the web form and the shell agree), the inputs it needs, whether it
+runs under torchrun with several processes, and how a run's rows become command lines. Kinds
+of the later pipeline stages register here when their programs exist.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from training import base_train, dataset, tok_train
+from training.flags import ConfigError, FlagSet
+
+if TYPE_CHECKING:
+    from runs.models import Run
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@dataclass(frozen=True)
+class Program:
+    kind: str
+    flags: FlagSet
+    # Inputs a submission must name: "dataset", "tokenizer", "parent_checkpoint".
+    inputs: tuple[str, ...]
+    commands: Callable[[Run], list[list[str]]]
+    distributed: bool = False  # launched under torchrun; nproc_per_node may be > 1
+    resumable: bool = False  # continues from its last checkpoint with --resume-from-step
+    stage: str | None = None  # checkpoint stage it produces
+    # Extra checks across fields and inputs: (config, inputs) -> raise ConfigError.
+    check: Callable[[dict[str, Any], Mapping[str, Any]], None] | None = None
+    submit_via: str = "/api/runs/"
+    description: str = field(default="")
+
+    def user_flags(self) -> list:
+        """The flags a user may set (paths are filled in by the app from the inputs)."""
+        return [f for f in self.flags.flags if not f.path and f.name != "resume_from_step"]
+
+    def validate(self, preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """defaults < preset < overrides, every value checked; ConfigError names the field."""
+        errors: dict[str, str] = {}
+        merged: dict[str, Any] = {}
+        if preset:
+            if preset not in self.flags.presets():
+                known = ", ".join(self.flags.presets()) or "none"
+                errors["preset"] = f"unknown preset {preset!r} for {self.kind} (known: {known})"
+            else:
+                merged.update(self.flags.load_config_file(preset))
+        if not isinstance(overrides, Mapping):
+            raise ConfigError({"config": "must be an object of setting names to values"})
+        settable = {f.name for f in self.user_flags()}
+        for key in overrides:
+            name = str(key).replace("-", "_")
+            if name in self.flags and name not in settable:
+                errors[f"config.{name}"] = "is set by the app from the run's inputs"
+        try:
+            merged.update(self.flags.validate(overrides, partial=True))
+        except ConfigError as exc:
+            errors.update({f"config.{k}": v for k, v in exc.errors.items()})
+        if errors:
+            raise ConfigError(errors)
+        return self.flags.validate(merged)
+
+
+def cli_args(flags: FlagSet, values: Mapping[str, Any]) -> list[str]:
+    """`--name value` for every given value (bools as --name / --no-name)."""
+    args: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        option = flags[name].option
+        if flags[name].type is bool:
+            args.append(option if value else "--no-" + option[2:])
+        else:
+            args += [option, str(value)]
+    return args
+
+
+def _module(name: str) -> list[str]:
+    return [sys.executable, "-m", name]
+
+
+def _torchrun(run: Run, module: str) -> list[str]:
+    return [*TORCHRUN, "--standalone", f"--nproc_per_node={run.nproc_per_node}", "-m", module]
+
+
+# ---- dataset ------------------------------------------------------------------------------
+
+
+def dataset_commands(run: Run) -> list[list[str]]:
+    command = run.config["command"]
+    flags = dataset.COMMANDS[command]
+    values = {k: v for k, v in run.config.items() if k in flags and not flags[k].path}
+    argv = [*_module("training.dataset"), command, *cli_args(flags, values)]
+    argv += ["--run-dir", run.run_dir]
+    if command == "stats":  # an existing directory: just check and count it
+        return [[*argv, run.dataset.path]]
+    argv += ["--out", run.dataset.path]
+    if command == "import":
+        argv += [str(p) for p in run.config["files"]]
+    return [argv]
+
+
+# ---- tokenizer ----------------------------------------------------------------------------
+
+
+def tokenizer_commands(run: Run) -> list[list[str]]:
+    values = {k: v for k, v in run.config.items() if not tok_train.FLAGS[k].path}
+    train = [
+        *_module("training.tok_train"), *cli_args(tok_train.FLAGS, values),
+        "--data-dir", run.dataset.path, "--out", run.tokenizer.path, "--run-dir", run.run_dir,
+    ]  # fmt: skip
+    evaluate = [
+        *_module("training.tok_eval"), "--tokenizer", run.tokenizer.path,
+        "--data-dir", run.dataset.path, "--run-dir", run.run_dir,
+    ]  # fmt: skip
+    return [train, evaluate]
+
+
+# ---- base pretraining ---------------------------------------------------------------------
+
+
+def checkpoint_dir(run: Run) -> Path:
+    return Path(run.run_dir) / "checkpoints"
+
+
+def base_commands(run: Run) -> list[list[str]]:
+    values = {k: v for k, v in run.config.items() if not base_train.FLAGS[k].path}
+    values["resume_from_step"] = -1 if run.resume_step is None else run.resume_step
+    return [[
+        *_torchrun(run, "training.base_train"), *cli_args(base_train.FLAGS, values),
+        "--data-dir", run.dataset.path, "--tokenizer-dir", run.tokenizer.path,
+        "--checkpoint-dir", str(checkpoint_dir(run)), "--run-dir", run.run_dir,
+    ]]  # fmt: skip
+
+
+def _field_of(message: str, flags: FlagSet) -> str:
+    """The flag a scaling error is about (its message starts with or names the flag)."""
+    for flag in flags.flags:
+        if message.startswith(flag.name):
+            return flag.name
+    return "num_iterations" if "horizon" in message else "config"
+
+
+def check_base(config: dict[str, Any], inputs: Mapping[str, Any]) -> None:
+    """The batch arithmetic must work out for this tokenizer and process count."""
+    tokenizer = inputs.get("tokenizer")
+    if tokenizer is None:
+        return
+    try:
+        base_train.plan(config, tokenizer.vocab_size, inputs.get("nproc_per_node", 1))
+    except ValueError as exc:
+        raise ConfigError({f"config.{_field_of(str(exc), base_train.FLAGS)}": str(exc)}) from None
+
+
+PROGRAMS: dict[str, Program] = {
+    "dataset": Program(
+        "dataset", dataset.COMMANDS["builtin"], (), dataset_commands,
+        submit_via="/api/datasets/", description="Build a dataset of parquet shards.",
+    ),
+    "tokenizer": Program(
+        "tokenizer", tok_train.FLAGS, ("dataset",), tokenizer_commands,
+        description="Train a BPE tokenizer on a dataset, then measure its compression.",
+    ),
+    "base": Program(
+        "base", base_train.FLAGS, ("dataset", "tokenizer"), base_commands, distributed=True,
+        resumable=True, stage="base", check=check_base,
+        description="Pretrain a base GPT from scratch on a dataset.",
+    ),
+}  # fmt: skip
+
+
+def program_for(kind: str) -> Program:
+    try:
+        return PROGRAMS[kind]
+    except KeyError:
+        raise ConfigError(
+            {"kind": f"{kind!r} is not available (available: {', '.join(PROGRAMS)})"}
+        ) from None

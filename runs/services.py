@@ -1,0 +1,407 @@
+"""Submitting, cancelling, resuming, retrying and deleting runs, and creating their artifacts.
+
+The API, the pages, the admin and the command-line client all call these functions, so a rule
+(who may cancel, what a valid config is, what a resume does) lives in exactly one place. Bad
+input raises ConfigError with one message per field; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from runs import broadcast
+from runs.models import (
+    ACTIVE_STATUSES,
+    ArtifactStatus,
+    Checkpoint,
+    Dataset,
+    Kind,
+    Run,
+    Status,
+    Tokenizer,
+)
+from runs.programs import Program, program_for
+from training import dataset as dataset_program
+from training.flags import ConfigError
+
+MAX_NPROC = 64
+UPLOAD_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_NAME = re.compile(r"^[\w.-]+$")
+
+
+class PermissionDenied(Exception):
+    """The user may not do this to this object (the API answers 403)."""
+
+
+class Conflict(Exception):
+    """The object is not in a state that allows this (the API answers 409)."""
+
+
+# ---- small helpers ------------------------------------------------------------------------
+
+
+def data_home() -> Path:
+    return Path(settings.NANOCHAT_HOME)
+
+
+def can_manage(user, run: Run) -> bool:
+    """Everyone signed in sees every run; only its owner or staff may change it."""
+    return bool(user and user.is_authenticated and (user.is_staff or run.owner_id == user.pk))
+
+
+def _require_manage(user, run: Run, action: str) -> None:
+    if not can_manage(user, run):
+        raise PermissionDenied(f"only the run's owner or staff may {action} it")
+
+
+def _check_name(name: str, model, field: str = "name") -> None:
+    if not name:
+        raise ConfigError({field: "is required"})
+    if len(name) > 100 or not _NAME.match(name):
+        raise ConfigError({field: "use up to 100 letters, digits, '.', '_' or '-'"})
+    if model.objects.filter(name=name).exists():
+        raise ConfigError({field: f"{model.__name__.lower()} {name!r} already exists"})
+
+
+def _allocate_dir(run: Run) -> None:
+    run.run_dir = str(data_home() / "runs" / f"run-{run.pk:06d}")
+    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+    run.save(update_fields=["run_dir"])
+
+
+def _enqueue(run: Run) -> None:
+    """Send the run to the training queue once the transaction that queued it commits."""
+    from runs.tasks import execute_run
+
+    run_id, token = run.pk, str(run.launch_token)
+    transaction.on_commit(lambda: execute_run.apply_async(args=[run_id, token]))
+    transaction.on_commit(lambda: broadcast.run_changed(run_id))
+
+
+def _ready(obj, field: str) -> None:
+    if obj is not None and obj.status != ArtifactStatus.READY:
+        name = type(obj).__name__.lower()
+        raise ConfigError({field: f"{name} {obj.name!r} is {obj.status}, not ready"})
+
+
+# ---- submission ---------------------------------------------------------------------------
+
+
+def submit_run(
+    owner,
+    kind: str,
+    *,
+    preset: str = "",
+    config: Mapping[str, Any] | None = None,
+    dataset: Dataset | None = None,
+    tokenizer: Tokenizer | None = None,
+    parent_checkpoint: Checkpoint | None = None,
+    nproc_per_node: int = 1,
+    name: str = "",
+) -> Run:
+    """Validate a run of `kind` and queue it; ConfigError names each bad field."""
+    program = program_for(kind)
+    if program.submit_via != "/api/runs/":
+        raise ConfigError({"kind": f"create {kind} runs with POST {program.submit_via}"})
+    errors: dict[str, str] = {}
+    inputs = {
+        "dataset": dataset,
+        "tokenizer": tokenizer,
+        "parent_checkpoint": parent_checkpoint,
+        "nproc_per_node": nproc_per_node,
+    }
+    for needed in program.inputs:
+        if inputs[needed] is None:
+            errors[needed] = f"is required for a {kind} run"
+    for field in ("dataset", "tokenizer"):
+        try:
+            _ready(inputs[field], field)
+        except ConfigError as exc:
+            errors.update(exc.errors)
+    if not 1 <= nproc_per_node <= MAX_NPROC:
+        errors["nproc_per_node"] = f"must be between 1 and {MAX_NPROC}"
+    elif nproc_per_node > 1 and not program.distributed:
+        errors["nproc_per_node"] = f"{kind} runs use one process"
+    if kind == Kind.TOKENIZER and name:
+        try:
+            _check_name(name, Tokenizer)
+        except ConfigError as exc:
+            errors.update(exc.errors)
+    try:
+        full = program.validate(preset, config or {})
+    except ConfigError as exc:
+        errors.update(exc.errors)
+        full = None
+    if full is not None and program.check and not errors:
+        try:
+            program.check(full, inputs)
+        except ConfigError as exc:
+            errors.update(exc.errors)
+    if errors:
+        raise ConfigError(errors)
+
+    with transaction.atomic():
+        run = Run.objects.create(
+            kind=kind, preset=preset, overrides=dict(config or {}), config=full, owner=owner,
+            dataset=dataset, tokenizer=tokenizer, parent_checkpoint=parent_checkpoint,
+            nproc_per_node=nproc_per_node, name=name,
+        )  # fmt: skip
+        _allocate_dir(run)
+        if kind == Kind.TOKENIZER:
+            _attach_new_tokenizer(run, name)
+        _enqueue(run)
+    return run
+
+
+def _attach_new_tokenizer(run: Run, name: str) -> None:
+    """A tokenizer run builds a Tokenizer row of its own, usable once the run succeeds."""
+    name = name or f"{run.dataset.name}-{run.config['vocab_size']}-{run.pk}"
+    run.tokenizer = Tokenizer.objects.create(
+        name=name, owner=run.owner, dataset=run.dataset,
+        path=str(data_home() / "tokenizers" / f"{name}"), vocab_size=run.config["vocab_size"],
+    )  # fmt: skip
+    run.name = run.name or f"tokenizer {name}"
+    run.save(update_fields=["tokenizer", "name"])
+
+
+def create_tokenizer(owner, name: str, dataset: Dataset | None, config: Mapping | None) -> Run:
+    """Train a tokenizer named `name` on `dataset`; returns the run that builds it."""
+    if dataset is None:
+        raise ConfigError({"dataset": "is required"})
+    return submit_run(owner, Kind.TOKENIZER, config=config, dataset=dataset, name=name)
+
+
+def create_dataset(
+    owner,
+    name: str,
+    source: str,
+    options: Mapping[str, Any] | None = None,
+    uploads: Iterable | None = None,
+    path: str | None = None,
+) -> Dataset:
+    """Record a dataset and queue the run that builds it.
+
+    `source` is "builtin" (the offline corpus), "download" (public shards), "upload" (files
+    sent with the request: .txt, .jsonl or .parquet) or "path" (a directory of shards already
+    on the server, checked with the dataset `stats` command).
+    """
+    errors: dict[str, str] = {}
+    try:
+        _check_name(name, Dataset)
+    except ConfigError as exc:
+        errors.update(exc.errors)
+    commands = {"builtin": "builtin", "download": "download", "upload": "import", "path": "stats"}
+    if source not in commands:
+        errors["source"] = f"must be one of {', '.join(commands)}"
+        raise ConfigError(errors)
+    options = dict(options or {})
+    flags = dataset_program.COMMANDS[commands[source]]
+    for key in options:
+        key = str(key).replace("-", "_")
+        if key in flags and flags[key].path or key == "overwrite":
+            errors[f"options.{key}"] = "is set by the app"
+    try:
+        config = flags.validate({k: v for k, v in options.items() if k != "overwrite"})
+    except ConfigError as exc:
+        errors.update({f"options.{k}": v for k, v in exc.errors.items()})
+        config = {}
+    uploads = list(uploads or [])
+    if source == "upload":
+        if not uploads:
+            errors["files"] = "upload at least one .txt, .jsonl or .parquet file"
+        for upload in uploads:
+            if not str(upload.name).lower().endswith(UPLOAD_SUFFIXES):
+                errors["files"] = f"{upload.name}: expected .txt, .jsonl or .parquet"
+    elif uploads:
+        errors["files"] = "files are only accepted with source 'upload'"
+    if source == "path":
+        if not path:
+            errors["path"] = "is required for source 'path'"
+        elif not Path(path).is_dir():
+            errors["path"] = f"{path} is not a directory on the server"
+    if errors:
+        raise ConfigError(errors)
+
+    config["command"] = commands[source]
+    if "overwrite" in flags:
+        config["overwrite"] = True  # the directory is the app's own; a retry rebuilds it
+    with transaction.atomic():
+        target = Path(path) if source == "path" else data_home() / "datasets" / name
+        dataset = Dataset.objects.create(
+            name=name, owner=owner, source=source, options=options, path=str(target)
+        )
+        run = Run.objects.create(
+            kind=Kind.DATASET, name=f"dataset {name}", config=config, owner=owner,
+            dataset=dataset,
+        )  # fmt: skip
+        _allocate_dir(run)
+        if source == "upload":
+            config["files"] = _save_uploads(run, uploads)
+        run.config = config
+        run.save(update_fields=["config"])
+        _enqueue(run)
+    return dataset
+
+
+def _save_uploads(run: Run, uploads: list) -> list[str]:
+    folder = Path(run.run_dir) / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for i, upload in enumerate(uploads):
+        safe = re.sub(r"[^\w.-]", "_", Path(str(upload.name)).name) or f"file{i}"
+        target = folder / f"{i:03d}-{safe}"
+        with open(target, "wb") as out:
+            for chunk in upload.chunks():
+                out.write(chunk)
+        saved.append(str(target))
+    return saved
+
+
+# ---- lifecycle ----------------------------------------------------------------------------
+
+
+def cancel_run(run: Run, user) -> Run:
+    """A queued run is cancelled at once; a running one is stopped by its worker."""
+    _require_manage(user, run, "cancel")
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run.pk)
+        if run.status == Status.QUEUED:
+            run.status = Status.CANCELLED
+            run.finished_at = timezone.now()
+            run.error = "cancelled before it started"
+            run.save(update_fields=["status", "finished_at", "error"])
+            mark_artifacts(run)
+        elif run.status == Status.RUNNING:
+            run.cancel_requested = True
+            run.save(update_fields=["cancel_requested"])
+        else:
+            raise Conflict(f"run {run.pk} is {run.status}; only queued or running runs cancel")
+    transaction.on_commit(lambda: broadcast.run_changed(run.pk))
+    return run
+
+
+def resume_run(run: Run, user) -> Run:
+    """Continue a failed or cancelled run from its last checkpoint, in the same directory."""
+    _require_manage(user, run, "resume")
+    program = program_for(run.kind)
+    if not program.resumable:
+        raise Conflict(f"{run.kind} runs cannot be resumed; retry it instead")
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run.pk)
+        if run.status not in (Status.FAILED, Status.CANCELLED):
+            raise Conflict(f"run {run.pk} is {run.status}; only failed or cancelled runs resume")
+        last = run.checkpoints.order_by("-step").first()
+        if last is None:
+            raise Conflict(f"run {run.pk} saved no checkpoint to resume from; retry it instead")
+        # Points past the checkpoint will be produced again; keep the curves single-valued.
+        run.metric_points.filter(step__gt=last.step).delete()
+        run.samples.filter(step__gt=last.step).delete()
+        run.resume_step = last.step
+        _requeue(run)
+        _enqueue(run)
+    return run
+
+
+def _requeue(run: Run) -> None:
+    run.status = Status.QUEUED
+    run.launch_token = uuid.uuid4()
+    run.cancel_requested = False
+    run.exit_code = None
+    run.error = ""
+    run.finished_at = None
+    run.heartbeat_at = None
+    run.pid = None
+    run.save()
+
+
+def retry_run(run: Run, user) -> Run:
+    """Run the same thing again from scratch as a new run (the original stays as it was).
+
+    A dataset or tokenizer run rebuilds its own artifact in place instead, since the artifact
+    is the run's whole point and its name must stay unique.
+    """
+    if run.is_active:
+        raise Conflict(f"run {run.pk} is {run.status}; wait for it to finish or cancel it")
+    if run.kind in (Kind.DATASET, Kind.TOKENIZER):
+        _require_manage(user, run, "retry")
+        with transaction.atomic():
+            run = Run.objects.select_for_update().get(pk=run.pk)
+            if run.is_active:
+                raise Conflict(f"run {run.pk} is already {run.status}")
+            artifact = run.dataset if run.kind == Kind.DATASET else run.tokenizer
+            artifact.status = ArtifactStatus.BUILDING
+            artifact.save(update_fields=["status"])
+            run.resume_step = None
+            _requeue(run)
+            _enqueue(run)
+        return run
+    return submit_run(
+        user, run.kind, preset=run.preset, config=run.overrides, dataset=run.dataset,
+        tokenizer=run.tokenizer, parent_checkpoint=run.parent_checkpoint,
+        nproc_per_node=run.nproc_per_node, name=run.name,
+    )  # fmt: skip
+
+
+def delete_run(run: Run, user) -> None:
+    """Delete a finished run, its rows and its directory (checkpoints included)."""
+    _require_manage(user, run, "delete")
+    if run.status in ACTIVE_STATUSES:
+        raise Conflict(f"run {run.pk} is {run.status}; cancel it first")
+    if Run.objects.filter(parent_checkpoint__run=run).exists():
+        raise Conflict(f"run {run.pk} has checkpoints that other runs started from")
+    if run.kind == Kind.DATASET and run.dataset and run.dataset.runs.exclude(pk=run.pk).exists():
+        raise Conflict(f"dataset {run.dataset.name} is used by other runs; delete them first")
+    directory = run.run_dir
+    with transaction.atomic():
+        if run.kind == Kind.TOKENIZER and run.tokenizer:
+            tokenizer = run.tokenizer
+            if tokenizer.runs.exclude(pk=run.pk).exists():
+                raise Conflict(f"tokenizer {tokenizer.name} is used by other runs")
+            run.delete()
+            delete_tree_on_commit(tokenizer.path)
+            tokenizer.delete()
+        elif run.kind == Kind.DATASET and run.dataset:
+            dataset = run.dataset
+            run.delete()
+            if dataset.source != Dataset.Source.PATH:
+                delete_tree_on_commit(dataset.path)
+            dataset.delete()
+        else:
+            run.delete()
+        delete_tree_on_commit(directory)
+
+
+def delete_tree_on_commit(path: str) -> None:
+    """Remove an app-owned directory once the rows pointing at it are gone for good."""
+    if not path:
+        return
+    target = Path(path).resolve()
+    if data_home().resolve() not in target.parents:
+        return  # never delete outside the data home (e.g. a dataset given by path)
+    transaction.on_commit(lambda: shutil.rmtree(target, ignore_errors=True))
+
+
+def mark_artifacts(run: Run) -> None:
+    """A dataset/tokenizer run's artifact follows the run: ready when it succeeded."""
+    status = {
+        Status.SUCCEEDED: ArtifactStatus.READY,
+        Status.FAILED: ArtifactStatus.FAILED,
+        Status.CANCELLED: ArtifactStatus.FAILED,
+    }.get(run.status, ArtifactStatus.BUILDING)
+    if run.kind == Kind.DATASET and run.dataset_id:
+        Dataset.objects.filter(pk=run.dataset_id).update(status=status)
+    elif run.kind == Kind.TOKENIZER and run.tokenizer_id:
+        Tokenizer.objects.filter(pk=run.tokenizer_id).update(status=status)
+
+
+def program_of(run: Run) -> Program:
+    return program_for(run.kind)
