@@ -1,0 +1,1 @@
+"""REST API of the runs app (Django REST framework), mounted under /api/."""

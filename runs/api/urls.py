@@ -1,0 +1,3 @@
+"""Routes of the runs API (filled in by runs/api/views.py)."""
+
+urlpatterns: list = []
