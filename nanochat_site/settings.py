@@ -186,6 +186,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Runs and artifacts both have a `status` with different choices; name them apart.
+    "ENUM_NAME_OVERRIDES": {
+        "RunStatusEnum": "runs.models.Status",
+        "ArtifactStatusEnum": "runs.models.ArtifactStatus",
+    },
 }
 
 LOGGING = {
@@ -196,3 +201,36 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.channels.server": {"level": "WARNING"}},
 }
+
+# --- chat ---------------------------------------------------------------------------------------
+# SPEC §12 limits on what a client may send (see chat/limits.py for their meaning).
+CHAT_LIMITS = {
+    "max_messages": 500,
+    "max_message_chars": 8000,
+    "max_total_chars": 32000,
+    "default_temperature": 0.8,
+    "default_top_k": 50,
+    "default_max_tokens": 512,
+}
+# Engine workers (`manage.py engine_worker`) take generation requests from this channel of the
+# channel layer; every worker on the same Redis shares it, so load spreads between them.
+CHAT_ENGINE_CHANNEL = os.environ.get("CHAT_ENGINE_CHANNEL", "engine")
+CHAT_ENGINE_DEVICE = os.environ.get("CHAT_ENGINE_DEVICE", "auto")  # auto, cpu, cuda, cuda:1, mps
+# Replies one worker decodes at once (the rows of each model's batch); a worker takes no new
+# request while this many are in progress, leaving it to a less busy worker.
+CHAT_ENGINE_MAX_ROWS = int(os.environ.get("CHAT_ENGINE_MAX_ROWS", "8"))
+CHAT_ENGINE_MAX_MODELS = int(os.environ.get("CHAT_ENGINE_MAX_MODELS", "2"))  # LRU of checkpoints
+# Text is sent to the browser at most this often per reply (seconds), in coalesced chunks.
+CHAT_CHUNK_INTERVAL = float(os.environ.get("CHAT_CHUNK_INTERVAL", "0.02"))
+CHAT_ENGINE_STATS_INTERVAL = 1.0  # seconds between a worker's stats/keepalive ticks
+# A request nobody takes within this many seconds fails (channels_redis expires it at 60 s
+# anyway); a taken request whose worker goes silent this long fails too.
+CHAT_ENGINE_ACCEPT_TIMEOUT = float(os.environ.get("CHAT_ENGINE_ACCEPT_TIMEOUT", "60"))
+CHAT_ENGINE_IDLE_TIMEOUT = float(os.environ.get("CHAT_ENGINE_IDLE_TIMEOUT", "30"))
+# channels_redis waits for messages with a 5 s blocking pop (BZPOPMIN), and redis-py >= 8 times
+# socket reads out after 5 s by default: every receive that waits that long raises TimeoutError,
+# which kills idle websocket consumers and engine workers (django/channels_redis#422). Give
+# reads room beyond the pop. Site-wide: it belongs with CHANNEL_LAYERS above.
+CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+    {"address": channels_url(REDIS_URL), "socket_timeout": 30}
+]

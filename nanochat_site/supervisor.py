@@ -13,7 +13,6 @@ No Django imports: this is plain process management, testable on its own.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import signal
 import subprocess
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from nanochat_site.proctree import alive, process_tree, send
 
 LAUNCHER = Path(__file__).with_name("launcher.py")
 
@@ -158,10 +159,10 @@ class Supervisor:
     def _stop_group(self, children: list[Child]) -> None:
         trees: dict[int, list[psutil.Process]] = {}
         for child in children:
-            trees[child.pid] = _process_tree(child.pid)
+            trees[child.pid] = process_tree(child.pid)
             if child.process.poll() is None:
                 self.say(f"stopping {child.name} (pid {child.pid})")
-                _signal(child.pid, signal.SIGTERM)
+                send(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         for child in children:
             try:
@@ -171,9 +172,9 @@ class Supervisor:
         # Whatever is left of each tree -- the leader, pool processes, programs it launched in
         # their own process groups -- is killed outright, and reaped.
         for child in children:
-            leftovers = [p for p in trees[child.pid] + _process_tree(child.pid) if _alive(p)]
+            leftovers = [p for p in trees[child.pid] + process_tree(child.pid) if alive(p)]
             for proc in leftovers:
-                _signal(proc.pid, signal.SIGKILL)
+                send(proc.pid, signal.SIGKILL)
             with_timeout = [p for p in leftovers if p.pid != child.pid]
             psutil.wait_procs(with_timeout, timeout=5)
             if child.process.poll() is None:
@@ -189,23 +190,3 @@ class ChildFailed(RuntimeError):
 
 class Interrupted(RuntimeError):
     pass
-
-
-def _process_tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)

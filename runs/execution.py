@@ -9,7 +9,6 @@ heartbeat it stops writing lets the reconciler mark the run failed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from nanochat_site.proctree import TreeWatcher
 from runs import broadcast, ingest
 from runs.models import Run, Status
 from runs.programs import program_for
@@ -71,20 +71,6 @@ def child_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_HOME": str(settings.NANOCHAT_HOME)}
     env.pop("DJANGO_SETTINGS_MODULE", None)  # the programs know nothing of Django
     return env
-
-
-def kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def group_members(pgid: int) -> list[psutil.Process]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-    return members
 
 
 class Follower:
@@ -168,6 +154,7 @@ def _run_command(run: Run, argv: list[str], follower: Follower, log_path: Path):
         )  # fmt: skip
     Run.objects.filter(pk=run.pk).update(pid=proc.pid)
     run.pid = proc.pid
+    tree = TreeWatcher(proc.pid)
     cancelled = False
     deadline = None
     last_beat = 0.0
@@ -179,20 +166,21 @@ def _run_command(run: Run, argv: list[str], follower: Follower, log_path: Path):
         now = time.monotonic()
         if now - last_beat >= settings.RUNS_HEARTBEAT_SECONDS:
             last_beat = now
+            tree.refresh()  # ranks run in sessions of their own: remember them while linked
             Run.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now())
             wanted = Run.objects.filter(pk=run.pk).values_list("cancel_requested", flat=True)
             if not cancelled and wanted.first():
                 cancelled = True
-                log.info("run %s: cancel requested; SIGTERM to group %s", run.pk, proc.pid)
-                kill_group(proc.pid, signal.SIGTERM)
+                log.info("run %s: cancel requested; SIGTERM to its processes", run.pk)
+                tree.signal(signal.SIGTERM)
                 deadline = now + settings.RUNS_CANCEL_GRACE_SECONDS
         if deadline is not None and now > deadline:
-            log.info("run %s: still running after grace; SIGKILL to group %s", run.pk, proc.pid)
-            kill_group(proc.pid, signal.SIGKILL)
+            log.info("run %s: still running after the grace period; SIGKILL", run.pk)
+            tree.signal(signal.SIGKILL)
             deadline = None
         time.sleep(POLL_SECONDS if not cancelled else 0.1)
-    # Whatever the program left behind in its group (a stuck rank) goes with it.
-    kill_group(proc.pid, signal.SIGKILL)
+    # Whatever the program left behind (a stuck rank) goes with it.
+    tree.signal(signal.SIGKILL)
     return code, cancelled
 
 
@@ -233,13 +221,22 @@ def mark_lost(run: Run, why: str) -> bool:
     )  # fmt: skip
     if not updated:
         return False
-    if run.pid and run.host == socket.gethostname():
-        kill_group(run.pid, signal.SIGKILL)
+    if run.pid and run.host == socket.gethostname() and _is_training_program(run.pid):
+        # Normally gone already (it dies with its worker); never leave it training unwatched.
+        TreeWatcher(run.pid).signal(signal.SIGKILL)
     run.refresh_from_db()
     mark_artifacts(run)
     broadcast.send(run)
     log.warning("run %s: %s", run.pk, message)
     return True
+
+
+def _is_training_program(pid: int) -> bool:
+    """The pid still belongs to a program we launched (pids are reused after a reboot)."""
+    try:
+        return "training." in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
 
 
 def reconcile_worker_restart(worker: str) -> list[int]:

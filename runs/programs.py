@@ -180,6 +180,7 @@ def program_for(kind: str) -> Program:
     try:
         return PROGRAMS[kind]
     except KeyError:
+        available = [k for k, p in PROGRAMS.items() if p.submit_via == "/api/runs/"]
         raise ConfigError(
-            {"kind": f"{kind!r} is not available (available: {', '.join(PROGRAMS)})"}
+            {"kind": f"{kind!r} is not available (available: {', '.join(available)})"}
         ) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from runs import broadcast
@@ -34,6 +34,13 @@ from training import dataset as dataset_program
 from training.flags import ConfigError
 
 MAX_NPROC = 64
+# How each dataset source is built: the `training.dataset` command that does it.
+DATASET_SOURCES = {
+    "builtin": "builtin",
+    "download": "download",
+    "upload": "import",
+    "path": "stats",
+}
 UPLOAD_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _NAME = re.compile(r"^[\w.-]+$")
 
@@ -53,9 +60,9 @@ def data_home() -> Path:
     return Path(settings.NANOCHAT_HOME)
 
 
-def can_manage(user, run: Run) -> bool:
-    """Everyone signed in sees every run; only its owner or staff may change it."""
-    return bool(user and user.is_authenticated and (user.is_staff or run.owner_id == user.pk))
+def can_manage(user, obj: Run | Dataset | Tokenizer) -> bool:
+    """Everyone signed in sees every run and artifact; only its owner or staff may change it."""
+    return bool(user and user.is_authenticated and (user.is_staff or obj.owner_id == user.pk))
 
 
 def _require_manage(user, run: Run, action: str) -> None:
@@ -149,6 +156,15 @@ def submit_run(
     if errors:
         raise ConfigError(errors)
 
+    try:
+        return _create_run(owner, kind, preset, config, full, dataset, tokenizer,
+                           parent_checkpoint, nproc_per_node, name)  # fmt: skip
+    except IntegrityError:  # a concurrent request took the tokenizer name
+        raise ConfigError({"name": f"tokenizer {name!r} already exists"}) from None
+
+
+def _create_run(owner, kind, preset, config, full, dataset, tokenizer, parent_checkpoint,
+                nproc_per_node, name) -> Run:  # fmt: skip
     with transaction.atomic():
         run = Run.objects.create(
             kind=kind, preset=preset, overrides=dict(config or {}), config=full, owner=owner,
@@ -199,10 +215,13 @@ def create_dataset(
         _check_name(name, Dataset)
     except ConfigError as exc:
         errors.update(exc.errors)
-    commands = {"builtin": "builtin", "download": "download", "upload": "import", "path": "stats"}
+    commands = DATASET_SOURCES
     if source not in commands:
         errors["source"] = f"must be one of {', '.join(commands)}"
         raise ConfigError(errors)
+    if source == "path" and not (owner and owner.is_staff):
+        # Registering any server directory would let users read files they should not.
+        errors["source"] = "only staff may register an existing server directory"
     options = dict(options or {})
     flags = dataset_program.COMMANDS[commands[source]]
     for key in options:
@@ -234,6 +253,13 @@ def create_dataset(
     config["command"] = commands[source]
     if "overwrite" in flags:
         config["overwrite"] = True  # the directory is the app's own; a retry rebuilds it
+    try:
+        return _create_dataset_rows(owner, name, source, options, config, uploads, path)
+    except IntegrityError:  # a concurrent request took the name between check and insert
+        raise ConfigError({"name": f"dataset {name!r} already exists"}) from None
+
+
+def _create_dataset_rows(owner, name, source, options, config, uploads, path) -> Dataset:
     with transaction.atomic():
         target = Path(path) if source == "path" else data_home() / "datasets" / name
         dataset = Dataset.objects.create(

@@ -17,3 +17,8 @@ atexit.register(shutil.rmtree, _home, ignore_errors=True)
 from nanochat_site.settings import *  # noqa: E402,F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    # A file, not SQLite's in-memory default: tests that start real Celery workers need those
+    # processes to open the same test database.
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(_home, "test-db.sqlite3")}  # noqa: F405

@@ -45,6 +45,11 @@ def beat_argv() -> list[str]:
     ]  # fmt: skip
 
 
+def engine_argv() -> list[str]:
+    """The chat engine worker: takes generation requests from the channel layer."""
+    return [sys.executable, "manage.py", "engine_worker"]
+
+
 def web_argv(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
             "nanochat_site.asgi:application"]  # fmt: skip
@@ -92,6 +97,7 @@ class Command(BaseCommand):
                 ChildSpec("worker-training", celery_worker_argv("training", 1), env, cwd),
                 ChildSpec("worker-default", celery_worker_argv("default", 2), env, cwd),
                 ChildSpec("beat", beat_argv(), env, cwd),
+                ChildSpec("engine", engine_argv(), env, cwd),
             ]:
                 supervisor.start(spec)
             web = supervisor.start(ChildSpec("web", web_argv(host, port), env, cwd))

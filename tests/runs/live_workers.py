@@ -1,0 +1,113 @@
+"""Real Celery workers for tests: separate processes on the test database and the test Redis.
+
+The worker runs the product's settings (not the test settings), pointed by environment
+variables at the database pytest-django created and at the same data home and Redis, exactly
+as a worker on another machine would be configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+from django.conf import settings
+from django.db import connection
+
+from nanochat_site.proctree import process_tree
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_database_url() -> str:
+    """A DATABASE_URL for the database this test session uses."""
+    db = connection.settings_dict
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or "postgres"
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    return f"postgres://{user}{password}@{host}:{port}/{db['NAME']}"
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DJANGO_SETTINGS_MODULE",)}
+    env.update(
+        DJANGO_SETTINGS_MODULE="nanochat_site.settings",
+        DATABASE_URL=test_database_url(),
+        NANOCHAT_HOME=str(settings.NANOCHAT_HOME),
+        REDIS_URL=settings.REDIS_URL,
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    return env
+
+
+class LiveWorker:
+    """`celery worker` (optionally with beat) as a process group of its own."""
+
+    def __init__(self, queues: str, log_dir: Path, beat: bool = False, **env: str):
+        self.name = f"test-{queues.replace(',', '-')}-{uuid.uuid4().hex[:6]}@%h"
+        self.log_path = log_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        argv = [
+            sys.executable, "-m", "celery", "-A", "nanochat_site", "worker", "-Q", queues,
+            "-c", "1", "-n", self.name, "--without-mingle", "--without-gossip",
+            "--loglevel", "INFO",
+        ]  # fmt: skip
+        if beat:
+            argv += ["-B", "--schedule", str(log_dir / f"beat-{uuid.uuid4().hex[:6]}")]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv, cwd=REPO, env=worker_env(**env), stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"celery worker did not start:\n{self.log()}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def kill(self) -> None:
+        """SIGKILL to the whole worker: the main process and its pool children."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+def run_processes(pid: int) -> list[psutil.Process]:
+    """The run's launcher/torchrun process and everything under it (ranks included)."""
+    return process_tree(pid)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25, info=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{info()}")
+        time.sleep(interval)
