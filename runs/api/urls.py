@@ -1,3 +1,23 @@
-"""Routes of the runs API (filled in by runs/api/views.py)."""
+"""Routes of the runs API, mounted under /api/ (names in the `runs-api` namespace)."""
 
-urlpatterns: list = []
+from django.urls import path
+from rest_framework.authtoken.views import obtain_auth_token
+from rest_framework.routers import DefaultRouter
+
+from runs.api import views
+
+app_name = "runs-api"
+
+router = DefaultRouter()
+router.register("runs", views.RunViewSet, basename="run")
+router.register("datasets", views.DatasetViewSet, basename="dataset")
+router.register("tokenizers", views.TokenizerViewSet, basename="tokenizer")
+router.register("checkpoints", views.CheckpointViewSet, basename="checkpoint")
+router.register("evals", views.EvalResultViewSet, basename="eval")
+router.register("reports", views.ReportViewSet, basename="report")
+
+urlpatterns = [
+    path("auth/token/", obtain_auth_token, name="token"),
+    path("programs/", views.ProgramsView.as_view(), name="programs"),
+    *router.urls,
+]

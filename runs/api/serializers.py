@@ -1,0 +1,366 @@
+"""Shapes of the runs API: what a request must look like and how objects are shown.
+
+Request serializers check only the shape (types, known ids, objects where objects belong);
+whether a config is valid, an input ready or a name free is decided by runs.services, whose
+ConfigError the views turn into the same field-level 400 answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from runs import artifacts, services
+from runs.models import (
+    Checkpoint,
+    Dataset,
+    EvalResult,
+    Kind,
+    Report,
+    Run,
+    RunEvent,
+    Sample,
+    Status,
+    Tokenizer,
+)
+from runs.programs import Program
+from runs.series import DEFAULT_MAX_POINTS, MAX_POINTS_LIMIT
+
+MAX_LOG_LINES = 5000
+DEFAULT_LOG_LINES = 200
+MAX_EVENTS = 5000
+DEFAULT_EVENTS = 500
+
+
+def _object(value: Any, field: str) -> dict:
+    """JSON objects only: a list or a string where settings belong is a field error."""
+    if not isinstance(value, dict):
+        raise serializers.ValidationError(f"{field} must be an object of names to values")
+    return value
+
+
+class RefSerializer(serializers.Serializer):
+    """A related object as {id, name}: enough to show it and to link to it."""
+
+    id = serializers.IntegerField(source="pk")
+    name = serializers.CharField(source="__str__")
+
+
+# ---- programs -----------------------------------------------------------------------------
+
+
+class FlagSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    type = serializers.SerializerMethodField()
+    default = serializers.JSONField()
+    help = serializers.CharField()
+    choices = serializers.ListField(child=serializers.JSONField(), allow_null=True)
+    min = serializers.FloatField(allow_null=True)
+    max = serializers.FloatField(allow_null=True)
+
+    def get_type(self, flag) -> str:
+        return flag.type.__name__
+
+
+class ProgramSerializer(serializers.Serializer):
+    kind = serializers.CharField()
+    description = serializers.CharField()
+    submit_via = serializers.CharField()
+    inputs = serializers.ListField(child=serializers.CharField())
+    distributed = serializers.BooleanField()
+    resumable = serializers.BooleanField()
+    presets = serializers.SerializerMethodField()
+    flags = serializers.SerializerMethodField()
+    sources = serializers.SerializerMethodField()
+
+    def get_presets(self, program: Program) -> dict[str, dict[str, Any]]:
+        return {name: program.flags.load_config_file(name) for name in program.flags.presets()}
+
+    @extend_schema_field(FlagSerializer(many=True))
+    def get_flags(self, program: Program):
+        if program.kind == Kind.DATASET:
+            return []  # a dataset's options depend on its source: see `sources`
+        return FlagSerializer(program.user_flags(), many=True).data
+
+    @extend_schema_field(serializers.DictField(child=FlagSerializer(many=True), allow_null=True))
+    def get_sources(self, program: Program):
+        if program.kind != Kind.DATASET:
+            return None
+        return {
+            source: FlagSerializer(flags, many=True).data
+            for source, flags in artifacts.dataset_source_flags().items()
+        }
+
+
+# ---- runs ---------------------------------------------------------------------------------
+
+
+class RunFilterSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=Kind.choices, required=False)
+    status = serializers.ChoiceField(choices=Status.choices, required=False)
+    owner = serializers.CharField(required=False, help_text="username")
+    mine = serializers.BooleanField(required=False, help_text="only my runs")
+    search = serializers.CharField(required=False, help_text="part of the run's name")
+
+
+class RunCreateSerializer(serializers.Serializer):
+    kind = serializers.CharField(max_length=16)
+    preset = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    config = serializers.JSONField(required=False, default=dict, help_text="setting overrides")
+    dataset = serializers.PrimaryKeyRelatedField(
+        queryset=Dataset.objects.all(), required=False, allow_null=True
+    )
+    tokenizer = serializers.PrimaryKeyRelatedField(
+        queryset=Tokenizer.objects.all(), required=False, allow_null=True
+    )
+    parent_checkpoint = serializers.PrimaryKeyRelatedField(
+        queryset=Checkpoint.objects.all(), required=False, allow_null=True
+    )
+    nproc_per_node = serializers.IntegerField(required=False, default=1)
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+
+    def validate_config(self, value):
+        return _object(value, "config")
+
+
+class RunSummarySerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", allow_null=True, read_only=True)
+    dataset = RefSerializer(read_only=True, allow_null=True)
+    tokenizer = RefSerializer(read_only=True, allow_null=True)
+    url = serializers.HyperlinkedIdentityField(view_name="runs-api:run-detail")
+
+    class Meta:
+        model = Run
+        fields = [
+            "id", "url", "name", "kind", "preset", "status", "owner", "dataset", "tokenizer",
+            "step", "total_steps", "progress", "eta_seconds", "best_val_bpb", "error",
+            "created", "started_at", "finished_at",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+RUN_LINKS = ("metrics", "log", "events", "samples", "report", "cancel", "resume", "retry")
+
+
+class RunDetailSerializer(RunSummarySerializer):
+    parent_checkpoint = RefSerializer(read_only=True, allow_null=True)
+    duration_seconds = serializers.FloatField(read_only=True, allow_null=True)
+    counts = serializers.SerializerMethodField()
+    can_manage = serializers.SerializerMethodField()
+    links = serializers.SerializerMethodField()
+
+    class Meta(RunSummarySerializer.Meta):
+        fields = [
+            *RunSummarySerializer.Meta.fields, "parent_checkpoint", "retry_of",
+            "nproc_per_node", "overrides", "config", "resume_step", "attempts",
+            "cancel_requested", "host", "worker", "pid", "heartbeat_at", "duration_seconds",
+            "exit_code", "log_tail", "run_dir", "counts", "can_manage", "links",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def get_counts(self, run: Run) -> dict[str, int]:
+        return {
+            "checkpoints": run.checkpoints.count(),
+            "metric_points": run.metric_points.count(),
+            "events": run.events_count,
+            "samples": run.samples.count(),
+        }
+
+    def get_can_manage(self, run: Run) -> bool:
+        return services.can_manage(self.context["request"].user, run)
+
+    def get_links(self, run: Run) -> dict[str, str]:
+        request = self.context["request"]
+        return {
+            name: request.build_absolute_uri(reverse(f"runs-api:run-{name}", args=[run.pk]))
+            for name in RUN_LINKS
+        }
+
+
+class MetricsQuerySerializer(serializers.Serializer):
+    names = serializers.CharField(
+        required=False, help_text="comma-separated metric names (default: all)"
+    )
+    max_points = serializers.IntegerField(
+        required=False, default=DEFAULT_MAX_POINTS, min_value=2, max_value=MAX_POINTS_LIMIT
+    )
+    after_step = serializers.IntegerField(required=False, help_text="only steps after this one")
+
+
+class SeriesSerializer(serializers.Serializer):
+    step = serializers.ListField(child=serializers.IntegerField())
+    value = serializers.ListField(child=serializers.FloatField(allow_null=True))
+    time = serializers.ListField(child=serializers.FloatField())
+    total = serializers.IntegerField(help_text="points stored, before downsampling")
+
+
+class MetricsSerializer(serializers.Serializer):
+    run = serializers.IntegerField()
+    names = serializers.ListField(child=serializers.CharField(), help_text="every metric name")
+    series = serializers.DictField(child=SeriesSerializer())
+
+
+class LogQuerySerializer(serializers.Serializer):
+    lines = serializers.IntegerField(
+        required=False, default=DEFAULT_LOG_LINES, min_value=1, max_value=MAX_LOG_LINES
+    )
+
+
+class LogSerializer(serializers.Serializer):
+    lines = serializers.ListField(child=serializers.CharField(allow_blank=True))
+
+
+class EventsQuerySerializer(serializers.Serializer):
+    type = serializers.CharField(required=False, max_length=32)
+    after = serializers.IntegerField(
+        required=False, default=-1, help_text="only events with a larger seq"
+    )
+    limit = serializers.IntegerField(
+        required=False, default=DEFAULT_EVENTS, min_value=1, max_value=MAX_EVENTS
+    )
+
+
+class EventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RunEvent
+        fields = ["seq", "type", "time", "step", "data"]
+
+
+class EventsSerializer(serializers.Serializer):
+    events = EventSerializer(many=True)
+    next_after = serializers.IntegerField(help_text="pass as `after` to get what follows")
+
+
+class SampleSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Sample
+        fields = ["id", "step", "prompt", "completion", "created"]
+
+
+class SamplesSerializer(serializers.Serializer):
+    run = serializers.IntegerField()
+    samples = SampleSerializer(many=True)
+
+
+class ReportSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Report
+        fields = ["id", "run", "section", "markdown", "created"]
+
+
+class RunReportSerializer(serializers.Serializer):
+    run = serializers.IntegerField()
+    markdown = serializers.CharField(allow_blank=True, help_text="every section, in order")
+    sections = ReportSerializer(many=True)
+
+
+# ---- datasets and tokenizers --------------------------------------------------------------
+
+
+class ArtifactSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", allow_null=True, read_only=True)
+    run = serializers.IntegerField(
+        source="build_run", read_only=True, allow_null=True, help_text="the run that builds it"
+    )
+    can_manage = serializers.SerializerMethodField()
+
+    def get_can_manage(self, obj) -> bool:
+        return artifacts.can_manage(self.context["request"].user, obj)
+
+
+class DatasetSerializer(ArtifactSerializer):
+    class Meta:
+        model = Dataset
+        fields = [
+            "id", "name", "owner", "source", "options", "path", "status", "shards", "documents",
+            "characters", "bytes_on_disk", "created", "run", "can_manage",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class DatasetCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    source = serializers.CharField(
+        max_length=16, help_text=f"one of {', '.join(services.DATASET_SOURCES)}"
+    )
+    options = serializers.JSONField(
+        required=False, default=dict, help_text="flags of the source's command (see programs)"
+    )
+    path = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="for source 'path'"
+    )
+    files = serializers.ListField(
+        child=serializers.FileField(), required=False, default=list,
+        help_text="for source 'upload' (multipart): .txt, .jsonl or .parquet files",
+    )  # fmt: skip
+
+    def validate_options(self, value):
+        return _object(value, "options")
+
+
+class TokenizerSerializer(ArtifactSerializer):
+    dataset = RefSerializer(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Tokenizer
+        fields = [
+            "id", "name", "owner", "dataset", "path", "status", "vocab_size", "stats", "created",
+            "run", "can_manage",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class TokenizerCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(
+        max_length=100, required=False, allow_blank=True, default="",
+        help_text="default: <dataset>-<vocab_size>-<run id>",
+    )  # fmt: skip
+    dataset = serializers.PrimaryKeyRelatedField(
+        queryset=Dataset.objects.all(), required=False, allow_null=True
+    )
+    config = serializers.JSONField(
+        required=False, default=dict, help_text="vocab_size, max_chars, doc_cap"
+    )
+
+    def validate_config(self, value):
+        return _object(value, "config")
+
+
+# ---- outputs ------------------------------------------------------------------------------
+
+
+class CheckpointFilterSerializer(serializers.Serializer):
+    stage = serializers.ChoiceField(choices=Checkpoint.Stage.choices, required=False)
+    run = serializers.IntegerField(required=False)
+    tokenizer = serializers.IntegerField(required=False)
+
+
+class CheckpointSerializer(serializers.ModelSerializer):
+    tokenizer = RefSerializer(read_only=True, allow_null=True)
+    depth = serializers.IntegerField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Checkpoint
+        fields = [
+            "id", "run", "tokenizer", "stage", "step", "path", "depth", "model_config",
+            "val_bpb", "size_bytes", "created",
+        ]  # fmt: skip
+
+
+class EvalFilterSerializer(serializers.Serializer):
+    task = serializers.CharField(required=False, max_length=64)
+    run = serializers.IntegerField(required=False)
+    checkpoint = serializers.IntegerField(required=False)
+
+
+class EvalResultSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = EvalResult
+        fields = ["id", "run", "checkpoint", "task", "metric", "value", "details", "created"]
+
+
+class ReportFilterSerializer(serializers.Serializer):
+    run = serializers.IntegerField(required=False)

@@ -1,0 +1,289 @@
+"""Views of the runs API: parse the request, call runs.services, serialize the result.
+
+Who may do what is decided by the services (can_manage, retry rules) and runs.artifacts, whose
+exceptions become 400/403/409 answers in ServiceErrorsMixin; reading needs only a signed-in
+user (the REST_FRAMEWORK default permission).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from runs import artifacts, services
+from runs.api import serializers as s
+from runs.api.errors import ServiceErrorsMixin
+from runs.execution import LOG_FILE, log_tail
+from runs.models import Checkpoint, Dataset, EvalResult, Report, Run, Tokenizer
+from runs.programs import PROGRAMS
+from runs.series import metric_names, series
+
+CONFLICT = OpenApiResponse(description="not possible in the object's current state")
+
+
+def query(request, serializer_class) -> dict:
+    """Validated query parameters; a bad one is a 400 naming it."""
+    params = serializer_class(data=request.query_params)
+    params.is_valid(raise_exception=True)
+    return params.validated_data
+
+
+class ProgramsView(APIView):
+    """Every kind of run: its inputs, presets and the settings a user may change."""
+
+    @extend_schema(responses=s.ProgramSerializer(many=True))
+    def get(self, request):
+        return Response(s.ProgramSerializer(PROGRAMS.values(), many=True).data)
+
+
+class RunViewSet(
+    ServiceErrorsMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Training runs: submit, follow, cancel, resume, retry, delete."""
+
+    queryset = Run.objects.select_related("owner", "dataset", "tokenizer", "parent_checkpoint")
+
+    def get_serializer_class(self):
+        return s.RunSummarySerializer if self.action == "list" else s.RunDetailSerializer
+
+    def get_queryset(self):
+        runs = super().get_queryset()
+        if self.action != "list":
+            return runs
+        params = query(self.request, s.RunFilterSerializer)
+        if "kind" in params:
+            runs = runs.filter(kind=params["kind"])
+        if "status" in params:
+            runs = runs.filter(status=params["status"])
+        if "owner" in params:
+            runs = runs.filter(owner__username=params["owner"])
+        if params.get("mine"):
+            runs = runs.filter(owner=self.request.user)
+        if params.get("search"):
+            runs = runs.filter(name__icontains=params["search"])
+        return runs
+
+    def _detail(self, run: Run, code: int = status.HTTP_200_OK) -> Response:
+        run = self.get_queryset().get(pk=run.pk)
+        return Response(s.RunDetailSerializer(run, context={"request": self.request}).data, code)
+
+    @extend_schema(parameters=[s.RunFilterSerializer])
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(request=s.RunCreateSerializer, responses={201: s.RunDetailSerializer})
+    def create(self, request):
+        """Validate and queue a run (datasets: POST /api/datasets/)."""
+        params = s.RunCreateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        run = services.submit_run(request.user, **params.validated_data)
+        return self._detail(run, status.HTTP_201_CREATED)
+
+    @extend_schema(responses={204: None, 403: None, 409: CONFLICT})
+    def destroy(self, request, pk=None):
+        """Delete a finished run with its rows and directory (owner or staff)."""
+        services.delete_run(self.get_object(), request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(request=None, responses={200: s.RunDetailSerializer, 409: CONFLICT})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        """Cancel a queued run at once, or ask its worker to stop a running one."""
+        return self._detail(services.cancel_run(self.get_object(), request.user))
+
+    @extend_schema(request=None, responses={200: s.RunDetailSerializer, 409: CONFLICT})
+    @action(detail=True, methods=["post"])
+    def resume(self, request, pk=None):
+        """Continue a failed or cancelled run from its last checkpoint."""
+        return self._detail(services.resume_run(self.get_object(), request.user))
+
+    @extend_schema(request=None, responses={201: s.RunDetailSerializer, 409: CONFLICT})
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        """Run it again from scratch: a new run (datasets and tokenizers: rebuilt in place)."""
+        run = services.retry_run(self.get_object(), request.user)
+        return self._detail(run, status.HTTP_201_CREATED)
+
+    @extend_schema(parameters=[s.MetricsQuerySerializer], responses=s.MetricsSerializer)
+    @action(detail=True, methods=["get"])
+    def metrics(self, request, pk=None):
+        """Metric series by name, downsampled to at most max_points (min and max kept)."""
+        run = self.get_object()
+        params = query(request, s.MetricsQuerySerializer)
+        every = metric_names(run.pk)
+        names = [n for n in params.get("names", "").split(",") if n] or every
+        data = series(run.pk, names, params["max_points"], params.get("after_step"))
+        return Response({"run": run.pk, "names": every, "series": data})
+
+    @extend_schema(parameters=[s.LogQuerySerializer], responses=s.LogSerializer)
+    @action(detail=True, methods=["get"])
+    def log(self, request, pk=None):
+        """The last lines of the run's log file."""
+        run = self.get_object()
+        params = query(request, s.LogQuerySerializer)
+        text = log_tail(Path(run.run_dir) / LOG_FILE, params["lines"]) if run.run_dir else ""
+        return Response({"lines": text.splitlines()})
+
+    @extend_schema(parameters=[s.EventsQuerySerializer], responses=s.EventsSerializer)
+    @action(detail=True, methods=["get"])
+    def events(self, request, pk=None):
+        """The run's events in order; pass next_after as `after` to read on."""
+        run = self.get_object()
+        params = query(request, s.EventsQuerySerializer)
+        rows = run.events.filter(seq__gt=params["after"]).order_by("seq")
+        if params.get("type"):
+            rows = rows.filter(type=params["type"])
+        rows = list(rows[: params["limit"]])
+        next_after = rows[-1].seq if rows else params["after"]
+        events = s.EventSerializer(rows, many=True).data
+        return Response({"events": events, "next_after": next_after})
+
+    @extend_schema(responses=s.SamplesSerializer)
+    @action(detail=True, methods=["get"])
+    def samples(self, request, pk=None):
+        """Text the model generated during training."""
+        run = self.get_object()
+        samples = s.SampleSerializer(run.samples.all(), many=True).data
+        return Response({"run": run.pk, "samples": samples})
+
+    @extend_schema(responses=s.RunReportSerializer)
+    @action(detail=True, methods=["get"])
+    def report(self, request, pk=None):
+        """The run's report: its markdown sections in order, and joined."""
+        run = self.get_object()
+        sections = list(run.reports.all())
+        return Response({
+            "run": run.pk,
+            "markdown": "\n\n".join(section.markdown for section in sections),
+            "sections": s.ReportSerializer(sections, many=True).data,
+        })  # fmt: skip
+
+
+class ArtifactViewSet(
+    ServiceErrorsMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Shared by datasets and tokenizers: list, show, create through a build run, delete."""
+
+    create_serializer_class: type
+    remove: Callable[..., None]  # artifacts.delete_dataset or delete_tokenizer
+
+    def get_queryset(self):
+        return artifacts.with_build_run(super().get_queryset())
+
+    def get_serializer_class(self):
+        return self.create_serializer_class if self.action == "create" else self.serializer_class
+
+    def created(self, obj) -> Response:
+        obj = self.get_queryset().get(pk=obj.pk)
+        data = self.serializer_class(obj, context={"request": self.request}).data
+        return Response(data, status.HTTP_201_CREATED)
+
+    @extend_schema(responses={204: None, 403: None, 409: CONFLICT})
+    def destroy(self, request, pk=None):
+        self.remove(self.get_object(), request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class DatasetViewSet(ArtifactViewSet):
+    """Datasets: built from the offline corpus, downloaded, uploaded or found on the server."""
+
+    queryset = Dataset.objects.select_related("owner")
+    serializer_class = s.DatasetSerializer
+    create_serializer_class = s.DatasetCreateSerializer
+    remove = staticmethod(artifacts.delete_dataset)
+
+    @extend_schema(
+        request={
+            "application/json": s.DatasetCreateSerializer,
+            "multipart/form-data": s.DatasetCreateSerializer,
+        },
+        responses={201: s.DatasetSerializer},
+    )
+    def create(self, request):
+        params = s.DatasetCreateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        dataset = services.create_dataset(
+            request.user, data["name"], data["source"], options=data["options"],
+            uploads=data["files"], path=data["path"],
+        )  # fmt: skip
+        return self.created(dataset)
+
+
+class TokenizerViewSet(ArtifactViewSet):
+    """Tokenizers: trained on a dataset by a tokenizer run."""
+
+    queryset = Tokenizer.objects.select_related("owner", "dataset")
+    serializer_class = s.TokenizerSerializer
+    create_serializer_class = s.TokenizerCreateSerializer
+    remove = staticmethod(artifacts.delete_tokenizer)
+
+    @extend_schema(request=s.TokenizerCreateSerializer, responses={201: s.TokenizerSerializer})
+    def create(self, request):
+        params = s.TokenizerCreateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        run = services.create_tokenizer(
+            request.user, data["name"], data.get("dataset"), data["config"]
+        )
+        return self.created(run.tokenizer)
+
+
+class CheckpointViewSet(viewsets.ReadOnlyModelViewSet):
+    """Saved model weights, one row per saved step."""
+
+    queryset = Checkpoint.objects.select_related("tokenizer")
+    serializer_class = s.CheckpointSerializer
+
+    def get_queryset(self):
+        checkpoints = super().get_queryset()
+        if self.action == "list":
+            checkpoints = checkpoints.filter(**query(self.request, s.CheckpointFilterSerializer))
+        return checkpoints
+
+    @extend_schema(parameters=[s.CheckpointFilterSerializer])
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+
+class EvalResultViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """Evaluation scores, by task and metric."""
+
+    queryset = EvalResult.objects.all()
+    serializer_class = s.EvalResultSerializer
+
+    def get_queryset(self):
+        return super().get_queryset().filter(**query(self.request, s.EvalFilterSerializer))
+
+    @extend_schema(parameters=[s.EvalFilterSerializer])
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
+
+
+class ReportViewSet(viewsets.ReadOnlyModelViewSet):
+    """Report sections written by runs (a run's whole report: /api/runs/{id}/report/)."""
+
+    queryset = Report.objects.all()
+    serializer_class = s.ReportSerializer
+
+    def get_queryset(self):
+        reports = super().get_queryset()
+        if self.action == "list":
+            reports = reports.filter(**query(self.request, s.ReportFilterSerializer))
+        return reports
+
+    @extend_schema(parameters=[s.ReportFilterSerializer])
+    def list(self, request, *args, **kwargs):
+        return super().list(request, *args, **kwargs)
