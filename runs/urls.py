@@ -1,3 +1,9 @@
-"""Non-API routes of the runs app (file downloads; pages arrive with the dashboard)."""
+"""Non-API routes of the runs app, mounted at /runs/ (pages arrive with the dashboard)."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from runs import files
+
+urlpatterns = [
+    path("<int:run_id>/files/<str:name>", files.run_file, name="run-file"),
+]

@@ -52,9 +52,19 @@ def check_entry_point(argv: list[str]) -> None:
     elif program == "celery":
         app_module = argv[argv.index("-A") + 1]
         assert hasattr(importlib.import_module(app_module), "celery_app")
-        assert argv[argv.index("-A") + 2] == "worker"
-        queues = argv[argv.index("-Q") + 1].split(",")
-        assert set(queues) <= {"training", "default"}, queues
+        role = argv[argv.index("-A") + 2]
+        assert role in ("worker", "beat"), role
+        if role == "worker":
+            queues = argv[argv.index("-Q") + 1].split(",")
+            assert set(queues) <= {"training", "default"}, queues
+        else:  # the beat schedule must name tasks that exist
+            from django.conf import settings
+
+            from nanochat_site.celery import app
+
+            app.loader.import_default_modules()
+            for entry in settings.CELERY_BEAT_SCHEDULE.values():
+                assert entry["task"] in app.tasks, entry["task"]
     else:
         pytest.fail(f"unexpected entry point {program!r}")
 
