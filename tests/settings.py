@@ -21,6 +21,7 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast log
 if DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3":  # noqa: F405
     # One test database per session, so two suites on one PostgreSQL server do not collide.
     DATABASES["default"]["TEST"] = {"NAME": f"test_nanochat_{os.getpid()}"}  # noqa: F405
+else:
     # A file, not SQLite's in-memory default: tests that start real Celery workers need those
     # processes to open the same test database.
     DATABASES["default"]["TEST"] = {"NAME": os.path.join(_home, "test-db.sqlite3")}  # noqa: F405
