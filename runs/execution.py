@@ -101,6 +101,19 @@ class Follower:
         return True
 
 
+def catch_up(run: Run) -> None:
+    """Store what is left in a dead launch's event file, then skip any half-written line."""
+    follower = Follower(run)
+    follower.poll()
+    try:
+        size = follower.path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size > run.events_offset:
+        Run.objects.filter(pk=run.pk).update(events_offset=size)
+        run.events_offset = size
+
+
 def execute(run_id: int, token: str, worker: str = "") -> str:
     """Run a queued run to its end; returns its final status (or "skipped")."""
     run = claim(run_id, token, worker)

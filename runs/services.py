@@ -321,10 +321,15 @@ def resume_run(run: Run, user) -> Run:
     program = program_for(run.kind)
     if not program.resumable:
         raise Conflict(f"{run.kind} runs cannot be resumed; retry it instead")
+    from runs.execution import catch_up
+
     with transaction.atomic():
         run = Run.objects.select_for_update().get(pk=run.pk)
         if run.status not in (Status.FAILED, Status.CANCELLED):
             raise Conflict(f"run {run.pk} is {run.status}; only failed or cancelled runs resume")
+        # A worker that died left lines it never stored (perhaps a later checkpoint): store
+        # them first, so the resume point is the true last checkpoint.
+        catch_up(run)
         last = run.checkpoints.order_by("-step").first()
         if last is None:
             raise Conflict(f"run {run.pk} saved no checkpoint to resume from; retry it instead")
@@ -332,6 +337,9 @@ def resume_run(run: Run, user) -> Run:
         run.metric_points.filter(step__gt=last.step).delete()
         run.samples.filter(step__gt=last.step).delete()
         run.resume_step = last.step
+        run.step = last.step
+        if run.total_steps:
+            run.progress = last.step / run.total_steps
         _requeue(run)
         _enqueue(run)
     return run
