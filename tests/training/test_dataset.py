@@ -296,15 +296,17 @@ def test_cli_builtin_writes_shards_and_events(tmp_path):
                   "--run-dir", run_dir)  # fmt: skip
     assert result.returncode == 0, result.stderr
     events = read_events(run_dir / "events.jsonl").events
-    assert [e["type"] for e in events] == ["start", "report", "end"]
+    assert [e["type"] for e in events] == ["start", "dataset", "report", "end"]
     assert events[0]["config"]["max_chars"] == 40000
     stats = dataset.dataset_stats(tmp_path / "data")
-    report = events[1]
+    assert events[1]["path"] == str(tmp_path / "data")
+    assert events[1]["documents"] == stats.documents and events[1]["shards"] == 2
+    report = events[2]
     assert report["section"] == "Dataset"
     assert f"- documents: {stats.documents:,}" in report["markdown"]
     assert f"- characters: {stats.characters:,}" in report["markdown"]
     assert "- shards: 2" in report["markdown"]
-    assert events[2]["status"] == "succeeded"
+    assert events[3]["status"] == "succeeded"
 
     stats_run = _run("stats", tmp_path / "data")
     assert stats_run.returncode == 0, stats_run.stderr

@@ -54,9 +54,10 @@ def test_tok_train_saves_a_working_tokenizer_and_reports(trained, corpus):
     assert tokenizer.decode(tokenizer.encode(sample)) == sample
 
     events = read_events(run_dir / "events.jsonl").events
-    assert [e["type"] for e in events] == ["start", "report", "end"]
+    assert [e["type"] for e in events] == ["start", "tokenizer", "report", "end"]
     assert events[0]["config"]["vocab_size"] == 512
-    report = events[1]
+    assert events[1]["path"] == str(tokenizer_dir) and events[1]["vocab_size"] == 512
+    report = events[2]
     assert report["section"] == "Tokenizer training"
     train_chars = sum(len(t) for t in dataset.iter_texts(corpus, "train"))
     assert "- vocab size: 512" in report["markdown"]
@@ -64,7 +65,7 @@ def test_tok_train_saves_a_working_tokenizer_and_reports(trained, corpus):
     stats = tok_train.token_bytes_stats(tokenizer)
     assert f"- token bytes mean: {stats['mean']:.3f}" in report["markdown"]
     assert "training time:" in report["markdown"]
-    assert events[2]["status"] == "succeeded"
+    assert events[3]["status"] == "succeeded"
 
 
 def test_token_bytes_stats_skip_special_tokens(trained):
