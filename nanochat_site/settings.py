@@ -234,3 +234,8 @@ CHAT_ENGINE_IDLE_TIMEOUT = float(os.environ.get("CHAT_ENGINE_IDLE_TIMEOUT", "30"
 CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
     {"address": channels_url(REDIS_URL), "socket_timeout": 30}
 ]
+# A web process receives every reply it relays through one Redis list, capped at `capacity`
+# messages (and buffers each channel locally up to the same cap, dropping the oldest beyond).
+# Replies stream up to 50 chunks/s each, so channels_redis' default of 100 is a fraction of a
+# second of stall; the engine worker takes a full channel for a dead front end and stops.
+CHANNEL_LAYERS["default"]["CONFIG"]["capacity"] = 1000

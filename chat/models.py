@@ -1,0 +1,76 @@
+"""Conversations with checkpoints: who talked to which model, what was said, and how fast.
+
+An assistant message keeps what the engine reported about its generation (token counts,
+time to first token, decode speed, why it ended) beside its text, so the admin and the chat
+page can show a reply's cost without recomputing anything. Messages are ordered by id: an
+edit changes a message in place and deletes the ones after it, so ids stay in talk order.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Conversation(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    title = models.CharField(max_length=200, blank=True)
+    # The model of the latest reply (a conversation may switch models between replies).
+    checkpoint = models.ForeignKey(
+        "runs.Checkpoint",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="conversations",
+    )
+    checkpoint_step = models.IntegerField(null=True, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated", "-id"]
+        indexes = [models.Index(fields=["owner", "-updated"], name="chat_conv_owner_updated")]
+
+    def __str__(self) -> str:
+        return self.title or f"conversation {self.pk}"
+
+
+class Message(models.Model):
+    class Role(models.TextChoices):
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Finish(models.TextChoices):
+        STOP = "stop", "stop token"
+        LENGTH = "length", "max tokens reached"
+        STOPPED = "stopped", "stopped by the user"
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    # The readable text; for a reply with tool calls, its text parts joined.
+    content = models.TextField(blank=True)
+    # A reply with tool calls: [{"type": "text"|"python"|"python_output", "text": ...}, ...].
+    parts = models.JSONField(default=list, blank=True)
+    sampling = models.JSONField(default=dict, blank=True)  # temperature, top_k, max_tokens, seed
+    prompt_tokens = models.IntegerField(null=True, blank=True)
+    completion_tokens = models.IntegerField(null=True, blank=True)
+    time_to_first_token = models.FloatField(null=True, blank=True)  # seconds
+    tokens_per_second = models.FloatField(null=True, blank=True)
+    finish_reason = models.CharField(max_length=16, choices=Finish.choices, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        text = self.content if len(self.content) <= 60 else self.content[:57] + "..."
+        return f"{self.role}: {text}"
+
+    def as_chat(self) -> dict:
+        """The message in the chat format the tokenizer renders (SPEC §3)."""
+        return {"role": self.role, "content": self.parts or self.content}

@@ -1,0 +1,259 @@
+"""The messages between chat front ends and engine workers, and `Reply`, the one way to use them.
+
+A front end (the chat websocket, an HTTP API view) never talks to a model itself. It opens a
+`Reply`, which sends one `engine.generate` message to the engine channel of the channel layer
+with a fresh reply channel of its own. Whichever engine worker takes the message answers there:
+
+    engine.accepted  {worker}         first, naming the worker's own channel (for stop)
+    engine.chunk     {pieces}         new text as it is generated, coalesced; each piece is
+                                      [part, text] with part "text", "python" or "python_output"
+    engine.alive     {}               now and then while nothing else is sent (keepalive)
+    engine.done      {content, parts, finish_reason, counts, timings}   last
+    engine.error     {message}        last, instead of done: nothing was generated
+
+`engine.stop` sent to the worker's channel ends the reply early; the worker then answers with
+engine.done (finish_reason "stopped") carrying the partial text. A fresh channel per reply
+keeps replies apart (a late message of a stopped reply cannot leak into the next one) and lets
+any async caller -- a websocket consumer or an async view streaming server-sent events --
+drive a generation the same way:
+
+    async with Reply(request) as reply:
+        async for event in reply:        # Chunk ..., then one Final; EngineError on failure
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from channels.exceptions import ChannelFull
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+REQUEST = "engine.generate"
+ACCEPTED = "engine.accepted"
+CHUNK = "engine.chunk"
+ALIVE = "engine.alive"
+DONE = "engine.done"
+ERROR = "engine.error"
+STOP = "engine.stop"
+
+
+class ProtocolError(ValueError):
+    """A malformed message on the engine channel."""
+
+
+class EngineError(Exception):
+    """The engine could not produce a reply (no worker, unknown checkpoint, prompt too long)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything a worker needs, with no database access: the checkpoint directory and step
+    (resolved from the Checkpoint row by the front end), the conversation in the chat format
+    of SPEC §3 (ending with the user's message), sampling settings and the reply's seed."""
+
+    checkpoint_path: str
+    step: int
+    messages: list[dict[str, Any]]
+    temperature: float
+    top_k: int  # 0 = off
+    max_tokens: int
+    seed: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def as_message(self, reply_channel: str) -> dict[str, Any]:
+        return {"type": REQUEST, "reply": reply_channel, **asdict(self)}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> tuple[GenerationRequest, str]:
+        """(request, reply channel); ProtocolError names what is wrong."""
+        reply = message.get("reply")
+        if not isinstance(reply, str) or not reply:
+            raise ProtocolError("reply must be a channel name")
+        checks = {
+            "id": lambda v: isinstance(v, str) and bool(v),
+            "checkpoint_path": lambda v: isinstance(v, str) and bool(v),
+            "step": lambda v: _is_int(v) and v >= 0,
+            "messages": lambda v: isinstance(v, list) and bool(v),
+            "temperature": lambda v: _is_number(v) and v >= 0,
+            "top_k": lambda v: _is_int(v) and v >= 0,
+            "max_tokens": lambda v: _is_int(v) and v >= 1,
+            "seed": _is_int,
+        }
+        for name, valid in checks.items():
+            if not valid(message.get(name)):
+                raise ProtocolError(f"{name} is missing or invalid: {message.get(name)!r}")
+        return cls(**{name: message[name] for name in checks}), reply
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New text of a reply: (part, text) pieces in order."""
+
+    pieces: list[tuple[str, str]]
+
+    @property
+    def text(self) -> str:
+        return "".join(text for _, text in self.pieces)
+
+
+@dataclass(frozen=True)
+class Final:
+    """A finished reply and what its generation cost.
+
+    completion_tokens counts every generated token (tool output forced in by the calculator
+    and the closing stop token included); tokens_per_second is the decode speed from the first
+    token to the last; time_to_first_token runs from the moment the worker took the request
+    (model loading and prefill included); batch_rows is the most rows this reply shared a
+    decode step with (itself included) -- 2 or more means continuous batching served it
+    together with other replies.
+    """
+
+    content: str
+    parts: list[dict[str, str]]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None
+    tokens_per_second: float | None
+    batch_rows: int
+
+    def as_message(self, request_id: str) -> dict[str, Any]:
+        return {"type": DONE, "request": request_id, **asdict(self)}
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Final:
+        names = cls.__dataclass_fields__
+        return cls(**{name: message.get(name) for name in names})
+
+    def stats(self) -> dict[str, Any]:
+        """The numbers, without the text."""
+        return {k: v for k, v in asdict(self).items() if k not in ("content", "parts")}
+
+
+def accepted(request_id: str, worker_channel: str) -> dict[str, Any]:
+    return {"type": ACCEPTED, "request": request_id, "worker": worker_channel}
+
+
+def chunk(request_id: str, pieces: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"type": CHUNK, "request": request_id, "pieces": [list(p) for p in pieces]}
+
+
+def alive(request_id: str) -> dict[str, Any]:
+    return {"type": ALIVE, "request": request_id}
+
+
+def error(request_id: str, message: str) -> dict[str, Any]:
+    return {"type": ERROR, "request": request_id, "message": message}
+
+
+def stop(request_id: str) -> dict[str, Any]:
+    return {"type": STOP, "request": request_id}
+
+
+class Reply:
+    """One generation on the engine, seen from the front end.
+
+    Iterating yields `Chunk`s then one `Final`, or raises `EngineError`. `stop()` may be called
+    at any time from another task; leaving the `async with` block before the end stops the
+    generation too (a closed socket, a client that went away).
+    """
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        *,
+        layer=None,
+        engine_channel: str | None = None,
+        accept_timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.request = request
+        self.layer = layer or get_channel_layer()
+        self.engine_channel = engine_channel or settings.CHAT_ENGINE_CHANNEL
+        self.accept_timeout = accept_timeout or settings.CHAT_ENGINE_ACCEPT_TIMEOUT
+        self.idle_timeout = idle_timeout or settings.CHAT_ENGINE_IDLE_TIMEOUT
+        self.channel: str | None = None
+        self.worker: str | None = None  # the worker's own channel, once it took the request
+        self.finished = False
+        self._stop_wanted = False
+        self._stop_sent = False
+
+    async def __aenter__(self) -> Reply:
+        # The default prefix, as every channel of this process: channels_redis reads all of a
+        # process's private channels through one lock, and a reader of another prefix starves.
+        self.channel = await self.layer.new_channel()
+        try:
+            await self.layer.send(self.engine_channel, self.request.as_message(self.channel))
+        except ChannelFull:
+            self.finished = True
+            raise EngineError("the engine is busy (too many requests waiting); try again") from None
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        if not self.finished:
+            await self.stop()
+
+    def __aiter__(self) -> AsyncIterator[Chunk | Final]:
+        return self._events()
+
+    async def stop(self) -> None:
+        """Ask the worker to end the reply; the iteration then ends with a "stopped" Final.
+
+        Before any worker has taken the request the wish is remembered and sent on acceptance.
+        """
+        self._stop_wanted = True
+        if self.worker is None or self._stop_sent or self.finished:
+            return
+        self._stop_sent = True
+        # A worker that cannot be reached now still ends the reply at its max_tokens.
+        with contextlib.suppress(ChannelFull):
+            await self.layer.send(self.worker, stop(self.request.id))
+
+    async def _events(self) -> AsyncIterator[Chunk | Final]:
+        while not self.finished:
+            message = await self._receive()
+            if message.get("request") != self.request.id:
+                continue
+            kind = message.get("type")
+            if kind == ACCEPTED:
+                self.worker = message["worker"]
+                if self._stop_wanted:
+                    await self.stop()
+            elif kind == CHUNK:
+                yield Chunk([(part, text) for part, text in message["pieces"]])
+            elif kind == DONE:
+                self.finished = True
+                yield Final.from_message(message)
+            elif kind == ERROR:
+                self.finished = True
+                raise EngineError(message.get("message") or "the engine failed")
+
+    async def _receive(self) -> dict[str, Any]:
+        waiting_for_worker = self.worker is None
+        timeout = self.accept_timeout if waiting_for_worker else self.idle_timeout
+        try:
+            return await asyncio.wait_for(self.layer.receive(self.channel), timeout)
+        except TimeoutError:
+            self.finished = True
+            if waiting_for_worker:
+                raise EngineError(
+                    f"no engine worker took the request within {timeout:g} s "
+                    f"(are engine workers running?)"
+                ) from None
+            raise EngineError(f"the engine worker went silent for {timeout:g} s") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
