@@ -106,7 +106,16 @@ REDIS_EMBEDDED = not os.environ.get("REDIS_URL")
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [channels_url(REDIS_URL)], "prefix": "nanochat"},
+        "CONFIG": {
+            # channels_redis waits with a 5 s blocking pop and redis-py >= 8 times socket reads
+            # out after 5 s by default, so every idle receive would raise TimeoutError and kill
+            # idle websocket consumers and engine workers (django/channels_redis#422).
+            "hosts": [{"address": channels_url(REDIS_URL), "socket_timeout": 30}],
+            "prefix": "nanochat",
+            # A web process receives every reply it relays on one list; replies stream up to
+            # 50 chunks/s each, so the default cap of 100 messages is a fraction of a second.
+            "capacity": 1000,
+        },
     }
 }
 
@@ -227,15 +236,3 @@ CHAT_ENGINE_STATS_INTERVAL = 1.0  # seconds between a worker's stats/keepalive t
 # anyway); a taken request whose worker goes silent this long fails too.
 CHAT_ENGINE_ACCEPT_TIMEOUT = float(os.environ.get("CHAT_ENGINE_ACCEPT_TIMEOUT", "60"))
 CHAT_ENGINE_IDLE_TIMEOUT = float(os.environ.get("CHAT_ENGINE_IDLE_TIMEOUT", "30"))
-# channels_redis waits for messages with a 5 s blocking pop (BZPOPMIN), and redis-py >= 8 times
-# socket reads out after 5 s by default: every receive that waits that long raises TimeoutError,
-# which kills idle websocket consumers and engine workers (django/channels_redis#422). Give
-# reads room beyond the pop. Site-wide: it belongs with CHANNEL_LAYERS above.
-CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
-    {"address": channels_url(REDIS_URL), "socket_timeout": 30}
-]
-# A web process receives every reply it relays through one Redis list, capped at `capacity`
-# messages (and buffers each channel locally up to the same cap, dropping the oldest beyond).
-# Replies stream up to 50 chunks/s each, so channels_redis' default of 100 is a fraction of a
-# second of stall; the engine worker takes a full channel for a dead front end and stops.
-CHANNEL_LAYERS["default"]["CONFIG"]["capacity"] = 1000

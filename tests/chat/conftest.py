@@ -82,7 +82,7 @@ def tiny_checkpoint_dir(tmp_path_factory) -> Path:
 
 
 class EngineWorkerProcess:
-    def __init__(self, channel: str, log_path: Path, *extra_args: str) -> None:
+    def __init__(self, channel: str, log_path: Path, *extra_args: str, wait: bool = True) -> None:
         self.channel = channel
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
@@ -102,6 +102,10 @@ class EngineWorkerProcess:
             argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         self.wait_until(lambda: self.stats() is not None, 60, "the engine worker to start")
 
     def stats(self) -> dict | None:

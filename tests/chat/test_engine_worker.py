@@ -117,10 +117,16 @@ def test_workers_share_the_channel_and_a_full_one_leaves_requests_to_the_other(
 ):
     channel = f"engine-pair-{uuid.uuid4().hex[:8]}"
     workers = [
-        EngineWorkerProcess(channel, tmp_path / f"worker{i}.log", "--max-rows", "1")
+        EngineWorkerProcess(channel, tmp_path / f"worker{i}.log", "--max-rows", "1", wait=False)
         for i in range(2)
     ]
     try:
+        for worker in workers:
+            worker.wait_until(
+                lambda w=worker: any(s["pid"] == w.proc.pid for s in read_stats(channel)),
+                60,
+                "the engine worker to start",
+            )
 
         async def body():
             replies = [
