@@ -1,4 +1,4 @@
-"""Health of the moving parts: database, Redis, the channel layer and the Celery workers.
+"""Health of the moving parts: database, Redis, the channel layer, Celery and engine workers.
 
 Plain functions so that the health endpoint, the home page and `manage.py up` report the
 same facts in the same words.
@@ -65,10 +65,30 @@ def celery_workers(timeout: float = 1.0) -> dict:
     return _timed(run)
 
 
+def engine_workers() -> dict:
+    """The chat engine workers alive now (each refreshes its stats key in Redis every second)."""
+    from chat.stats import read_stats, summary
+
+    def run():
+        workers = read_stats()
+        listed = [
+            {
+                "name": f"{w['host']}:{w['pid']} ({w['device']})",
+                "detail": f"{len(w['models'])} model(s) loaded, {w['active_rows']}/"
+                f"{w['capacity']} rows busy, {w['queued']} waiting",
+            }
+            for w in workers
+        ]
+        return {**summary(workers), "workers": listed}
+
+    return _timed(run)
+
+
 def report(worker_timeout: float = 1.0) -> dict:
     checks = {
         "database": check_database(),
         "channel_layer": check_channel_layer(),
         "celery": celery_workers(worker_timeout),
+        "engine": engine_workers(),
     }
     return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}

@@ -119,19 +119,23 @@ def test_celery_task_runs_in_a_worker_of_the_site(site, queue):
     assert answer["pid"] != os.getpid()
 
 
-def test_health_reports_database_layer_and_both_workers(site):
+def test_health_reports_database_layer_workers_and_engine(site):
     session = logged_in(site)
     deadline = time.monotonic() + 60
     while True:
         report = session.get(f"{site.url}health/", timeout=30).json()
         names = {w["name"].split("@")[0] for w in report["checks"]["celery"].get("workers", [])}
-        if {"training", "default"} <= names or time.monotonic() > deadline:
+        engines = report["checks"]["engine"].get("workers", [])
+        if ({"training", "default"} <= names and engines) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert report["ok"] is True, report
     assert report["checks"]["database"]["ok"]
     assert report["checks"]["channel_layer"]["ok"]
     assert {"training", "default"} <= names, report
+    engine_pid = site.child_pid("engine")
+    assert len(engines) == 1 and f":{engine_pid} " in engines[0]["name"], report
+    assert report["checks"]["engine"]["capacity"] > 0
 
 
 @pytest.fixture
