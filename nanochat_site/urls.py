@@ -17,5 +17,6 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/", include("runs.api.urls")),
     path("runs/", include("runs.urls")),
+    path("chat/", include("chat.page_urls")),
     path("chat/", include("chat.urls")),
 ]

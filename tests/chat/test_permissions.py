@@ -19,7 +19,10 @@ def test_anonymous_users_are_refused(redis_url):
 
         socket = WebsocketCommunicator(URLRouter(websocket_urlpatterns), "/ws/chat/")
         socket.scope["user"] = AnonymousUser()
-        return await socket.connect()
+        result = await socket.connect(timeout=10)
+        # Let the refused consumer finish (or cancel it) before the loop closes.
+        await socket.disconnect(timeout=5)
+        return result
 
     connected, code = run(body)
     assert not connected and code == 4401

@@ -90,8 +90,9 @@ def _listen(user, path, run):
     async def go():
         communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), path)
         communicator.scope["user"] = user
-        connected, code = await communicator.connect()
+        connected, code = await communicator.connect(timeout=10)
         if not connected:
+            await communicator.disconnect(timeout=5)
             return connected, code, None
         await communicator.send_json_to({"type": "ping"})
         assert (await communicator.receive_json_from(timeout=10))["type"] == "pong"

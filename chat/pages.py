@@ -1,0 +1,148 @@
+"""The chat page, and the two small JSON reads its script needs.
+
+The page holds no chat logic. It lists the user's conversations, offers the checkpoints to
+chat with, and hands the browser the opened conversation, the checkpoints and the limits as
+JSON (`json_script`); everything after that travels over the /ws/chat/ socket
+(chat/consumers.py), driven by static/js/chat.js. The JSON reads let the script refresh the
+conversation list once a first message has created a conversation, and re-read a
+conversation after the socket dropped mid-reply (the server saved what was generated).
+
+Another user's conversation is a 404, exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import wraps
+from pathlib import PurePath
+
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, JsonResponse
+from django.shortcuts import render
+from django.urls import reverse
+from django.views.decorators.http import require_GET
+
+from chat import services
+from chat.models import Conversation, Message
+from runs.models import Checkpoint
+
+# The sidebar shows this many of the most recently used conversations.
+CONVERSATIONS_SHOWN = 200
+
+
+@login_required
+@require_GET
+def chat_page(request, conversation_id: int | None = None):
+    conversation = None
+    if conversation_id is not None:
+        conversation = _own_conversation(request.user, conversation_id)
+    checkpoints = list(services.checkpoints_for_picker())
+    options = [checkpoint_option(c) for c in checkpoints]
+    ids = {option["id"] for option in options}
+    selected = conversation.checkpoint_id if conversation else None
+    if selected not in ids:
+        selected = options[0]["id"] if options else None
+    state = {
+        "conversation": conversation_data(conversation) if conversation else None,
+        "checkpoints": options,
+        "checkpoint": selected,
+        "limits": asdict(services.chat_limits()),
+        "urls": {
+            "page": reverse("chat-page"),
+            "conversations": reverse("chat-conversations-json"),
+            "socket": "/ws/chat/",
+        },
+    }
+    context = {
+        "conversation": conversation,
+        "conversations": conversation_list(request.user),
+        "checkpoints": options,
+        "selected_checkpoint": selected,
+        "limits": services.chat_limits(),
+        "state": state,
+    }
+    return render(request, "chat/chat.html", context)
+
+
+def _json_login_required(view):
+    """Like login_required, but a script gets a 403 it can read instead of a login page."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return JsonResponse({"detail": "log in first"}, status=403)
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+@_json_login_required
+@require_GET
+def conversations_json(request):
+    return JsonResponse({"conversations": conversation_list(request.user)})
+
+
+@_json_login_required
+@require_GET
+def conversation_json(request, conversation_id: int):
+    try:
+        conversation = _own_conversation(request.user, conversation_id)
+    except Http404:
+        return JsonResponse({"detail": "no such conversation"}, status=404)
+    return JsonResponse(conversation_data(conversation))
+
+
+# ---- what the page and the script are given -----------------------------------------------
+
+
+def conversation_list(user) -> list[dict]:
+    """The user's conversations, most recently used first (Conversation's default order)."""
+    rows = services.conversations_of(user)[:CONVERSATIONS_SHOWN]
+    return [
+        {
+            "id": c.pk,
+            "title": str(c),
+            "updated": c.updated.isoformat(),
+            "url": reverse("chat-conversation", args=[c.pk]),
+        }
+        for c in rows
+    ]
+
+
+def conversation_data(conversation: Conversation) -> dict:
+    return {
+        "id": conversation.pk,
+        "title": str(conversation),
+        "checkpoint": conversation.checkpoint_id,
+        "url": reverse("chat-conversation", args=[conversation.pk]),
+        "messages": [message_data(m) for m in conversation.messages.all()],
+    }
+
+
+def message_data(message: Message) -> dict:
+    return {
+        "id": message.pk,
+        "role": message.role,
+        "content": message.content,
+        "parts": message.parts,
+        "finish_reason": message.finish_reason,
+        "prompt_tokens": message.prompt_tokens,
+        "completion_tokens": message.completion_tokens,
+        "time_to_first_token": message.time_to_first_token,
+        "tokens_per_second": message.tokens_per_second,
+    }
+
+
+def checkpoint_option(checkpoint: Checkpoint) -> dict:
+    """A picker entry: "SFT d20 · step 650 · run 3" (the tag is the checkpoint folder's name)."""
+    label = f"{checkpoint.stage.upper()} {PurePath(checkpoint.path).name} · step {checkpoint.step}"
+    if checkpoint.run_id:
+        label += f" · run {checkpoint.run_id}"
+    return {"id": checkpoint.pk, "label": label, "stage": checkpoint.stage}
+
+
+def _own_conversation(user, conversation_id: int) -> Conversation:
+    conversation = services.conversations_of(user).filter(pk=conversation_id).first()
+    if conversation is None:
+        raise Http404("no such conversation")
+    return conversation

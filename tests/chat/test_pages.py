@@ -1,0 +1,180 @@
+"""The chat page and its JSON reads: login, ownership, the picker and what the page carries."""
+
+import json
+import re
+
+import pytest
+from django.urls import reverse
+
+from chat.models import Conversation, Message
+from runs.models import Checkpoint
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def models():
+    """A base, an SFT and an RL checkpoint, created in that order (the base one is newest
+    by id but must come last in the picker)."""
+    sft = Checkpoint.objects.create(stage="sft", step=650, path="/ckpt/sft_checkpoints/d20")
+    rl = Checkpoint.objects.create(stage="rl", step=40, path="/ckpt/rl_checkpoints/d20")
+    base = Checkpoint.objects.create(stage="base", step=9000, path="/ckpt/base_checkpoints/d20")
+    return {"sft": sft, "rl": rl, "base": base}
+
+
+def talk(owner, title, checkpoint=None, messages=()):
+    conversation = Conversation.objects.create(owner=owner, title=title, checkpoint=checkpoint)
+    for role, content in messages:
+        conversation.messages.create(role=role, content=content)
+    return conversation
+
+
+def page_state(response) -> dict:
+    return state_in(response.content.decode())
+
+
+def state_in(html: str) -> dict:
+    """The JSON the page hands its script (json_script escapes it inside the HTML)."""
+    match = re.search(r'<script id="chat-state" type="application/json">(.*?)</script>', html)
+    assert match, "the page carries no chat-state"
+    return json.loads(match.group(1))
+
+
+def test_the_chat_page_requires_login(client, alice):
+    conversation = talk(alice, "mine")
+    for url in (reverse("chat-page"), reverse("chat-conversation", args=[conversation.pk])):
+        response = client.get(url)
+        assert response.status_code == 302
+        assert response["Location"].startswith(reverse("login"))
+
+
+def test_the_json_reads_refuse_anonymous_users(client, alice):
+    conversation = talk(alice, "mine")
+    urls = (
+        reverse("chat-conversations-json"),
+        reverse("chat-conversation-json", args=[conversation.pk]),
+    )
+    for url in urls:
+        response = client.get(url)
+        assert response.status_code == 403
+        assert "conversations" not in response.json() and "messages" not in response.json()
+
+
+def test_lists_only_own_conversations_most_recently_used_first(client, alice, bob):
+    older = talk(alice, "Older talk")
+    newer = talk(alice, "Newer talk")
+    talk(bob, "Bob's secret plans")
+    older.save()  # touched last: the most recently used
+    client.force_login(alice)
+
+    html = client.get(reverse("chat-page")).content.decode()
+    assert "Bob&#x27;s secret plans" not in html and "Bob's secret plans" not in html
+    assert html.index("Older talk") < html.index("Newer talk")
+
+    listed = client.get(reverse("chat-conversations-json")).json()["conversations"]
+    assert [c["id"] for c in listed] == [older.pk, newer.pk]
+    assert listed[0]["url"] == reverse("chat-conversation", args=[older.pk])
+
+
+def test_another_users_conversation_is_a_404(client, alice, bob):
+    theirs = talk(bob, "Bob's", messages=[("user", "bob's private question")])
+    client.force_login(alice)
+    page = client.get(reverse("chat-conversation", args=[theirs.pk]))
+    assert page.status_code == 404
+    assert b"private question" not in page.content
+    data = client.get(reverse("chat-conversation-json", args=[theirs.pk]))
+    assert data.status_code == 404 and data.json() == {"detail": "no such conversation"}
+    assert client.get(reverse("chat-conversation", args=[999999])).status_code == 404
+
+
+def test_picker_lists_chat_models_first(client, alice, models):
+    client.force_login(alice)
+    response = client.get(reverse("chat-page"))
+    html = response.content.decode()
+    options = re.findall(r'<option value="(\d+)"( selected)?>([^<]*)</option>', html)
+    assert [int(value) for value, _, _ in options] == [
+        models["rl"].pk,
+        models["sft"].pk,
+        models["base"].pk,
+    ]
+    assert options[0][1] == " selected"  # a new conversation starts on the best model
+    assert options[1][2] == "SFT d20 · step 650"
+    state = page_state(response)
+    assert [c["id"] for c in state["checkpoints"]] == [int(v) for v, _, _ in options]
+    assert state["checkpoint"] == models["rl"].pk and state["conversation"] is None
+
+
+def test_an_opened_conversation_brings_its_messages_and_model(client, alice, models):
+    conversation = talk(alice, "Arithmetic", checkpoint=models["sft"])
+    conversation.messages.create(role="user", content="What is 12*34?")
+    reply = conversation.messages.create(
+        role="assistant",
+        content="It is 408.",
+        parts=[
+            {"type": "python", "text": "12*34"},
+            {"type": "python_output", "text": "408"},
+            {"type": "text", "text": "It is 408."},
+        ],
+        completion_tokens=12,
+        tokens_per_second=88.5,
+        time_to_first_token=0.05,
+        finish_reason=Message.Finish.STOP,
+    )
+    client.force_login(alice)
+    response = client.get(reverse("chat-conversation", args=[conversation.pk]))
+    assert response.status_code == 200
+    assert b"<title>Arithmetic" in response.content
+
+    state = page_state(response)
+    assert state["checkpoint"] == models["sft"].pk  # the conversation's model stays selected
+    opened = state["conversation"]
+    assert opened["id"] == conversation.pk
+    assert [(m["role"], m["content"]) for m in opened["messages"]] == [
+        ("user", "What is 12*34?"),
+        ("assistant", "It is 408."),
+    ]
+    last = opened["messages"][-1]
+    assert last["id"] == reply.pk and last["parts"][0] == {"type": "python", "text": "12*34"}
+    assert (last["completion_tokens"], last["tokens_per_second"]) == (12, 88.5)
+
+    data = client.get(reverse("chat-conversation-json", args=[conversation.pk])).json()
+    assert data["messages"] == opened["messages"]
+
+
+def test_the_page_has_its_controls_and_limits(client, alice, models, settings):
+    settings.CHAT_LIMITS = {**settings.CHAT_LIMITS, "default_temperature": 0.6}
+    client.force_login(alice)
+    response = client.get(reverse("chat-page"))
+    html = response.content.decode()
+    for needle in ('id="prompt"', 'id="send"', 'id="stop"', 'id="new-chat"', 'id="thread"'):
+        assert needle in html, needle
+    assert re.search(r'id="temperature"[^>]*value="0.6"', html)
+    assert re.search(r'id="top_k"[^>]*max="200"[^>]*value="50"', html)
+    assert re.search(r'id="max_tokens"[^>]*max="4096"[^>]*value="512"', html)
+    assert 'type="module" src="/static/js/chat.js"' in html
+    assert "cdn" not in html.lower() and "unpkg" not in html
+    assert page_state(response)["limits"]["default_temperature"] == 0.6
+    assert f'href="{reverse("chat-page")}">Chat</a>' in html  # the topbar link
+
+
+def test_without_checkpoints_the_composer_is_off_and_says_why(client, alice):
+    client.force_login(alice)
+    html = client.get(reverse("chat-page")).content.decode()
+    assert "No checkpoint to chat with yet" in html
+    assert re.search(r'<textarea id="prompt"[^>]*disabled', html)
+    assert re.search(r'<button type="submit" id="send" disabled', html)
+
+
+def test_markup_in_a_message_cannot_break_out_of_the_page_data(client, alice):
+    hostile = "</script><script>window.__pwned = 1</script>"
+    conversation = talk(alice, hostile, messages=[("user", hostile)])
+    client.force_login(alice)
+    html = client.get(reverse("chat-conversation", args=[conversation.pk])).content.decode()
+    assert "<script>window.__pwned" not in html
+    assert state_in(html)["conversation"]["messages"][0]["content"] == hostile
+
+
+def test_only_get_is_allowed(client, alice):
+    client.force_login(alice)
+    assert client.post(reverse("chat-page")).status_code == 405
+    assert client.post(reverse("chat-conversations-json")).status_code == 405
