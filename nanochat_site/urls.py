@@ -19,4 +19,5 @@ urlpatterns = [
     path("runs/", include("runs.urls")),
     path("chat/", include("chat.page_urls")),
     path("chat/", include("chat.urls")),
+    path("v1/", include("chat.openai_urls")),
 ]
