@@ -35,6 +35,9 @@ from engine.engine import Batch, FinishReason, Row, SamplingParams
 
 log = logging.getLogger("chat.engine")
 
+# All replies of one model together get at most about this many chunk messages a second.
+MAX_CHUNKS_PER_SECOND = 100
+
 _FINISH = {
     FinishReason.STOP: "stop",
     FinishReason.LENGTH: "length",
@@ -229,8 +232,11 @@ class ModelLoop:
             self._owner.emit(gen, error_message(gen.request.id, message))
             self._owner.finished(gen, None)
         now = time.monotonic()
+        # The worker's messages per second stay bounded however many rows decode together:
+        # each one costs CPU in this process, in Redis and in the web process.
+        interval = max(self._chunk_interval, len(self._active) / MAX_CHUNKS_PER_SECOND)
         for gen in self._active:
-            due = gen.chunks_sent == 0 or now - gen.last_chunk_at >= self._chunk_interval
+            due = gen.chunks_sent == 0 or now - gen.last_chunk_at >= interval
             if gen.pending and due:
                 self._send_pending(gen, now)
         for gen, reason in turn.finished:
@@ -272,6 +278,25 @@ class ModelLoop:
         self._batch = Batch(self._model, self._tokenizer, max_rows=self._max_rows)
 
     def _advance(self, joins: list[Generation], cancels: list[Generation]) -> _Turn:
+        """One turn: the cancels and joins, then decode steps -- more than one while nothing
+        waits for the event loop (no request queued, no stop asked, every reply past its first
+        chunk) and less than a chunk interval has passed, so the thread hand-off and the GIL
+        hand-over to the event loop are paid per chunk, not per token."""
+        turn = self._step(joins, cancels)
+        started = time.monotonic()
+        while (
+            self._batch.rows
+            and not self._queue
+            and time.monotonic() - started < self._chunk_interval
+            and all(not gen.stop_requested and gen.chunks_sent for gen in self._active)
+        ):
+            more = self._step([], [])
+            turn.rejected += more.rejected
+            turn.finished += more.finished
+            turn.tokens += more.tokens
+        return turn
+
+    def _step(self, joins: list[Generation], cancels: list[Generation]) -> _Turn:
         turn = _Turn()
         batch = self._batch
         for gen in cancels:
