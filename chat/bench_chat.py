@@ -34,15 +34,15 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from nanochat_site.proctree import GaveUpWaiting, LoggedProcess
 
 REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(rb"Listening on TCP address 127\.0\.0\.1:(\d+)")
@@ -151,38 +151,22 @@ def signed_in_user() -> str:
 # ---- the processes ----------------------------------------------------------------------------
 
 
-class Service:
+class Service(LoggedProcess):
     """A server process of the site, in a process group of its own, logging to a file."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path, **env: str) -> None:
         self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        super().__init__(argv, log_dir / f"{name}.log", env=env, cwd=REPO)
 
     def wait_for(self, predicate, what: str, timeout: float = 120):
-        deadline = time.monotonic() + timeout
-        while not (value := predicate()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = self.log_path.read_text(errors="replace")[-4000:]
-                raise SystemExit(f"{self.name}: gave up waiting for {what}\n{log}")
-            time.sleep(0.05)
-        return value
+        try:
+            return super().wait_for(predicate, what, timeout)
+        except GaveUpWaiting as exc:
+            raise SystemExit(f"{self.name}: {exc}") from None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
+        super().stop(grace=20)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import psutil
 
@@ -55,3 +59,59 @@ class TreeWatcher:
         for proc in self.refresh():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 proc.send_signal(sig)
+
+
+class GaveUpWaiting(RuntimeError):
+    """A LoggedProcess died or did not reach the awaited state in time (message has its log)."""
+
+
+class LoggedProcess:
+    """A server-like child (web, worker, Redis) in a session of its own, output to a log file.
+
+    Benchmarks and tests start the product's processes this way: the child's whole process
+    group can be stopped at once, and when it fails to come up the error shows its last lines.
+    """
+
+    def __init__(self, argv, log_path, env=None, cwd=None, append: bool = False) -> None:
+        self.argv = list(argv)
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "ab" if append else "wb")  # noqa: SIM115 - see stop()
+        self.proc = subprocess.Popen(
+            self.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def wait_for(self, predicate, what: str, timeout: float = 60, interval: float = 0.05):
+        """Poll `predicate` until it returns something true; returns that value."""
+        deadline = time.monotonic() + timeout
+        while not (value := predicate()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                state = "exited" if self.proc.poll() is not None else f"{timeout:.0f} s passed"
+                raise GaveUpWaiting(f"gave up waiting for {what} ({state})\n{self.log()}")
+            time.sleep(interval)
+        return value
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group (the child and whatever it forked)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, grace: float = 15.0) -> int | None:
+        """SIGTERM to the group, SIGKILL after `grace` seconds; closes the log."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        return self.proc.returncode

@@ -7,12 +7,8 @@ channel of its own so that nothing else sharing the Redis server can take its re
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -28,6 +24,7 @@ from chat.stats import read_stats
 from engine.checkpoint import save_checkpoint, tokenizer_dir
 from engine.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
+from nanochat_site.proctree import LoggedProcess
 from nanochat_site.routing import websocket_urlpatterns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,10 +78,9 @@ def tiny_checkpoint_dir(tmp_path_factory) -> Path:
     return directory
 
 
-class EngineWorkerProcess:
+class EngineWorkerProcess(LoggedProcess):
     def __init__(self, channel: str, log_path: Path, *extra_args: str, wait: bool = True) -> None:
         self.channel = channel
-        self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
         env.update(
             DJANGO_SETTINGS_MODULE="nanochat_site.settings",
@@ -97,11 +93,7 @@ class EngineWorkerProcess:
             sys.executable, "manage.py", "engine_worker", "--channel", channel,
             "--device", "cpu", "--max-rows", "4", "--max-models", "1", *extra_args,
         ]  # fmt: skip
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        super().__init__(argv, log_path, env=env, cwd=REPO)
         if wait:
             self.wait_ready()
 
@@ -113,27 +105,10 @@ class EngineWorkerProcess:
         return workers[0] if workers else None
 
     def wait_until(self, predicate, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while not (value := predicate()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n{self.log()}")
-            time.sleep(0.05)
-        return value
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+        return self.wait_for(predicate, what, timeout)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
-        return self.proc.returncode
+        return super().stop(grace=20)
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,7 @@ never reaches the engine (session auth, CSRF, malformed bodies) is checked in-pr
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -22,6 +18,7 @@ import pytest
 from django.test import Client
 from rest_framework.authtoken.models import Token
 
+from nanochat_site.proctree import LoggedProcess
 from tests.runs.live_workers import worker_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,38 +27,15 @@ REPO = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(rb"Listening on TCP address 127\.0\.0\.1:(\d+)")
 
 
-class DaphneServer:
+class DaphneServer(LoggedProcess):
     """`daphne nanochat_site.asgi:application` on a free port, as a process group of its own."""
 
     def __init__(self, log_path: Path, **env: str) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", "0",
                 "nanochat_site.asgi:application"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=worker_env(**env), stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not (match := LISTENING.search(log_path.read_bytes())):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"daphne did not start:\n{self.log()}")
-            time.sleep(0.05)
+        super().__init__(argv, log_path, env=worker_env(**env), cwd=REPO)
+        match = self.wait_for(lambda: LISTENING.search(log_path.read_bytes()), "daphne", 60)
         self.url = f"http://127.0.0.1:{int(match[1])}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ as a worker on another machine would be configured.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -20,7 +17,7 @@ import psutil
 from django.conf import settings
 from django.db import connection
 
-from nanochat_site.proctree import process_tree
+from nanochat_site.proctree import LoggedProcess, process_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,12 +47,11 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class LiveWorker:
+class LiveWorker(LoggedProcess):
     """`celery worker` (optionally with beat) as a process group of its own."""
 
     def __init__(self, queues: str, log_dir: Path, beat: bool = False, **env: str):
         self.name = f"test-{queues.replace(',', '-')}-{uuid.uuid4().hex[:6]}@%h"
-        self.log_path = log_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
         argv = [
             sys.executable, "-m", "celery", "-A", "nanochat_site", "worker", "-Q", queues,
             "-c", "1", "-n", self.name, "--without-mingle", "--without-gossip",
@@ -63,38 +59,9 @@ class LiveWorker:
         ]  # fmt: skip
         if beat:
             argv += ["-B", "--schedule", str(log_dir / f"beat-{uuid.uuid4().hex[:6]}")]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=worker_env(**env), stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while b" ready." not in self.log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"celery worker did not start:\n{self.log()}")
-            time.sleep(0.2)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def kill(self) -> None:
-        """SIGKILL to the whole worker: the main process and its pool children."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
+        log_path = log_dir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        super().__init__(argv, log_path, env=worker_env(**env), cwd=REPO)
+        self.wait_for(lambda: b" ready." in self.log_path.read_bytes(), "celery worker", 60)
 
 
 def run_processes(pid: int) -> list[psutil.Process]:
