@@ -26,14 +26,24 @@ from engine import checkpoint as ckpt
 from engine.gpt import GPT, GPTConfig
 from engine.paths import data_home
 from engine.tokenizer import Tokenizer
+from training.checkpoints import save_tokenizer_copy
 from training.dataloader import pretrain_batches
 from training.events import EventWriter
-from training.flags import Flag, FlagSet, format_config
-from training.loop import LoopState, StepReporter, due, format_duration, save_training_checkpoint
+from training.flags import Flag, FlagSet, format_config, output_flags
+from training.loop import (
+    LoopState,
+    StepReporter,
+    due,
+    format_duration,
+    resource_lines,
+    save_training_checkpoint,
+    timing_summary,
+)
 from training.loss_eval import evaluate_bpb
-from training.optim import build_optimizer, set_schedule
-from training.program import cancel_on_sigterm, run_program
-from training.runtime import DTYPES, Runtime, init_runtime, shutdown
+from training.optim import build_optimizer, lr_flags, set_schedule
+from training.program import cancel_on_sigterm, program_main
+from training.report import write_section
+from training.runtime import Runtime, runtime_flags
 from training.scaling import (
     Horizon,
     lr_multiplier,
@@ -64,10 +74,7 @@ FLAGS = FlagSet(
         Flag("device_batch_size", int, 32, "sequences per forward pass per process", min=1),
         Flag("total_batch_size", int, -1, "tokens per optimizer step (-1: auto from data size)"),
         # optimization
-        Flag("embedding_lr", float, 0.3, "AdamW LR of the token and value embeddings", min=0),
-        Flag("unembedding_lr", float, 0.004, "AdamW LR of the lm_head", min=0),
-        Flag("matrix_lr", float, 0.02, "Muon LR of the transformer matrices", min=0),
-        Flag("scalar_lr", float, 0.5, "AdamW LR of the per-layer scalars", min=0),
+        *lr_flags(),
         Flag(
             "weight_decay", float, 0.2, "Muon cautious weight decay at d12 (scaled by depth)", min=0
         ),  # fmt: skip
@@ -83,16 +90,7 @@ FLAGS = FlagSet(
         Flag("resume_from_step", int, -1, "continue from this saved step (-1: start fresh)"),
         Flag("log_every", int, 1, "print a log line every N steps", min=1),
         # runtime
-        Flag("device", str, "auto", "auto, cpu, cuda, mps"),
-        Flag(
-            "dtype",
-            str,
-            "auto",
-            "matmul precision; auto = bf16 on CUDA SM80+, fp32 elsewhere",
-            choices=DTYPES,
-        ),  # fmt: skip
-        Flag("compile", bool, False, "torch.compile the model (CUDA: faster after warm-up)"),
-        Flag("seed", int, 42, "random seed for the initial weights"),
+        *runtime_flags("random seed for the initial weights", compile=True),
         Flag("model_tag", str, "", "checkpoint subfolder name (default d<depth>)"),
         # paths
         Flag("data_dir", str, "", "parquet shards (default <NANOCHAT_HOME>/base_data)", path=True),
@@ -104,7 +102,7 @@ FLAGS = FlagSet(
             "where checkpoints go (default <NANOCHAT_HOME>/base_checkpoints/<model_tag>)",
             path=True,
         ),  # fmt: skip
-        Flag("run_dir", str, "", "write events.jsonl here for the web app", path=True),
+        *output_flags(),
     ],
 )
 
@@ -232,12 +230,7 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         raise ValueError(f"resume_from_step: step {state.step} is past the horizon ({total})")
 
     if runtime.master:
-        tokenizer_copy = ckpt.tokenizer_dir(paths["checkpoint_dir"])
-        if not tokenizer_copy.exists():
-            # Checkpoints carry their tokenizer so a chat worker needs only the directory.
-            tmp = tokenizer_copy.with_name(f".tokenizer.tmp{time.time_ns()}")
-            tokenizer.save(tmp)
-            tmp.rename(tokenizer_copy)
+        save_tokenizer_copy(tokenizer, paths["checkpoint_dir"])
 
     derived = {
         "model_config": model_config.to_dict(),
@@ -333,23 +326,18 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         "val_bpb": val_bpb,
         "min_val_bpb": state.min_val_bpb,
         "steps": total,
-        "training_time_sec": state.training_time,
-        "wall_time_sec": time.time() - started,
-        "tok_per_sec": (
-            horizon.total_batch_size * state.timed_steps / state.training_time
-            if state.training_time
-            else None
-        ),  # fmt: skip
+        **timing_summary(state, horizon.total_batch_size, started, runtime),
     }
-    if runtime.device.type == "cuda":
-        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     runtime.print(
         f"done: {total} steps in {format_duration(summary['wall_time_sec'])}, "
         f"min val bpb {state.min_val_bpb:.4f}"
         if state.min_val_bpb is not None
         else f"done: {total} steps"
     )
-    events.report("Base model training", report_markdown(config, derived, summary))
+    markdown = report_markdown(config, derived, summary)
+    events.report("Base model training", markdown)
+    if runtime.master:
+        write_section(config["report_dir"], "base_train", markdown)
     return summary
 
 
@@ -370,22 +358,13 @@ def report_markdown(config: dict, derived: dict, summary: dict) -> str:
     ]
     if summary.get("min_val_bpb") is not None:
         lines.append(f"- minimum validation bpb: {summary['min_val_bpb']:.4f}")
-    if summary.get("tok_per_sec"):
-        lines.append(f"- throughput: {summary['tok_per_sec']:,.0f} tok/s")
-    if summary.get("peak_memory_mib"):
-        lines.append(f"- peak memory: {summary['peak_memory_mib']:,.0f} MiB")
+    lines += resource_lines(summary)
     lines.append(f"- total training time: {format_duration(summary['training_time_sec'])}")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = FLAGS.parse(argv)
-    runtime = init_runtime(config["device"], config["dtype"], config["seed"])
-    try:
-        with EventWriter(config["run_dir"] or None, runtime.rank) as events:
-            return run_program(events, lambda: train(config, runtime, events))
-    finally:
-        shutdown(runtime)
+    return program_main(FLAGS, train, argv)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from engine.paths import data_home
 from training.events import EventWriter
 from training.flags import ConfigError, Flag, FlagSet
 from training.program import USER_ERRORS, cancel_on_sigterm, run_program
+from training.report import write_section
 
 TEXT_COLUMN = "text"
 ROW_GROUP_SIZE = 1024
@@ -729,6 +730,9 @@ def import_files(
 
 _OUT = Flag("out", str, None, "output directory (default: <data home>/base_data)", path=True)
 _RUN_DIR = Flag("run_dir", str, None, "write events.jsonl here", path=True)
+_REPORT_DIR = Flag(
+    "report_dir", str, "", "append this stage's section to a report in this directory", path=True
+)
 _OVERWRITE = Flag("overwrite", bool, False, "replace parquet files already in --out")
 _SEED = Flag("seed", int, DEFAULT_SEED, "shuffle seed")
 
@@ -742,6 +746,7 @@ COMMANDS: dict[str, FlagSet] = {
             _SEED,
             _OVERWRITE,
             _RUN_DIR,
+            _REPORT_DIR,
         ],
         "Build the offline corpus from the Python standard library's documentation.",
     ),
@@ -756,6 +761,7 @@ COMMANDS: dict[str, FlagSet] = {
             Flag("attempts", int, 5, "tries per shard", min=1),
             Flag("backoff", float, 2.0, "seconds before the first retry (doubles)", min=0),
             _RUN_DIR,
+            _REPORT_DIR,
         ],
         "Download the public pretraining shards (FineWeb-edu shuffle by default).",
     ),
@@ -769,10 +775,13 @@ COMMANDS: dict[str, FlagSet] = {
             _SEED,
             _OVERWRITE,
             _RUN_DIR,
+            _REPORT_DIR,
         ],
         "Import .txt / .jsonl / .parquet files (and directories of them) into shards.",
     ),
-    "stats": FlagSet("dataset_stats", [_RUN_DIR], "Count documents, characters and bytes."),
+    "stats": FlagSet(
+        "dataset_stats", [_RUN_DIR, _REPORT_DIR], "Count documents, characters and bytes."
+    ),
 }
 # Positional arguments (not settings a preset could hold): name, nargs, help.
 _POSITIONALS = {
@@ -871,7 +880,9 @@ def _run(command: str, config: dict[str, Any], positional: Any, events: EventWri
         f"{stats.characters:,} characters, {stats.bytes_on_disk / 1e6:.1f} MB on disk"
     )
     events.emit("dataset", path=str(out), source=source, **stats.to_dict())
-    events.report("Dataset", stats_markdown(out, stats, source))
+    markdown = stats_markdown(out, stats, source)
+    events.report("Dataset", markdown)
+    write_section(config["report_dir"], "dataset", markdown)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,9 @@ Types and their fields:
   end          status ("succeeded" | "failed" | "cancelled"), error
   dataset      path, source, shards, documents, characters, bytes_on_disk, val_* (dataset built)
   tokenizer    path, vocab_size, documents, characters, seconds (tokenizer trained)
+  stage        index, name, kind, run_dir, inputs, outputs, status ("started" | "succeeded" |
+               "failed" | "skipped" | "cancelled"), error, seconds (training.pipeline: one
+               stage's program starts or ends; its own events are in <run_dir>/events.jsonl)
 
 The same module reads the file (`read_events`), so both sides share one definition.
 """
@@ -43,6 +46,7 @@ KNOWN_TYPES = (
     "end",
     "dataset",
     "tokenizer",
+    "stage",
 )
 
 

@@ -6,6 +6,10 @@ keys are flag names), and `validate()`, which the web app calls on a submitted c
 a bad value is refused with the field's name before any worker sees it.
 
 Precedence: flag defaults < preset file < flags given on the command line.
+
+Flags that several programs declare alike are declared once, beside what reads them:
+`output_flags` here (the web app's event log and the report), `training.runtime.runtime_flags`
+(device, precision, seed) and `training.optim.lr_flags` (the optimizer's learning rates).
 """
 
 from __future__ import annotations
@@ -219,3 +223,16 @@ def format_config(config: Mapping[str, Any]) -> str:
     """The effective config, one `name = value` per line, for logs."""
     width = max((len(k) for k in config), default=0)
     return "\n".join(f"{k:<{width}} = {v!r}" for k, v in config.items())
+
+
+REPORT_DIR = Flag(
+    "report_dir", str, "", "append this stage's section to a report in this directory", path=True
+)
+
+
+def output_flags() -> list[Flag]:
+    """`run_dir` and `report_dir`: where a program's events and its report section go."""
+    return [
+        Flag("run_dir", str, "", "write events.jsonl here for the web app", path=True),
+        REPORT_DIR,
+    ]

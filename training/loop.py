@@ -120,6 +120,37 @@ class StepReporter:
         return " | ".join(parts)
 
 
+def timing_summary(
+    state: LoopState, tokens_per_step: int, started: float, runtime: Runtime
+) -> dict[str, Any]:
+    """The end-of-run timing numbers of a training program's summary.
+
+    Throughput counts only the timed steps (None if none was timed); peak memory is CUDA's.
+    """
+    summary: dict[str, Any] = {
+        "training_time_sec": state.training_time,
+        "wall_time_sec": time.time() - started,
+        "tok_per_sec": (
+            tokens_per_step * state.timed_steps / state.training_time
+            if state.training_time
+            else None
+        ),
+    }
+    if runtime.device.type == "cuda":
+        summary["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return summary
+
+
+def resource_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Report lines for the throughput and peak memory of `timing_summary`, where known."""
+    lines = []
+    if summary.get("tok_per_sec"):
+        lines.append(f"- throughput: {summary['tok_per_sec']:,.0f} tok/s")
+    if summary.get("peak_memory_mib"):
+        lines.append(f"- peak memory: {summary['peak_memory_mib']:,.0f} MiB")
+    return lines
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from engine.gpt import GPT
+from training.flags import Flag
 
 # (a, b, c) per iteration, X <- a X + (b A + c A^2) X with A = X X^T: the Polar Express
 # coefficients (arXiv 2505.16932) for 5 steps, each the minimax-optimal odd quintic for the
@@ -450,6 +451,21 @@ def set_schedule(
         optimizer.set_muon_momentum(momentum)
     if weight_decay is not None:
         optimizer.set_muon_weight_decay(weight_decay)
+
+
+LR_NAMES = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
+
+
+def lr_flags(embedding_lr: float = 0.3) -> list[Flag]:
+    """The four learning-rate flags of the programs that train (`build_optimizer`'s LRs)."""
+    return [
+        Flag(
+            "embedding_lr", float, embedding_lr, "AdamW LR of the token and value embeddings", min=0
+        ),
+        Flag("unembedding_lr", float, 0.004, "AdamW LR of the lm_head", min=0),
+        Flag("matrix_lr", float, 0.02, "Muon LR of the transformer matrices", min=0),
+        Flag("scalar_lr", float, 0.5, "AdamW LR of the per-layer scalars", min=0),
+    ]
 
 
 def build_optimizer(

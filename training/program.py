@@ -5,6 +5,12 @@ record "succeeded", "cancelled" (Ctrl-C, or SIGTERM from the web app's cancel bu
 "failed" with the error, exactly once. Errors of the user's making (bad paths, too little data,
 impossible settings: ValueError/OSError) print one clear line and exit 1; anything else is a
 bug and keeps its traceback.
+
+`program_main` is the whole `main()` of a program that runs on a `Runtime` (every one but the
+dataset and tokenizer programs): parse its flags, join the device / torchrun group, open the
+event log, run, and leave the process group whatever happened. This module itself must not
+import torch: training.dataset uses it too, and importing torch patches `inspect.getfile`,
+which would change the pydoc text of the builtin corpus.
 """
 
 from __future__ import annotations
@@ -12,9 +18,14 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from training.events import EventWriter
+from training.flags import FlagSet
+
+if TYPE_CHECKING:
+    from training.runtime import Runtime
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 130
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
@@ -47,3 +58,26 @@ def run_program(
         raise
     events.end("succeeded")
     return EXIT_OK
+
+
+def program_main(
+    flags: FlagSet,
+    body: Callable[[dict[str, Any], Runtime, EventWriter], object],
+    argv: Iterable[str] | None = None,
+) -> int:
+    """Parse `flags`, start the runtime, run `body(config, runtime, events)`; the exit code.
+
+    The flag set must declare `device`, `dtype`, `seed` (`training.runtime.runtime_flags`) and
+    `run_dir` (`training.flags.output_flags`). Only rank 0 writes events.
+    """
+    from training.runtime import init_runtime, shutdown  # torch: see the module docstring
+
+    config = flags.parse(argv)
+    runtime = init_runtime(config["device"], config["dtype"], config["seed"])
+    code = None
+    try:
+        with EventWriter(config["run_dir"] or None, runtime.rank) as events:
+            code = run_program(events, lambda: body(config, runtime, events))
+        return code
+    finally:
+        shutdown(runtime, together=code == EXIT_OK)

@@ -17,8 +17,32 @@ import torch
 import torch.distributed as dist
 
 from engine.common import autodetect_device, compute_dtype
+from training.flags import Flag
 
 DTYPES = ("auto", "fp32", "bf16")
+
+
+def runtime_flags(seed_help: str = "random seed", *, compile: bool = False) -> list[Flag]:
+    """The flags `init_runtime` reads (device, dtype, seed), plus `compile` where a program has it.
+
+    `seed_help` says what the seed drives in that program (initial weights, sampling, ...).
+    """
+    flags = [
+        Flag("device", str, "auto", "auto, cpu, cuda, mps"),
+        Flag(
+            "dtype",
+            str,
+            "auto",
+            "matmul precision; auto = bf16 on CUDA SM80+, fp32 elsewhere",
+            choices=DTYPES,
+        ),
+    ]
+    if compile:
+        flags.append(
+            Flag("compile", bool, False, "torch.compile the model (CUDA: faster after warm-up)")
+        )
+    flags.append(Flag("seed", int, 42, seed_help))
+    return flags
 
 
 @dataclass(frozen=True)
@@ -99,8 +123,14 @@ def init_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> R
     return Runtime(chosen, _pick_dtype(chosen, dtype), rank, local_rank, world_size)
 
 
-def shutdown(runtime: Runtime) -> None:
+def shutdown(runtime: Runtime, *, together: bool = False) -> None:
+    """Leave the process group. With `together` (every rank finished its work) the ranks meet
+    first: a gloo rank that tears its group down while a peer still uses the connection can
+    abort with "terminate called without an active exception". After a failure there is no
+    meeting, since the other ranks may be stuck in a different collective."""
     if runtime.distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -27,8 +27,9 @@ from engine.paths import data_home
 from engine.tokenizer import Tokenizer
 from training import dataset
 from training.events import EventWriter
-from training.flags import Flag, FlagSet
+from training.flags import REPORT_DIR, Flag, FlagSet
 from training.program import cancel_on_sigterm, run_program
+from training.report import write_section
 
 SAMPLES_DIR = Path(__file__).with_name("corpus") / "tok_eval"
 SAMPLE_KINDS = ("news", "korean", "code", "math", "science")
@@ -54,6 +55,7 @@ FLAGS = FlagSet(
         ),  # fmt: skip
         Flag("shard_chars", int, 10_000, "characters taken from each shard sample", min=1),
         Flag("run_dir", str, None, "write events.jsonl here", path=True),
+        REPORT_DIR,
     ],
     "Compare the tokenizer's compression with GPT-2 and GPT-4 encodings.",
 )
@@ -198,6 +200,7 @@ def run(config: dict[str, Any], events: EventWriter) -> list[Row]:
     )
     events.eval(0, eval_values(rows))
     events.report("Tokenizer evaluation", markdown)
+    write_section(config["report_dir"], "tok_eval", markdown)
     return rows
 
 
