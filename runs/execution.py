@@ -26,7 +26,8 @@ from django.utils import timezone
 
 from nanochat_site.proctree import TreeWatcher
 from runs import broadcast, ingest
-from runs.models import Run, Status
+from runs.models import Kind, Run, Status
+from runs.pipeline_stages import StageFollowers, stage_events
 from runs.programs import program_for
 from runs.services import mark_artifacts
 from training.events import EVENTS_FILE, read_events
@@ -80,8 +81,16 @@ class Follower:
         self.run = run
         self.path = Path(run.run_dir) / EVENTS_FILE
         self.end: dict | None = None
+        # A pipeline's stages are runs of their own, followed along with it.
+        self.stages = StageFollowers(run) if run.kind == Kind.PIPELINE else None
 
     def poll(self) -> bool:
+        changed = self._poll_own()
+        if self.stages is not None:
+            self.stages.poll()
+        return changed
+
+    def _poll_own(self) -> bool:
         result = read_events(self.path, self.run.events_offset)
         if not result.events and result.offset == self.run.events_offset:
             return False
@@ -91,6 +100,8 @@ class Follower:
         ingest.apply(self.run, parsed, result.offset)
         if parsed.end is not None:
             self.end = parsed.end
+        if self.stages is not None:
+            self.stages.apply(stage_events(parsed))
         payload = ingest.metrics_payload(parsed)
         others = [
             {"type": t, "time": tm, "step": s, **d}
@@ -207,6 +218,8 @@ def _finish(run: Run, status: str, exit_code: int | None, error: str, tail: str)
         )  # fmt: skip
         run.refresh_from_db()
         mark_artifacts(run)
+    if run.kind == Kind.PIPELINE:
+        StageFollowers(run).end_all(status, error)
     log.info("run %s: %s%s", run.pk, status, f" ({error})" if error else "")
     broadcast.send(run)
 
@@ -220,8 +233,10 @@ def reconcile(stale_after: float | None = None) -> list[int]:
     """
     stale_after = settings.RUNS_STALE_SECONDS if stale_after is None else stale_after
     cutoff = timezone.now() - timezone.timedelta(seconds=stale_after)
-    lost = list(Run.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff))
-    lost += list(Run.objects.filter(status=Status.RUNNING, heartbeat_at__isnull=True))
+    # A pipeline's stages live and die with the pipeline's own heartbeat.
+    running = Run.objects.filter(status=Status.RUNNING, pipeline__isnull=True)
+    lost = list(running.filter(heartbeat_at__lt=cutoff))
+    lost += list(running.filter(heartbeat_at__isnull=True))
     return [run.pk for run in lost if mark_lost(run, "no heartbeat since")]
 
 
@@ -239,6 +254,8 @@ def mark_lost(run: Run, why: str) -> bool:
         TreeWatcher(run.pid).signal(signal.SIGKILL)
     run.refresh_from_db()
     mark_artifacts(run)
+    if run.kind == Kind.PIPELINE:
+        StageFollowers(run).end_all(Status.FAILED, message)
     broadcast.send(run)
     log.warning("run %s: %s", run.pk, message)
     return True
@@ -254,5 +271,6 @@ def _is_training_program(pid: int) -> bool:
 
 def reconcile_worker_restart(worker: str) -> list[int]:
     """A worker that just started runs nothing yet: its earlier runs died with it."""
-    lost = Run.objects.filter(status=Status.RUNNING, worker=worker, host=socket.gethostname())
+    lost = Run.objects.filter(status=Status.RUNNING, worker=worker, host=socket.gethostname(),
+                              pipeline__isnull=True)  # fmt: skip
     return [run.pk for run in lost if mark_lost(run, f"{worker} restarted")]

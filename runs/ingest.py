@@ -36,6 +36,8 @@ from runs.models import (
 )
 
 # Metrics a run's summary columns follow.
+# Headline scores of an `eval` event that are also eval results (the leaderboard's columns).
+SCORE_RESULTS = {"core": "CORE", "chatcore": "ChatCORE"}
 PROGRESS = "train/progress"
 ETA = "train/eta_sec"
 VAL_BPB = "val/bpb"
@@ -113,6 +115,14 @@ def parse_events(events: list[dict]) -> Parsed:
         out.events.append((str(kind)[:32], when, step, data))
         if kind in ("metrics", "eval"):
             _parse_values(out, kind, step, when, data.get("values"))
+        if kind == "eval" and isinstance(data.get("values"), dict):
+            for name, task in SCORE_RESULTS.items():
+                value = _number(data["values"].get(name))
+                if value is not None:
+                    out.eval_results.append({
+                        "task": task, "metric": "score", "value": value, "details": {},
+                        "checkpoint_index": len(out.checkpoints) - 1,
+                    })  # fmt: skip
         elif kind == "start":
             out.start = data
         elif kind == "end":

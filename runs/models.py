@@ -127,6 +127,10 @@ class Run(models.Model):
     retry_of = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries"
     )
+    # A stage of a pipeline run (each stage is a run of its own, shown and charted as one).
+    pipeline = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="stage_runs"
+    )
     nproc_per_node = models.PositiveSmallIntegerField(default=1)
     # Set by "resume": the program continues from this saved step of the run's checkpoints.
     resume_step = models.IntegerField(null=True, blank=True)

@@ -14,13 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training import base_train, dataset, tok_train
+from training import (
+    base_eval,
+    base_train,
+    chat_eval,
+    chat_rl,
+    chat_sft,
+    dataset,
+    mid_train,
+    pipeline,
+    tok_train,
+)
 from training.flags import ConfigError, FlagSet
 
 if TYPE_CHECKING:
     from runs.models import Run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+# Non-path flags the app sets itself: where to resume, which step of the parent to start from.
+APP_SET_FLAGS = ("resume_from_step", "source_step", "step")
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ class Program:
 
     def user_flags(self) -> list:
         """The flags a user may set (paths are filled in by the app from the inputs)."""
-        return [f for f in self.flags.flags if not f.path and f.name != "resume_from_step"]
+        return [f for f in self.flags.flags if not f.path and f.name not in APP_SET_FLAGS]
 
     def validate(self, preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """defaults < preset < overrides, every value checked; ConfigError names the field."""
@@ -159,6 +171,76 @@ def check_base(config: dict[str, Any], inputs: Mapping[str, Any]) -> None:
         raise ConfigError({f"config.{_field_of(str(exc), base_train.FLAGS)}": str(exc)}) from None
 
 
+# ---- stages that start from a checkpoint ---------------------------------------------------
+
+
+def _values(run: Run, flags: FlagSet) -> dict[str, Any]:
+    """The run's settings for the command line, minus what the app sets from the inputs."""
+    return {
+        k: v
+        for k, v in run.config.items()
+        if k in flags and not flags[k].path and k not in APP_SET_FLAGS
+    }
+
+
+def finetune_commands(module: str, flags: FlagSet) -> Callable[[Run], list[list[str]]]:
+    """mid / sft / rl: train from the parent checkpoint into the run's own directory."""
+
+    def commands(run: Run) -> list[list[str]]:
+        parent = run.parent_checkpoint
+        return [[
+            *_torchrun(run, module), *cli_args(flags, _values(run, flags)),
+            "--source-dir", parent.path, "--source-step", str(parent.step),
+            "--checkpoint-dir", str(checkpoint_dir(run)), "--run-dir", run.run_dir,
+        ]]  # fmt: skip
+
+    return commands
+
+
+def base_eval_commands(run: Run) -> list[list[str]]:
+    parent = run.parent_checkpoint
+    argv = [
+        *_torchrun(run, "training.base_eval"), *cli_args(base_eval.FLAGS, _values(run, base_eval.FLAGS)),
+        "--checkpoint-dir", parent.path, "--step", str(parent.step), "--run-dir", run.run_dir,
+    ]  # fmt: skip
+    source = parent.run.dataset if parent.run_id else None
+    if source is not None:  # bits per byte on the data the model was trained on
+        argv += ["--data-dir", source.path]
+    return [argv]
+
+
+def chat_eval_commands(run: Run) -> list[list[str]]:
+    parent = run.parent_checkpoint
+    return [[
+        *_torchrun(run, "training.chat_eval"), *cli_args(chat_eval.FLAGS, _values(run, chat_eval.FLAGS)),
+        "--checkpoint-dir", parent.path, "--step", str(parent.step), "--run-dir", run.run_dir,
+    ]]  # fmt: skip
+
+
+def parent_stages(*stages: str) -> Callable[[dict[str, Any], Mapping[str, Any]], None]:
+    """A check that the parent checkpoint is of a stage this kind can start from."""
+
+    def check(config: dict[str, Any], inputs: Mapping[str, Any]) -> None:
+        parent = inputs.get("parent_checkpoint")
+        if parent is not None and parent.stage not in stages:
+            raise ConfigError({"parent_checkpoint": (
+                f"is a {parent.stage} checkpoint; this run starts from {' or '.join(stages)}"
+            )})  # fmt: skip
+
+    return check
+
+
+# ---- the whole pipeline -------------------------------------------------------------------
+
+
+def pipeline_commands(run: Run) -> list[list[str]]:
+    """One process that runs every stage; runs/pipeline_stages.py shows each as a run."""
+    return [[
+        *_module("training.pipeline"), *cli_args(pipeline.FLAGS, _values(run, pipeline.FLAGS)),
+        "--out-dir", str(Path(run.run_dir) / "out"), "--run-dir", run.run_dir,
+    ]]  # fmt: skip
+
+
 PROGRAMS: dict[str, Program] = {
     "dataset": Program(
         "dataset", dataset.COMMANDS["builtin"], (), dataset_commands,
@@ -172,6 +254,39 @@ PROGRAMS: dict[str, Program] = {
         "base", base_train.FLAGS, ("dataset", "tokenizer"), base_commands, distributed=True,
         resumable=True, stage="base", check=check_base,
         description="Pretrain a base GPT from scratch on a dataset.",
+    ),
+    "base_eval": Program(
+        "base_eval", base_eval.FLAGS, ("parent_checkpoint",), base_eval_commands,
+        distributed=True, check=parent_stages("base", "mid"),
+        description="Measure a base checkpoint: CORE, bits per byte, samples.",
+    ),
+    "mid": Program(
+        "mid", mid_train.FLAGS, ("parent_checkpoint",),
+        finetune_commands("training.mid_train", mid_train.FLAGS), distributed=True,
+        stage="mid", check=parent_stages("base"),
+        description="Mid-train a base model on conversations (chat format, tools).",
+    ),
+    "sft": Program(
+        "sft", chat_sft.FLAGS, ("parent_checkpoint",),
+        finetune_commands("training.chat_sft", chat_sft.FLAGS), distributed=True,
+        stage="sft", check=parent_stages("base", "mid"),
+        description="Fine-tune a base or mid model into a chat model (SFT).",
+    ),
+    "rl": Program(
+        "rl", chat_rl.FLAGS, ("parent_checkpoint",),
+        finetune_commands("training.chat_rl", chat_rl.FLAGS), distributed=True,
+        stage="rl", check=parent_stages("sft", "rl"),
+        description="Reinforcement learning (REINFORCE) on GSM8K from an SFT model.",
+    ),
+    "chat_eval": Program(
+        "chat_eval", chat_eval.FLAGS, ("parent_checkpoint",), chat_eval_commands,
+        distributed=True,
+        description="Evaluate a chat model: ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE.",
+    ),
+    "pipeline": Program(
+        "pipeline", pipeline.FLAGS, (), pipeline_commands,
+        description="Everything from the built-in data to an evaluated chat model, each stage "
+        "a run of its own.",
     ),
 }  # fmt: skip
 

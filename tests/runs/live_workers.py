@@ -78,3 +78,16 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.25, info=
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{info()}")
         time.sleep(interval)
+
+
+def build_small_inputs(root: Path) -> tuple[Path, Path]:
+    """(data dir, tokenizer dir): a small built-in dataset and a 512-token tokenizer, made
+    with the real programs (a few seconds), for runs that need real inputs on disk."""
+    from training import dataset as dataset_program
+    from training import tok_train
+
+    data, tok = root / "data", root / "tok"
+    argv = ["builtin", "--out", str(data), "--max-chars", "300000", "--shards", "3"]
+    assert dataset_program.main(argv) == 0
+    assert tok_train.main(["--data-dir", str(data), "--out", str(tok), "--vocab-size", "512"]) == 0
+    return data, tok

@@ -57,6 +57,17 @@ def test_eval_points_feed_eval_values_and_the_best_val_bpb():
     assert parsed.min_val_bpb == 1.2
     assert parsed.eval_values == {"val/bpb": 1.3, "core": 0.1}
     assert parsed.last_step is None  # eval events do not move the run's step
+    # the headline scores are eval results too (the leaderboard's CORE / ChatCORE columns)
+    assert [(r["task"], r["metric"], r["value"]) for r in parsed.eval_results] == [
+        ("CORE", "score", 0.1)
+    ]
+
+
+def test_chatcore_of_an_eval_event_is_an_eval_result():
+    parsed = ingest.parse_events(
+        [{"type": "eval", "time": 1.0, "step": 5, "values": {"chatcore": 0.25, "x": 1.0}}]
+    )
+    assert [(r["task"], r["value"]) for r in parsed.eval_results] == [("ChatCORE", 0.25)]
 
 
 def test_start_progress_and_eta():

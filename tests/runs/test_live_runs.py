@@ -15,9 +15,7 @@ from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
 from runs.models import Checkpoint, Dataset, MetricPoint, Run, RunEvent, Status, Tokenizer
-from tests.runs.live_workers import LiveWorker, run_processes, wait_for
-from training import dataset as dataset_program
-from training import tok_train
+from tests.runs.live_workers import LiveWorker, build_small_inputs, run_processes, wait_for
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.django_db(transaction=True)]
 
@@ -27,12 +25,7 @@ TINY = {"num_iterations": 150, "eval_every": 50, "sample_every": -1}
 @pytest.fixture(scope="module")
 def prebuilt(tmp_path_factory):
     """A small dataset and tokenizer on disk, built once with the real programs."""
-    root = tmp_path_factory.mktemp("prebuilt")
-    data, tok = root / "data", root / "tok"
-    assert dataset_program.main(["builtin", "--out", str(data), "--max-chars", "300000",
-                                 "--shards", "3"]) == 0  # fmt: skip
-    assert tok_train.main(["--data-dir", str(data), "--out", str(tok), "--vocab-size", "512"]) == 0
-    return data, tok
+    return build_small_inputs(tmp_path_factory.mktemp("prebuilt"))
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +150,37 @@ def test_dataset_tokenizer_and_base_run_through_a_real_worker(api, workers):
     assert loss["step"] == sorted(loss["step"])
 
 
+def test_pipeline_from_the_api_shows_every_stage_as_a_run(api, workers):
+    """The `pipeline` kind (what the dashboard's quick start launches), tiny preset: each stage
+    a run of its own with its charts, checkpoints and eval results; chat picks the SFT model."""
+    from chat.services import checkpoints_for_picker
+    from runs.selectors import leaderboard
+
+    response = api.post("/api/runs/", {"kind": "pipeline", "preset": "tiny"}, format="json")
+    assert response.status_code == 201, response.content
+    run_id = response.json()["id"]
+    run = wait_status(run_id, [Status.SUCCEEDED, Status.FAILED], 400, workers)
+    assert run.status == Status.SUCCEEDED, run_info(run_id, workers)()
+    stages = {child.config["pipeline_stage"]: child for child in run.stage_runs.order_by("id")}
+    assert list(stages) == ["dataset", "tokenizer", "base", "base_eval", "chat_eval_base", "sft",
+                            "chat_eval_sft"]  # fmt: skip
+    assert all(child.status == Status.SUCCEEDED for child in stages.values())
+    assert stages["dataset"].dataset.status == "ready"
+    assert stages["tokenizer"].tokenizer.status == "ready"
+    assert MetricPoint.objects.filter(run=stages["base"], name="train/loss").count() == 60
+    base_ckpt = Checkpoint.objects.get(run=stages["base"])
+    sft_ckpt = Checkpoint.objects.get(run=stages["sft"])
+    assert sft_ckpt.stage == "sft" and stages["sft"].parent_checkpoint == base_ckpt
+    assert stages["base_eval"].eval_results.filter(checkpoint=base_ckpt).exists()
+    chatcore = MetricPoint.objects.get(run=stages["chat_eval_sft"], name="chatcore").value
+    assert -1 <= chatcore <= 1
+    assert stages["chat_eval_sft"].eval_results.filter(checkpoint=sft_ckpt).count() >= 6
+    assert run.reports.filter(section="Report").exists()
+    assert checkpoints_for_picker().first() == sft_ckpt  # the first chat is with the SFT model
+    board = {row.checkpoint: row.scores for row in leaderboard()}
+    assert -1 <= board[base_ckpt]["CORE"] <= 1 and board[sft_ckpt]["ChatCORE"] == chatcore
+
+
 def test_cancel_stops_every_process_of_the_run_within_10_seconds(api, inputs, workers):
     run_id = submit_base(api, inputs, num_iterations=100000, eval_every=-1)
     run = wait_for(
@@ -211,10 +235,13 @@ def test_killed_worker_is_detected_and_the_run_resumes_from_its_checkpoint(api, 
     gone, alive = psutil.wait_procs(training, timeout=15)
     assert not alive, f"training survived its worker: {alive}"
 
-    last = Checkpoint.objects.filter(run_id=run_id).order_by("-step").first()
+    seen = Checkpoint.objects.filter(run_id=run_id).order_by("-step").first()
     workers["training"] = LiveWorker("training", workers["logs"], **workers["env"])
     response = api.post(f"/api/runs/{run_id}/resume/")
     assert response.status_code == 200, response.content
+    # Resume first stores what the dead launch left unread: perhaps a later checkpoint.
+    last = Checkpoint.objects.filter(run_id=run_id).order_by("-step").first()
+    assert last.step >= seen.step and Run.objects.get(pk=run_id).resume_step == last.step
     run = wait_status(run_id, [Status.SUCCEEDED, Status.FAILED], 240, workers)
     assert run.status == Status.SUCCEEDED, run_info(run_id, workers)()
     assert run.step == 400 and run.attempts == 2
