@@ -40,6 +40,8 @@ def chat_page(request, conversation_id: int | None = None):
     options = [checkpoint_option(c) for c in checkpoints]
     ids = {option["id"] for option in options}
     selected = conversation.checkpoint_id if conversation else None
+    if selected is None and request.GET.get("checkpoint", "").isdigit():
+        selected = int(request.GET["checkpoint"])  # "chat" buttons of the dashboard
     if selected not in ids:
         selected = options[0]["id"] if options else None
     state = {

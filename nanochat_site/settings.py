@@ -144,6 +144,8 @@ RUNS_HEARTBEAT_SECONDS = float(os.environ.get("RUNS_HEARTBEAT_SECONDS", "2"))
 RUNS_STALE_SECONDS = float(os.environ.get("RUNS_STALE_SECONDS", "30"))
 RUNS_RECONCILE_SECONDS = float(os.environ.get("RUNS_RECONCILE_SECONDS", "10"))
 RUNS_CANCEL_GRACE_SECONDS = float(os.environ.get("RUNS_CANCEL_GRACE_SECONDS", "5"))
+# The dashboard's one-click quick start runs this pipeline preset (training/configs/pipeline/).
+RUNS_QUICKSTART_PRESET = os.environ.get("RUNS_QUICKSTART_PRESET", "demo-cpu")
 CELERY_BEAT_SCHEDULE = {
     "reconcile-runs": {
         "task": "runs.reconcile",

@@ -1,15 +1,9 @@
-"""Site-wide pages: the home page and the health endpoint."""
+"""Site-wide endpoints: health (the dashboard itself lives in runs/pages.py)."""
 
 from django.contrib.auth.decorators import login_required
 from django.http import JsonResponse
-from django.shortcuts import render
 
 from nanochat_site import health
-
-
-@login_required
-def home(request):
-    return render(request, "home.html")
 
 
 @login_required

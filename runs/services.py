@@ -163,6 +163,14 @@ def submit_run(
         raise ConfigError({"name": f"tokenizer {name!r} already exists"}) from None
 
 
+def quick_start(owner) -> Run:
+    """The dashboard's one click: the whole pipeline on the built-in data, from nothing to a
+    fine-tuned, evaluated chat model (preset settings.RUNS_QUICKSTART_PRESET)."""
+    return submit_run(
+        owner, Kind.PIPELINE, preset=settings.RUNS_QUICKSTART_PRESET, name="quick start demo"
+    )
+
+
 def _create_run(owner, kind, preset, config, full, dataset, tokenizer, parent_checkpoint,
                 nproc_per_node, name) -> Run:  # fmt: skip
     with transaction.atomic():
@@ -378,11 +386,15 @@ def retry_run(run: Run, user) -> Run:
             _requeue(run)
             _enqueue(run)
         return run
-    return submit_run(
-        user, run.kind, preset=run.preset, config=run.overrides, dataset=run.dataset,
-        tokenizer=run.tokenizer, parent_checkpoint=run.parent_checkpoint,
-        nproc_per_node=run.nproc_per_node, name=run.name,
-    )  # fmt: skip
+    with transaction.atomic():
+        retry = submit_run(
+            user, run.kind, preset=run.preset, config=run.overrides, dataset=run.dataset,
+            tokenizer=run.tokenizer, parent_checkpoint=run.parent_checkpoint,
+            nproc_per_node=run.nproc_per_node, name=run.name,
+        )  # fmt: skip
+        retry.retry_of = run
+        retry.save(update_fields=["retry_of"])
+    return retry
 
 
 def delete_run(run: Run, user) -> None:

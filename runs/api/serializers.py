@@ -147,6 +147,7 @@ RUN_LINKS = ("metrics", "log", "events", "samples", "report", "cancel", "resume"
 
 class RunDetailSerializer(RunSummarySerializer):
     parent_checkpoint = RefSerializer(read_only=True, allow_null=True)
+    stage_runs = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
     duration_seconds = serializers.FloatField(read_only=True, allow_null=True)
     counts = serializers.SerializerMethodField()
     can_manage = serializers.SerializerMethodField()
@@ -154,7 +155,8 @@ class RunDetailSerializer(RunSummarySerializer):
 
     class Meta(RunSummarySerializer.Meta):
         fields = [
-            *RunSummarySerializer.Meta.fields, "parent_checkpoint", "retry_of",
+            *RunSummarySerializer.Meta.fields, "parent_checkpoint", "retry_of", "pipeline",
+            "stage_runs",
             "nproc_per_node", "overrides", "config", "resume_step", "attempts",
             "cancel_requested", "host", "worker", "pid", "heartbeat_at", "duration_seconds",
             "exit_code", "log_tail", "run_dir", "counts", "can_manage", "links",

@@ -16,7 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from runs import artifacts, services
+from runs import artifacts, selectors, services
 from runs.api import serializers as s
 from runs.api.errors import ServiceErrorsMixin
 from runs.execution import LOG_FILE, log_tail
@@ -60,17 +60,7 @@ class RunViewSet(
         if self.action != "list":
             return runs
         params = query(self.request, s.RunFilterSerializer)
-        if "kind" in params:
-            runs = runs.filter(kind=params["kind"])
-        if "status" in params:
-            runs = runs.filter(status=params["status"])
-        if "owner" in params:
-            runs = runs.filter(owner__username=params["owner"])
-        if params.get("mine"):
-            runs = runs.filter(owner=self.request.user)
-        if params.get("search"):
-            runs = runs.filter(name__icontains=params["search"])
-        return runs
+        return selectors.filter_runs(runs, params, self.request.user)
 
     def _detail(self, run: Run, code: int = status.HTTP_200_OK) -> Response:
         run = self.get_queryset().get(pk=run.pk)

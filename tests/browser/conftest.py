@@ -131,3 +131,16 @@ def browser(tmp_path):
         yield driver
     finally:
         driver.quit()
+
+
+def save_screenshot(browser, tmp_path: Path, name: str) -> Path:
+    """docs/screenshots/<name>.png when NANOCHAT_SCREENSHOTS=1 (to refresh the README's
+    pictures), else a scratch file, so a plain test run leaves the repository untouched."""
+    if os.environ.get("NANOCHAT_SCREENSHOTS") == "1":
+        path = REPO / "docs" / "screenshots" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        path = tmp_path / f"{name}.png"
+    assert browser.save_screenshot(str(path)), "the screenshot was not written"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return path

@@ -9,7 +9,6 @@ commands work, field errors land next to their field, and the page reconnects by
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from chat.models import Conversation, Message
 from runs.models import Checkpoint
+from tests.browser.conftest import save_screenshot
 from tests.chat.conftest import STEP
 
 pytestmark = [
@@ -173,18 +173,6 @@ def before_each_page(browser, *scripts):
     """Run these scripts in every page the browser opens from now on, before its own."""
     for script in scripts:
         browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
-
-
-def save_screenshot(browser, tmp_path) -> Path:
-    """docs/screenshots/chat.png when NANOCHAT_SCREENSHOTS=1 (to refresh the README's
-    picture), else a scratch file, so a plain test run leaves the repository untouched."""
-    if os.environ.get("NANOCHAT_SCREENSHOTS") == "1":
-        path = REPO / "docs" / "screenshots" / "chat.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-    else:
-        path = tmp_path / "chat.png"
-    assert browser.save_screenshot(str(path)), "the screenshot was not written"
-    return path
 
 
 # ---- tests ---------------------------------------------------------------------------------
@@ -365,7 +353,7 @@ def test_tool_calls_code_and_stats_render_as_blocks(browser, site, alice, model,
     active = browser.find_element(By.CSS_SELECTOR, "#conversation-list a.active")
     assert active.get_attribute("data-id") == str(conversation.pk)
 
-    path = save_screenshot(browser, tmp_path)
+    path = save_screenshot(browser, tmp_path, "chat")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -10,7 +10,11 @@ pytestmark = pytest.mark.django_db
 
 def test_programs_list_every_kind_with_flags_presets_and_dataset_sources(api, alice):
     programs = {p["kind"]: p for p in api(alice).get("/api/programs/").json()}
-    assert set(programs) == {"dataset", "tokenizer", "base"}
+    assert set(programs) == {"dataset", "tokenizer", "base", "base_eval", "mid", "sft", "rl",
+                             "chat_eval", "pipeline"}  # fmt: skip
+    assert programs["sft"]["inputs"] == ["parent_checkpoint"]
+    assert "source_step" not in {f["name"] for f in programs["sft"]["flags"]}  # set by the app
+    assert programs["pipeline"]["presets"]["demo-cpu"]["base_preset"] == "demo-cpu"
     base = programs["base"]
     assert base["inputs"] == ["dataset", "tokenizer"]
     assert base["distributed"] and base["resumable"]

@@ -1,22 +1,9 @@
-{% extends "base.html" %}
-{% block title %}Dashboard{% endblock %}
-{% block content %}
-<h1>Dashboard</h1>
-<section class="card">
-  <h2>System</h2>
-  <table class="status" id="health">
-    <tr><th>Database</th><td data-check="database">checking…</td></tr>
-    <tr><th>Channel layer (Redis)</th><td data-check="channel_layer">checking…</td></tr>
-    <tr><th>Workers</th><td data-check="celery">checking…</td></tr>
-    <tr><th>Chat engines</th><td data-check="engine">checking…</td></tr>
-  </table>
-</section>
-{% endblock %}
-{% block scripts %}
-<script>
+// The dashboard's "System" card: one look at /health/ (database, channel layer, workers, engines).
 (function () {
+  const script = document.currentScript;
   const cells = document.querySelectorAll("#health [data-check]");
-  fetch("{% url 'health' %}", {headers: {"Accept": "application/json"}})
+  if (!cells.length) return;
+  fetch(script.dataset.url, { headers: { Accept: "application/json" } })
     .then((r) => r.json())
     .then((report) => {
       cells.forEach((cell) => {
@@ -37,5 +24,3 @@
     })
     .catch((err) => cells.forEach((cell) => { cell.textContent = "unknown: " + err; cell.className = "bad"; }));
 })();
-</script>
-{% endblock %}

@@ -1,0 +1,168 @@
+"""Forms of the dashboard: a new run of any kind, a new dataset.
+
+The fields come from the program's FlagSet (the same declarations argparse reads), so a flag
+added to a training program shows up here with its type, bounds and help. The forms only
+collect values; runs.services validates them and decides, and its field-named errors are put
+back next to the fields they name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from runs import services
+from runs.artifacts import dataset_source_flags
+from runs.models import ArtifactStatus, Checkpoint, Dataset, Tokenizer
+from runs.programs import Program
+from training.flags import ConfigError, Flag
+
+TRISTATE = (("", "preset / default"), ("true", "on"), ("false", "off"))
+
+
+def flag_field(flag: Flag) -> forms.Field:
+    """An optional form field for a flag: left empty, the preset or default applies."""
+    common = {"required": False, "help_text": flag.help, "label": flag.name}
+    if flag.type is bool:
+        return forms.TypedChoiceField(
+            choices=TRISTATE, coerce=lambda v: v == "true", empty_value=None, **common
+        )
+    if flag.choices:
+        choices = [("", f"default ({flag.default})")] + [(c, c) for c in flag.choices]
+        return forms.TypedChoiceField(choices=choices, coerce=flag.type, empty_value=None, **common)
+    attrs = {"placeholder": str(flag.default)}
+    if flag.type is int:
+        return forms.IntegerField(widget=forms.NumberInput(attrs=attrs), **common)
+    if flag.type is float:
+        attrs["step"] = "any"
+        return forms.FloatField(widget=forms.NumberInput(attrs=attrs), **common)
+    return forms.CharField(widget=forms.TextInput(attrs=attrs), **common)
+
+
+def _ready(queryset):
+    return queryset.filter(status=ArtifactStatus.READY)
+
+
+class FieldErrorsMixin:
+    """Put a services.ConfigError's field-named messages next to the matching fields."""
+
+    def field_for(self, key: str) -> str:
+        return key.removeprefix("config.")
+
+    def add_service_errors(self, error: ConfigError) -> None:
+        for key, message in error.errors.items():
+            name = self.field_for(key)
+            if name in self.fields:
+                self.add_error(name, message)
+            else:
+                self.add_error(None, f"{key}: {message}")
+
+
+class RunForm(FieldErrorsMixin, forms.Form):
+    """New run of one program kind: name, preset, inputs, processes, then one field per flag."""
+
+    name = forms.CharField(max_length=200, required=False)
+    preset = forms.ChoiceField(required=False)
+
+    def __init__(self, program: Program, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.program = program
+        self.fields["preset"].choices = [("", "none (defaults)")] + [
+            (p, p) for p in program.flags.presets()
+        ]
+        if "dataset" in program.inputs:
+            self.fields["dataset"] = forms.ModelChoiceField(_ready(Dataset.objects.all()))
+        if "tokenizer" in program.inputs:
+            self.fields["tokenizer"] = forms.ModelChoiceField(_ready(Tokenizer.objects.all()))
+        if "parent_checkpoint" in program.inputs:
+            self.fields["parent_checkpoint"] = forms.ModelChoiceField(
+                Checkpoint.objects.select_related("run"), label="parent checkpoint"
+            )
+        if program.distributed:
+            self.fields["nproc_per_node"] = forms.IntegerField(
+                min_value=1, max_value=services.MAX_NPROC, initial=1, label="processes per node"
+            )
+        self.flag_names = []
+        for flag in program.user_flags():
+            self.fields[flag.name] = flag_field(flag)
+            self.flag_names.append(flag.name)
+
+    def flag_fields(self):
+        return [self[name] for name in self.flag_names]
+
+    def input_fields(self):
+        names = ("dataset", "tokenizer", "parent_checkpoint", "nproc_per_node")
+        return [self[n] for n in names if n in self.fields]
+
+    def overrides(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {n: data[n] for n in self.flag_names if data.get(n) not in (None, "")}
+
+    def submit(self, user):
+        """Queue the run, or add the services' errors to the form and return None."""
+        data = self.cleaned_data
+        try:
+            return services.submit_run(
+                user,
+                self.program.kind,
+                preset=data.get("preset") or "",
+                config=self.overrides(),
+                dataset=data.get("dataset"),
+                tokenizer=data.get("tokenizer"),
+                parent_checkpoint=data.get("parent_checkpoint"),
+                nproc_per_node=data.get("nproc_per_node") or 1,
+                name=data.get("name") or "",
+            )
+        except ConfigError as error:
+            self.add_service_errors(error)
+            return None
+
+
+class DatasetForm(FieldErrorsMixin, forms.Form):
+    """New dataset from the built-in corpus, a download, uploaded files or a server path."""
+
+    name = forms.SlugField(max_length=100)
+    source = forms.ChoiceField(choices=[(s, s) for s in services.DATASET_SOURCES])
+    files = forms.FileField(
+        required=False,
+        widget=forms.ClearableFileInput(attrs={"allow_multiple_selected": True}),
+        help_text="for source 'upload': .txt, .jsonl or .parquet files",
+    )
+    path = forms.CharField(required=False, help_text="for source 'path' (staff only)")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.option_names: dict[str, list[str]] = {}
+        for source, flags in dataset_source_flags().items():
+            names = []
+            for flag in flags:
+                key = f"{source}__{flag.name}"
+                self.fields[key] = flag_field(flag)
+                self.fields[key].label = flag.name
+                names.append(key)
+            self.option_names[source] = names
+
+    def option_groups(self):
+        return [(s, [self[n] for n in names]) for s, names in self.option_names.items()]
+
+    def field_for(self, key: str) -> str:
+        if key.startswith("options."):
+            return f"{self.cleaned_data.get('source', '')}__{key.removeprefix('options.')}"
+        return key
+
+    def submit(self, user, uploads):
+        data = self.cleaned_data
+        source = data["source"]
+        options = {
+            key.split("__", 1)[1]: data[key]
+            for key in self.option_names.get(source, [])
+            if data.get(key) not in (None, "")
+        }
+        try:
+            return services.create_dataset(
+                user, data["name"], source, options, uploads=uploads, path=data.get("path") or None
+            )
+        except ConfigError as error:
+            self.add_service_errors(error)
+            return None

@@ -1,0 +1,301 @@
+"""Dashboard pages: home, runs (list, new, detail, compare), datasets, tokenizers, checkpoints,
+the eval leaderboard and reports.
+
+Server-rendered and thin: reads come from runs.selectors / runs.series, writes go through
+runs.services (the same functions the REST API calls), and live changes reach the pages over
+the `/ws/runs/` websockets, where a little JS redraws charts and refetches panels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from runs import artifacts, selectors, series, services
+from runs.execution import LOG_FILE, log_tail
+from runs.forms import DatasetForm, RunForm
+from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
+from runs.programs import PROGRAMS
+from training.flags import ConfigError
+
+RUNS_PER_PAGE = 50
+LOG_LINES = 200
+CHART_POINTS = 1000
+DEFAULT_CHARTS = ("train/loss", "val/bpb", "train/lr_mult", "train/tok_per_sec", "train/mfu")
+
+
+def submittable_kinds() -> list[str]:
+    return [kind for kind, p in PROGRAMS.items() if p.submit_via == "/api/runs/"]
+
+
+# ---- home ----------------------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def home(request):
+    active = selectors.active_runs()
+    context = {
+        "running": [r for r in active if r.status == Status.RUNNING],
+        "queued": [r for r in active if r.status == Status.QUEUED],
+        "checkpoints": selectors.chat_checkpoints(),
+        "highlights": selectors.eval_highlights(),
+        "columns": list(selectors.LEADERBOARD_COLUMNS),
+        "recent": selectors.recent_finished_runs(8),
+        "empty": not Run.objects.exists(),
+        "kinds": submittable_kinds(),
+        "quickstart_available": "pipeline" in PROGRAMS,
+    }
+    return render(request, "runs/home.html", context)
+
+
+@login_required
+@require_POST
+def quick_start(request):
+    """Start the demo pipeline; its page opens the chat when the fine-tuned model is ready."""
+    try:
+        run = services.quick_start(request.user)
+    except ConfigError as exc:
+        messages.error(request, str(exc))
+        return redirect("home")
+    messages.success(request, "The demo pipeline is running: each stage appears below.")
+    return redirect(reverse("run-detail", args=[run.pk]) + "?then=chat")
+
+
+# ---- runs ----------------------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def run_list(request):
+    params = {k: request.GET.get(k, "") for k in ("kind", "status", "owner", "search")}
+    params["mine"] = request.GET.get("mine") == "1"
+    runs = selectors.filter_runs(selectors.run_list(), params, request.user)
+    page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {
+        "page": page,
+        "params": params,
+        "query": query.urlencode(),
+        "kinds": Kind.choices,
+        "statuses": Status.choices,
+        "new_kinds": submittable_kinds(),
+    }
+    return render(request, "runs/run_list.html", context)
+
+
+@login_required
+def run_new(request, kind: str):
+    program = PROGRAMS.get(kind)
+    if program is None or program.submit_via != "/api/runs/":
+        raise Http404(f"no run kind {kind!r} can be started here")
+    if request.method == "POST":
+        form = RunForm(program, request.POST)
+        if form.is_valid():
+            run = form.submit(request.user)
+            if run is not None:
+                messages.success(request, f"Run {run.pk} queued.")
+                return redirect("run-detail", run_id=run.pk)
+        status = 400
+    else:
+        initial = {k: v for k, v in request.GET.items() if k in RunForm(program).fields}
+        form = RunForm(program, initial=initial)
+        status = 200
+    presets = {name: program.flags.load_config_file(name) for name in program.flags.presets()}
+    context = {"form": form, "program": program, "kinds": submittable_kinds(), "presets": presets}
+    return render(request, "runs/run_new.html", context, status=status)
+
+
+def _run_context(request, run: Run) -> dict:
+    """What the run page's panels show (also refetched alone as they change)."""
+    program = PROGRAMS.get(run.kind)
+    return {
+        "run": run,
+        "can_manage": services.can_manage(request.user, run),
+        "resumable": bool(program and program.resumable),
+        "checkpoints": run.checkpoints.order_by("-step"),
+        "eval_results": run.eval_results.select_related("checkpoint").order_by("task", "metric"),
+        "samples": selectors.samples_by_step(run),
+        "reports": run.reports.all(),
+        "config": sorted(run.config.items()),
+        "follow_up": {k: k in PROGRAMS for k in ("sft", "mid", "rl", "base_eval", "chat_eval")},
+        "stage_runs": run.stage_runs.order_by("id"),
+        "chat_checkpoint": chat_checkpoint_of(run),
+    }
+
+
+def chat_checkpoint_of(run: Run) -> Checkpoint | None:
+    """The checkpoint to chat with after this run: its own latest chat-stage one, or for a
+    pipeline its stages' (RL before SFT before mid)."""
+    runs = [run.pk, *run.stage_runs.values_list("pk", flat=True)]
+    found = Checkpoint.objects.filter(run_id__in=runs, stage__in=["rl", "sft", "mid"])
+    return min(found.order_by("-step", "-id"), key=lambda c: selectors.STAGE_ORDER[c.stage],
+               default=None)  # fmt: skip
+
+
+@login_required
+@require_GET
+def run_detail(request, run_id: int):
+    run = get_object_or_404(selectors.run_list(), pk=run_id)
+    context = _run_context(request, run)
+    if request.GET.get("panels") == "1":
+        # What the page refetches when a checkpoint, sample, eval or report arrives.
+        return render(request, "runs/_run_panels.html", context)
+    names = series.metric_names(run.pk)
+    context["metric_names"] = names
+    context["default_charts"] = [n for n in DEFAULT_CHARTS if n in names] or names[:4]
+    context["chart_config"] = {
+        "run": run.pk,
+        "names": names,
+        "shown": context["default_charts"],
+        "metrics_url": reverse("runs-api:run-metrics", args=[run.pk]),
+        "log_url": reverse("run-log", args=[run.pk]),
+        "panels_url": reverse("run-detail", args=[run.pk]) + "?panels=1",
+        "socket": f"/ws/runs/{run.pk}/",
+        "max_points": CHART_POINTS,
+        "active": run.is_active,
+    }
+    context["log"] = log_tail(Path(run.run_dir) / LOG_FILE, LOG_LINES) if run.run_dir else ""
+    context["open_chat"] = request.GET.get("then") == "chat"
+    return render(request, "runs/run_detail.html", context)
+
+
+@login_required
+@require_GET
+def run_log(request, run_id: int):
+    """The log tail as plain text (polled by the run page while the run is active)."""
+    run = get_object_or_404(Run, pk=run_id)
+    text = log_tail(Path(run.run_dir) / LOG_FILE, LOG_LINES) if run.run_dir else ""
+    return HttpResponse(text, content_type="text/plain; charset=utf-8")
+
+
+ACTIONS = {
+    "cancel": (services.cancel_run, "Cancel requested for run {id}."),
+    "resume": (services.resume_run, "Run {id} resumes from its last checkpoint."),
+    "retry": (services.retry_run, "Run {id} queued again."),
+}
+
+
+@login_required
+@require_POST
+def run_action(request, run_id: int, action: str):
+    run = get_object_or_404(Run, pk=run_id)
+    try:
+        if action == "delete":
+            services.delete_run(run, request.user)
+            messages.success(request, f"Run {run_id} deleted.")
+            return redirect("run-list")
+        if action not in ACTIONS:
+            raise Http404(f"unknown action {action!r}")
+        service, done = ACTIONS[action]
+        result = service(run, request.user)
+        messages.success(request, done.format(id=result.pk))
+        return redirect("run-detail", run_id=result.pk)
+    except (services.PermissionDenied, services.Conflict, ConfigError) as exc:
+        messages.error(request, str(exc))
+        return redirect("run-detail", run_id=run_id)
+
+
+@login_required
+@require_GET
+def compare(request):
+    raw = ",".join(request.GET.getlist("ids"))
+    ids = [int(x) for x in raw.replace(" ", ",").split(",") if x.strip().isdigit()]
+    runs = selectors.runs_by_ids(ids)
+    names: list[str] = []
+    for run in runs:
+        names += [n for n in series.metric_names(run.pk) if n not in names]
+    chosen = [n for n in request.GET.getlist("metrics") if n in names]
+    chosen = chosen or [n for n in ("train/loss", "val/bpb") if n in names] or names[:2]
+    finals = selectors.final_metrics(runs, chosen)
+    context = {
+        "runs": runs,
+        "ids": ",".join(str(r.pk) for r in runs),
+        "names": names,
+        "chosen": chosen,
+        "final_rows": [(n, [finals[r.pk][n] for r in runs]) for n in chosen],
+        "best_rows": [("best val bpb", [r.best_val_bpb for r in runs])],
+        "diff": selectors.config_diff(runs),
+        "recent": selectors.run_list().exclude(pk__in=ids)[:30],
+        "chart_config": {
+            "runs": [{"id": r.pk, "label": f"#{r.pk} {r}"} for r in runs],
+            "metrics": chosen,
+            "metrics_url": reverse("runs-api:run-metrics", args=[0]).replace("/0/", "/{id}/"),
+            "max_points": CHART_POINTS,
+        },
+    }
+    return render(request, "runs/compare.html", context)
+
+
+# ---- artifacts -----------------------------------------------------------------------------
+
+
+@login_required
+def datasets(request):
+    form = DatasetForm(request.POST or None, request.FILES or None)
+    if request.method == "POST" and form.is_valid():
+        dataset = form.submit(request.user, request.FILES.getlist("files"))
+        if dataset is not None:
+            messages.success(request, f"Dataset {dataset.name} is being built.")
+            return redirect("datasets")
+    rows = artifacts.with_build_run(Dataset.objects.select_related("owner"))
+    status = 400 if request.method == "POST" else 200
+    return render(request, "runs/datasets.html", {"datasets": rows, "form": form}, status=status)
+
+
+@login_required
+@require_GET
+def tokenizers(request):
+    rows = list(artifacts.with_build_run(Tokenizer.objects.select_related("owner", "dataset")))
+    kinds = sorted({key.split("/", 1)[1] for t in rows for key in t.stats if "/" in key})
+    for tokenizer in rows:
+        tokenizer.compression = [tokenizer.stats.get(f"bytes_per_token/{k}") for k in kinds]
+    context = {"tokenizers": rows, "text_kinds": kinds, "can_train": "tokenizer" in PROGRAMS}
+    return render(request, "runs/tokenizers.html", context)
+
+
+@login_required
+@require_GET
+def checkpoints(request):
+    rows = Checkpoint.objects.select_related("run", "tokenizer")
+    stage = request.GET.get("stage", "")
+    if stage:
+        rows = rows.filter(stage=stage)
+    page = Paginator(rows, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    context = {"page": page, "stage": stage, "stages": Checkpoint.Stage.choices}
+    return render(request, "runs/checkpoints.html", context)
+
+
+@login_required
+@require_GET
+def leaderboard(request):
+    sort = request.GET.get("sort", "ChatCORE")
+    rows = selectors.leaderboard(sort)
+    context = {"rows": rows, "columns": list(selectors.LEADERBOARD_COLUMNS), "sort": sort}
+    return render(request, "runs/leaderboard.html", context)
+
+
+@login_required
+@require_GET
+def reports(request):
+    runs = selectors.run_list().filter(reports__isnull=False).distinct()
+    page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    return render(request, "runs/reports.html", {"page": page})
+
+
+@login_required
+@require_GET
+def report_detail(request, run_id: int):
+    run = get_object_or_404(selectors.run_list(), pk=run_id)
+    sections = list(run.reports.all())
+    if not sections:
+        raise Http404("this run has no report yet")
+    return render(request, "runs/report_detail.html", {"run": run, "sections": sections})

@@ -1,0 +1,68 @@
+"""Small formatting filters of the dashboard templates (durations, scores, percentages)."""
+
+from __future__ import annotations
+
+import math
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def duration(seconds) -> str:
+    """1h 02m, 3m 05s, 42s; a dash when unknown."""
+    if seconds is None:
+        return "–"
+    seconds = int(max(0, float(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+@register.filter
+def score(value, digits: int = 4) -> str:
+    """A metric with a fixed number of decimals; a dash when missing or not finite."""
+    if value is None or isinstance(value, bool):
+        return "–"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return "–"
+    return f"{number:.{int(digits)}f}"
+
+
+@register.filter
+def percent(fraction) -> str:
+    """0.4213 -> 42%; used as a width too, so always a plain number with %."""
+    try:
+        return f"{max(0.0, min(1.0, float(fraction))) * 100:.0f}%"
+    except (TypeError, ValueError):
+        return "0%"
+
+
+@register.filter
+def filesize(size) -> str:
+    if size is None:
+        return "–"
+    size = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+@register.filter
+def get(mapping, key):
+    """mapping[key] in a template (dict lookups by a variable key)."""
+    try:
+        return mapping[key]
+    except (KeyError, IndexError, TypeError):
+        return None
