@@ -6,22 +6,15 @@ import math
 
 from django import template
 
+from runs.admin import human_duration
+
 register = template.Library()
 
 
 @register.filter
 def duration(seconds) -> str:
     """1h 02m, 3m 05s, 42s; a dash when unknown."""
-    if seconds is None:
-        return "–"
-    seconds = int(max(0, float(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
+    return "–" if seconds is None else human_duration(float(seconds))
 
 
 @register.filter
