@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import psutil
@@ -25,16 +24,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from nanochat_site.proctree import TreeWatcher
-from runs import broadcast, ingest
+from runs import broadcast
+from runs.follow import LOG_FILE, Follower, StageFollowers, log_tail
 from runs.models import Kind, Run, Status
-from runs.pipeline_stages import StageFollowers, stage_events
 from runs.programs import program_for
-from runs.services import mark_artifacts
-from training.events import EVENTS_FILE, read_events
 
 log = logging.getLogger(__name__)
-LOG_FILE = "log.txt"
-LOG_TAIL_LINES = 60
 POLL_SECONDS = 0.5
 LAUNCHER = Path(settings.BASE_DIR) / "nanochat_site" / "launcher.py"
 
@@ -54,75 +49,10 @@ def claim(run_id: int, token: str, worker: str) -> Run | None:
     return run
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of a log file (read from the end, so a huge log costs nothing)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return ""
-    text = data.decode("utf-8", "replace")
-    return "\n".join(deque(text.splitlines(), maxlen=lines))
-
-
 def child_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_HOME": str(settings.NANOCHAT_HOME)}
     env.pop("DJANGO_SETTINGS_MODULE", None)  # the programs know nothing of Django
     return env
-
-
-class Follower:
-    """Reads new event lines of one run and stores/broadcasts them."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.path = Path(run.run_dir) / EVENTS_FILE
-        self.end: dict | None = None
-        # A pipeline's stages are runs of their own, followed along with it.
-        self.stages = StageFollowers(run) if run.kind == Kind.PIPELINE else None
-
-    def poll(self) -> bool:
-        changed = self._poll_own()
-        if self.stages is not None:
-            self.stages.poll()
-        return changed
-
-    def _poll_own(self) -> bool:
-        result = read_events(self.path, self.run.events_offset)
-        if not result.events and result.offset == self.run.events_offset:
-            return False
-        for line in result.bad_lines:
-            log.warning("run %s: ignored a malformed event line: %.200s", self.run.pk, line)
-        parsed = ingest.parse_events(result.events)
-        ingest.apply(self.run, parsed, result.offset)
-        if parsed.end is not None:
-            self.end = parsed.end
-        if self.stages is not None:
-            self.stages.apply(stage_events(parsed))
-        payload = ingest.metrics_payload(parsed)
-        others = [
-            {"type": t, "time": tm, "step": s, **d}
-            for t, tm, s, d in parsed.events
-            if t not in ("metrics", "start")
-        ]
-        broadcast.send(self.run, metrics=payload, events=others[:50], refetch=payload is None)
-        return True
-
-
-def catch_up(run: Run) -> None:
-    """Store what is left in a dead launch's event file, then skip any half-written line."""
-    follower = Follower(run)
-    follower.poll()
-    try:
-        size = follower.path.stat().st_size
-    except FileNotFoundError:
-        return
-    if size > run.events_offset:
-        Run.objects.filter(pk=run.pk).update(events_offset=size)
-        run.events_offset = size
 
 
 def execute(run_id: int, token: str, worker: str = "") -> str:
@@ -217,7 +147,7 @@ def _finish(run: Run, status: str, exit_code: int | None, error: str, tail: str)
             progress=1.0 if status == Status.SUCCEEDED else run.progress,
         )  # fmt: skip
         run.refresh_from_db()
-        mark_artifacts(run)
+        run.mark_artifacts()
     if run.kind == Kind.PIPELINE:
         StageFollowers(run).end_all(status, error)
     log.info("run %s: %s%s", run.pk, status, f" ({error})" if error else "")
@@ -253,7 +183,7 @@ def mark_lost(run: Run, why: str) -> bool:
         # Normally gone already (it dies with its worker); never leave it training unwatched.
         TreeWatcher(run.pid).signal(signal.SIGKILL)
     run.refresh_from_db()
-    mark_artifacts(run)
+    run.mark_artifacts()
     if run.kind == Kind.PIPELINE:
         StageFollowers(run).end_all(Status.FAILED, message)
     broadcast.send(run)

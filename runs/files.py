@@ -14,7 +14,7 @@ from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404
 from django.views.decorators.http import require_GET
 
-from runs.execution import LOG_FILE
+from runs.follow import LOG_FILE
 from runs.models import Run
 from training.events import EVENTS_FILE
 

@@ -184,6 +184,18 @@ class Run(models.Model):
             return None
         return ((self.finished_at or timezone.now()) - self.started_at).total_seconds()
 
+    def mark_artifacts(self) -> None:
+        """A dataset/tokenizer run's artifact follows the run: ready when it succeeded."""
+        status = {
+            Status.SUCCEEDED: ArtifactStatus.READY,
+            Status.FAILED: ArtifactStatus.FAILED,
+            Status.CANCELLED: ArtifactStatus.FAILED,
+        }.get(self.status, ArtifactStatus.BUILDING)
+        if self.kind == Kind.DATASET and self.dataset_id:
+            Dataset.objects.filter(pk=self.dataset_id).update(status=status)
+        elif self.kind == Kind.TOKENIZER and self.tokenizer_id:
+            Tokenizer.objects.filter(pk=self.tokenizer_id).update(status=status)
+
 
 class RunEvent(models.Model):
     """Every event of the run's event file, in order (metrics also land in MetricPoint)."""

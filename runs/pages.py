@@ -19,7 +19,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from runs import artifacts, selectors, series, services
-from runs.execution import LOG_FILE, log_tail
+from runs.follow import LOG_FILE, log_tail
 from runs.forms import DatasetForm, RunForm
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
 from runs.programs import PROGRAMS

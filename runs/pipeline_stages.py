@@ -8,18 +8,17 @@ and parent checkpoints it reads recorded like any other run's, and the child's e
 followed exactly as a run's own (metrics, checkpoints, evals, report), so each stage gets its
 own page, charts and results. The child's status follows its `stage` events; children still
 active when the pipeline ends take the pipeline's end (cancelled, failed, worker lost).
+
+This module only makes the rows; following the children's files is runs/follow.py's
+`StageFollowers`, which imports it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from runs import broadcast, ingest
+from runs import ingest
 from runs.models import (
-    ACTIVE_STATUSES,
     ArtifactStatus,
     Checkpoint,
     Dataset,
@@ -28,7 +27,6 @@ from runs.models import (
     Status,
     Tokenizer,
 )
-from runs.services import mark_artifacts
 
 STAGE_END = {
     "succeeded": Status.SUCCEEDED,
@@ -62,7 +60,7 @@ def _parent_checkpoint(path: str | None) -> Checkpoint | None:
     return Checkpoint.objects.filter(path=path).order_by("-step", "-id").first()
 
 
-def _start_child(pipeline: Run, stage: dict) -> Run | None:
+def start_child(pipeline: Run, stage: dict) -> Run | None:
     kind = stage.get("kind")
     if kind not in Kind.values or kind == Kind.PIPELINE or not stage.get("run_dir"):
         return None
@@ -99,66 +97,3 @@ def _start_child(pipeline: Run, stage: dict) -> Run | None:
         child.tokenizer = child.parent_checkpoint.tokenizer
     child.save()
     return child
-
-
-class StageFollowers:
-    """Keeps a pipeline's children in step with its `stage` events and their event files."""
-
-    def __init__(self, pipeline: Run):
-        self.pipeline = pipeline
-        self.followers: dict[int, object] = {}
-        for child in pipeline.stage_runs.filter(status__in=ACTIVE_STATUSES):
-            self._follow(child)
-
-    def _follow(self, child: Run):
-        from runs.execution import Follower  # execution imports this module
-
-        follower = Follower(child)
-        self.followers[child.pk] = follower
-        return follower
-
-    def _child(self, stage: dict) -> Run | None:
-        return self.pipeline.stage_runs.filter(run_dir=str(stage.get("run_dir", ""))).first()
-
-    def apply(self, stages: list[dict]) -> None:
-        """Start and end children as the pipeline reports (their events are read by `poll`)."""
-        for stage in stages:
-            status = stage.get("status")
-            if status == "started":
-                with transaction.atomic():
-                    try:
-                        child = self._child(stage) or _start_child(self.pipeline, stage)
-                    except IntegrityError:
-                        child = None
-                if child is not None:
-                    self._follow(child)
-                    broadcast.send(child)
-            elif status in STAGE_END:
-                child = self._child(stage)
-                if child is not None:
-                    self.end(child, STAGE_END[status], str(stage.get("error") or ""))
-
-    def poll(self) -> None:
-        for follower in list(self.followers.values()):
-            follower.poll()
-
-    def end(self, child: Run, status: str, error: str = "") -> None:
-        from runs.execution import LOG_FILE, Follower, log_tail
-
-        follower = self.followers.pop(child.pk, None) or Follower(child)
-        follower.poll()  # whatever it wrote last
-
-        tail = log_tail(Path(child.run_dir) / LOG_FILE)
-        Run.objects.filter(pk=child.pk, status__in=ACTIVE_STATUSES).update(
-            status=status, error=error[:5000], finished_at=timezone.now(), log_tail=tail,
-            progress=1.0 if status == Status.SUCCEEDED else child.progress,
-            eta_seconds=0.0 if status == Status.SUCCEEDED else None,
-        )  # fmt: skip
-        child.refresh_from_db()
-        mark_artifacts(child)
-        broadcast.send(child)
-
-    def end_all(self, status: str, error: str) -> None:
-        """The pipeline ended: children still running end with it."""
-        for child in self.pipeline.stage_runs.filter(status__in=ACTIVE_STATUSES):
-            self.end(child, status, error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +19,8 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from runs import broadcast
+from runs import broadcast, layout
+from runs.follow import catch_up
 from runs.models import (
     ACTIVE_STATUSES,
     ArtifactStatus,
@@ -30,6 +32,7 @@ from runs.models import (
     Tokenizer,
 )
 from runs.programs import Program, program_for
+from runs.tasks import execute_run
 from training import dataset as dataset_program
 from training.flags import ConfigError
 
@@ -42,7 +45,7 @@ DATASET_SOURCES = {
     "path": "stats",
 }
 UPLOAD_SUFFIXES = (".txt", ".jsonl", ".parquet")
-_NAME = re.compile(r"^[\w.-]+$")
+NAME_LENGTH = 100
 
 
 class PermissionDenied(Exception):
@@ -56,8 +59,7 @@ class Conflict(Exception):
 # ---- small helpers ------------------------------------------------------------------------
 
 
-def data_home() -> Path:
-    return Path(settings.NANOCHAT_HOME)
+data_home = layout.data_home
 
 
 def can_manage(user, obj: Run | Dataset | Tokenizer) -> bool:
@@ -71,24 +73,27 @@ def _require_manage(user, run: Run, action: str) -> None:
 
 
 def _check_name(name: str, model, field: str = "name") -> None:
-    if not name:
+    """A display name: never part of a path, but still one line of readable text, unique."""
+    if not name or not name.strip():
         raise ConfigError({field: "is required"})
-    if len(name) > 100 or not _NAME.match(name):
-        raise ConfigError({field: "use up to 100 letters, digits, '.', '_' or '-'"})
+    if len(name) > NAME_LENGTH:
+        raise ConfigError({field: f"use at most {NAME_LENGTH} characters"})
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        raise ConfigError({field: "must not contain control characters"})
+    if name.strip() in (".", ".."):
+        raise ConfigError({field: f"{name!r} is not a name"})
     if model.objects.filter(name=name).exists():
         raise ConfigError({field: f"{model.__name__.lower()} {name!r} already exists"})
 
 
 def _allocate_dir(run: Run) -> None:
-    run.run_dir = str(data_home() / "runs" / f"run-{run.pk:06d}")
+    run.run_dir = str(layout.run_dir(run.pk))
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     run.save(update_fields=["run_dir"])
 
 
 def _enqueue(run: Run) -> None:
     """Send the run to the training queue once the transaction that queued it commits."""
-    from runs.tasks import execute_run
-
     run_id, token = run.pk, str(run.launch_token)
     transaction.on_commit(lambda: execute_run.apply_async(args=[run_id, token]))
     transaction.on_commit(lambda: broadcast.run_changed(run_id))
@@ -188,11 +193,14 @@ def _create_run(owner, kind, preset, config, full, dataset, tokenizer, parent_ch
 
 def _attach_new_tokenizer(run: Run, name: str) -> None:
     """A tokenizer run builds a Tokenizer row of its own, usable once the run succeeds."""
-    name = name or f"{run.dataset.name}-{run.config['vocab_size']}-{run.pk}"
-    run.tokenizer = Tokenizer.objects.create(
-        name=name, owner=run.owner, dataset=run.dataset,
-        path=str(data_home() / "tokenizers" / f"{name}"), vocab_size=run.config["vocab_size"],
-    )  # fmt: skip
+    suffix = f"-{run.config['vocab_size']}-{run.pk}"
+    name = name or run.dataset.name[: NAME_LENGTH - len(suffix)] + suffix
+    tokenizer = Tokenizer.objects.create(
+        name=name, owner=run.owner, dataset=run.dataset, vocab_size=run.config["vocab_size"]
+    )
+    tokenizer.path = str(layout.tokenizer_dir(tokenizer.pk))
+    tokenizer.save(update_fields=["path"])
+    run.tokenizer = tokenizer
     run.name = run.name or f"tokenizer {name}"
     run.save(update_fields=["tokenizer", "name"])
 
@@ -269,10 +277,12 @@ def create_dataset(
 
 def _create_dataset_rows(owner, name, source, options, config, uploads, path) -> Dataset:
     with transaction.atomic():
-        target = Path(path) if source == "path" else data_home() / "datasets" / name
         dataset = Dataset.objects.create(
-            name=name, owner=owner, source=source, options=options, path=str(target)
+            name=name, owner=owner, source=source, options=options, path=path or ""
         )
+        if source != "path":
+            dataset.path = str(layout.dataset_dir(dataset.pk))
+            dataset.save(update_fields=["path"])
         run = Run.objects.create(
             kind=Kind.DATASET, name=f"dataset {name}", config=config, owner=owner,
             dataset=dataset,
@@ -287,12 +297,13 @@ def _create_dataset_rows(owner, name, source, options, config, uploads, path) ->
 
 
 def _save_uploads(run: Run, uploads: list) -> list[str]:
+    """Store uploads as `uploads/file-NNN.<suffix>`: the client's file name is not a path."""
     folder = Path(run.run_dir) / "uploads"
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
     for i, upload in enumerate(uploads):
-        safe = re.sub(r"[^\w.-]", "_", Path(str(upload.name)).name) or f"file{i}"
-        target = folder / f"{i:03d}-{safe}"
+        suffix = next(s for s in UPLOAD_SUFFIXES if str(upload.name).lower().endswith(s))
+        target = folder / f"file-{i:03d}{suffix}"
         with open(target, "wb") as out:
             for chunk in upload.chunks():
                 out.write(chunk)
@@ -313,7 +324,7 @@ def cancel_run(run: Run, user) -> Run:
             run.finished_at = timezone.now()
             run.error = "cancelled before it started"
             run.save(update_fields=["status", "finished_at", "error"])
-            mark_artifacts(run)
+            run.mark_artifacts()
         elif run.status == Status.RUNNING:
             run.cancel_requested = True
             run.save(update_fields=["cancel_requested"])
@@ -329,8 +340,6 @@ def resume_run(run: Run, user) -> Run:
     program = program_for(run.kind)
     if not program.resumable:
         raise Conflict(f"{run.kind} runs cannot be resumed; retry it instead")
-    from runs.execution import catch_up
-
     with transaction.atomic():
         run = Run.objects.select_for_update().get(pk=run.pk)
         if run.status not in (Status.FAILED, Status.CANCELLED):
@@ -434,19 +443,6 @@ def delete_tree_on_commit(path: str) -> None:
     if data_home().resolve() not in target.parents:
         return  # never delete outside the data home (e.g. a dataset given by path)
     transaction.on_commit(lambda: shutil.rmtree(target, ignore_errors=True))
-
-
-def mark_artifacts(run: Run) -> None:
-    """A dataset/tokenizer run's artifact follows the run: ready when it succeeded."""
-    status = {
-        Status.SUCCEEDED: ArtifactStatus.READY,
-        Status.FAILED: ArtifactStatus.FAILED,
-        Status.CANCELLED: ArtifactStatus.FAILED,
-    }.get(run.status, ArtifactStatus.BUILDING)
-    if run.kind == Kind.DATASET and run.dataset_id:
-        Dataset.objects.filter(pk=run.dataset_id).update(status=status)
-    elif run.kind == Kind.TOKENIZER and run.tokenizer_id:
-        Tokenizer.objects.filter(pk=run.tokenizer_id).update(status=status)
 
 
 def program_of(run: Run) -> Program:

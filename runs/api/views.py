@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 from runs import artifacts, selectors, services
 from runs.api import serializers as s
 from runs.api.errors import ServiceErrorsMixin
-from runs.execution import LOG_FILE, log_tail
+from runs.follow import LOG_FILE, log_tail
 from runs.models import Checkpoint, Dataset, EvalResult, Report, Run, Tokenizer
 from runs.programs import PROGRAMS
 from runs.series import metric_names, series

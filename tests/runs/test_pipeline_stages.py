@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from django.urls import reverse
 
-from runs.execution import Follower, _finish
+from runs.execution import _finish
+from runs.follow import Follower
 from runs.models import ArtifactStatus, Checkpoint, EvalResult, Kind, MetricPoint, Run, Status
 from runs.programs import PROGRAMS
 from training.events import EventWriter
