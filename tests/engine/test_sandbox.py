@@ -1,4 +1,8 @@
-"""The Python sandbox (engine/sandbox.py): capture, failures, limits, blocked calls, cleanup."""
+"""The Python sandbox (engine/sandbox.py): capture, failures, limits, blocked calls, cleanup.
+
+These hold in either mode; where namespaces are not usable the module runs in weak mode (the
+isolation itself is tested in test_sandbox_escapes.py).
+"""
 
 import os
 import tempfile
@@ -9,15 +13,24 @@ import time
 import psutil
 import pytest
 
+from engine import sandbox
 from engine.sandbox import KILL_GRACE_S, MAX_OUTPUT_BYTES, ExecutionResult, run_python
 
 # Seconds a timed-out run may take beyond its timeout: the kill grace plus start-up and slack.
 OVERRUN_S = KILL_GRACE_S + 1.0
 
 
-def test_captures_stdout_and_stderr():
+@pytest.fixture(autouse=True)
+def usable_mode(monkeypatch):
+    monkeypatch.setenv(sandbox.SANDBOX_MODE_ENV, sandbox.WEAK)
+    return sandbox.sandbox_mode()
+
+
+def test_captures_stdout_and_stderr(usable_mode):
     result = run_python("import sys\nprint('hello', 6 * 7)\nprint('warn', file=sys.stderr)")
-    assert result == ExecutionResult(success=True, stdout="hello 42\n", stderr="warn\n")
+    assert result == ExecutionResult(
+        success=True, stdout="hello 42\n", stderr="warn\n", mode=usable_mode
+    )
 
 
 def test_humaneval_style_program_passes_and_fails_on_its_asserts():
@@ -55,11 +68,13 @@ def test_syntax_error_is_a_failure():
     assert "SyntaxError" in result.error
 
 
-def test_exit_status_decides_success():
-    assert run_python("import sys\nprint('x')\nsys.exit(0)").success
-    result = run_python("import sys\nsys.exit(3)")
+@pytest.mark.parametrize("status", [0, 3])
+def test_leaving_early_is_a_failure_even_with_status_0(status):
+    # The tests after an early exit never ran, so the program did not pass them.
+    result = run_python(f"import sys\nprint('x')\nsys.exit({status})\nassert False")
     assert not result.success
-    assert result.error == "SystemExit: 3"
+    assert result.stdout == "x\n"
+    assert result.error == f"SystemExit: {status}"
 
 
 @pytest.mark.parametrize(
@@ -167,16 +182,23 @@ def test_environment_is_not_inherited(monkeypatch):
     assert result.stdout == "False\n"
 
 
-def test_working_directory_is_a_fresh_temp_dir_removed_afterwards():
-    program = "import os\nopen('scratch.txt', 'w').write('x')\nos.mkdir('sub')\nprint(os.getcwd())"
+def test_working_directory_is_fresh_and_nothing_stays_on_the_host():
+    program = (
+        "import os\nprint(sorted(os.listdir('.')))\n"
+        "open('scratch.txt', 'w').write('x')\nos.mkdir('sub')\nprint(os.getcwd())"
+    )
+    before = set(os.listdir(tempfile.gettempdir()))
     first = run_python(program)
     second = run_python(program)
     assert first.success and second.success
-    first_dir, second_dir = first.stdout.strip(), second.stdout.strip()
-    assert first_dir != second_dir
-    assert os.path.dirname(first_dir) == tempfile.gettempdir()
-    assert not os.path.exists(first_dir)
-    assert not os.path.exists(second_dir)
+    assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0] == "['program.py']"
+    assert not any(
+        name.startswith("nanochat-sandbox-")
+        for name in set(os.listdir(tempfile.gettempdir())) - before
+    )
+    for result in (first, second):
+        workdir = result.stdout.splitlines()[1]
+        assert not os.path.exists(os.path.join(workdir, "scratch.txt"))
 
 
 def test_no_process_is_left_behind():

@@ -209,6 +209,26 @@ def test_a_subset_of_tasks_reports_no_chatcore(tiny_corpus, tmp_path):
     assert "not computed" in (report_dir / "chat_eval_rl.md").read_text()
 
 
+def test_humaneval_without_isolation_is_skipped_with_the_reason(tiny_corpus, tmp_path, monkeypatch):
+    # bubblewrap missing and weak mode not allowed: HumanEval says why it has no score, the
+    # other tasks are still evaluated, and ChatCORE (which needs all six) is left out.
+    monkeypatch.setenv("NANOCHAT_BWRAP", str(tmp_path / "no-bwrap"))
+    monkeypatch.delenv("NANOCHAT_SANDBOX", raising=False)
+    directory = save_tiny_checkpoint(tmp_path / "ckpt", tiny_corpus[1], stage="sft")
+    run_dir = tmp_path / "run"
+    args = ["--config", "tiny", "--checkpoint-dir", str(directory), "--tasks",
+            "arc_easy,humaneval", "--max-problems", "2", "--run-dir", str(run_dir)]  # fmt: skip
+    assert chat_eval.main(args) == 0
+    events = read_events(run_dir)
+    results = {e["task"]: e for e in events if e["type"] == "eval_result"}
+    assert results["humaneval"]["value"] is None
+    assert "bubblewrap" in results["humaneval"]["details"]["skipped"]
+    assert "NANOCHAT_SANDBOX=weak" in results["humaneval"]["details"]["skipped"]
+    assert results["arc_easy"]["details"]["total"] == 2
+    (final,) = [e for e in events if e["type"] == "eval"]
+    assert set(final["values"]) == {"arc_easy/accuracy"}
+
+
 def failure(run_dir) -> str:
     end = read_events(run_dir)[-1]
     assert end["type"] == "end" and end["status"] == "failed"

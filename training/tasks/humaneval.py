@@ -3,7 +3,9 @@
 The user message is the problem's prompt (signature + docstring); the model's answer is graded
 by running the prompt, the code it wrote, the problem's `check` function and
 `check(<entry point>)` in the sandbox (engine.sandbox): the answer is correct when that program
-runs to the end. The prompt goes first so both kinds of answer work: a whole function (it
+runs to the end. Graded code is untrusted, so the task refuses to start where the sandbox cannot
+isolate it (no usable bubblewrap) unless NANOCHAT_SANDBOX=weak allows the weaker mode; the mode
+that ran is `sandbox_mode`, reported in the eval results. The prompt goes first so both kinds of answer work: a whole function (it
 replaces the prompt's stub) and just the body (it continues the prompt's signature).
 
 Hub: the parquet file of `openai/openai_humaneval` (164 problems, test split only). Builtin:
@@ -18,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine.sandbox import run_python
+from engine.sandbox import run_python, sandbox_mode
 from training.tasks import hub
 from training.tasks.base import ListTask, check_source, check_split
 
@@ -78,6 +80,8 @@ class HumanEval(ListTask):
         **slicing: Any,
     ) -> None:
         super().__init__(**slicing)
+        # Raises SandboxUnavailable (naming the setting) before any completion is graded.
+        self.sandbox_mode = sandbox_mode()
         check_source(source)
         check_split(self.name, split, ("test",))
         self.split, self.timeout_s = split, timeout_s

@@ -2,13 +2,27 @@
 
 import pytest
 
+from engine import sandbox
 from training.tasks.base import MissingSplitError
 from training.tasks.humaneval import HumanEval, build_program, extract_code
+
+
+@pytest.fixture(scope="module", autouse=True)
+def usable_sandbox():
+    # Grading is tested in whichever mode works here; the isolation and the refusal of the weak
+    # mode by default are tested in tests/engine/test_sandbox_escapes.py.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(sandbox.SANDBOX_MODE_ENV, sandbox.WEAK)
+        yield sandbox.sandbox_mode()
 
 
 @pytest.fixture(scope="module")
 def task():
     return HumanEval()
+
+
+def test_the_task_records_the_sandbox_mode(task, usable_sandbox):
+    assert task.sandbox_mode == usable_sandbox
 
 
 def gcd_problem(task):
@@ -54,8 +68,12 @@ def test_a_correct_body_only_completion_passes(task):
         "```python\ndef gcd(a, b):\n    return a +\n```",  # syntax error
         "I don't know how to do that.",  # no code at all
         "```python\ndef gcd(a, b):\n    while True:\n        pass\n```",  # never returns
+        # Leaving before the tests run, or forging the runner's old report, is not passing.
+        "```python\nimport os\nos._exit(0)\n```",
+        "```python\nimport sys\nsys.exit(0)\n```",
+        "```python\nimport os\nos.write(3, b'{\"success\": true}')\nos._exit(0)\n```",
     ],
-    ids=["wrong", "syntax-error", "prose", "infinite-loop"],
+    ids=["wrong", "syntax-error", "prose", "infinite-loop", "os-exit-0", "sys-exit-0", "forged"],
 )
 def test_bad_completions_fail(completion):
     task = HumanEval(timeout_s=0.5)
