@@ -13,7 +13,13 @@ chunks, then done. Models are loaded on demand into a small LRU (chat/models_cac
 with its decode loop (chat/decode_loop.py); requests for a model that cannot be loaded yet
 (every cached model busy) wait in the worker until one goes idle. Every second the worker
 publishes its stats to Redis (chat/stats.py) and sends a keepalive to replies that have had
-no message for a while, so a front end can tell a slow reply from a dead worker.
+no message for a while, so a front end can tell a slow reply from a dead worker. The stats key
+expires CHAT_ENGINE_ALIVE_TTL seconds after the last write: a front end whose worker's key is
+gone knows the worker died (chat/protocol.py) and says so within seconds.
+
+Redis going away (restarted, a network blip) does not stop the worker: every receive and send
+waits and retries with backoff until Redis answers again, and requests still queued there are
+taken when it does.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import time
 from collections import deque
 from typing import Any
 
+import redis
 import torch
 from channels.exceptions import ChannelFull
+from django.conf import settings
 
 from chat.decode_loop import Generation, ModelKey, ModelLoop
 from chat.models_cache import ModelCache
@@ -50,6 +58,10 @@ log = logging.getLogger("chat.engine")
 KEEPALIVE_SECONDS = 5.0
 # How long a stopping worker waits for its tasks (e.g. one blocked in a 5 s Redis pop).
 SHUTDOWN_GRACE_SECONDS = 6.0
+# While Redis is unreachable, calls are retried after this long, doubling up to the maximum.
+RECONNECT_FIRST_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 5.0
+REDIS_DOWN = (redis.RedisError, OSError)
 
 
 class EngineWorker:
@@ -94,7 +106,7 @@ class EngineWorker:
         self._slots = asyncio.Semaphore(self.max_rows)
         publisher = None
         if self._redis_url:
-            ttl = max(5.0, 5 * self.stats_interval)
+            ttl = max(settings.CHAT_ENGINE_ALIVE_TTL, 2 * self.stats_interval)
             publisher = StatsPublisher(self._redis_url, self.channel, self.name, ttl)
         log.info(
             "engine worker %s on %s: channel %r, %d rows, %d models",
@@ -159,7 +171,7 @@ class EngineWorker:
     async def _intake(self) -> None:
         while not self._closing:
             await self._slots.acquire()
-            message = await self.layer.receive(self.channel)
+            message = await self._retrying("take requests", self.layer.receive, self.channel)
             if self._closing:  # taken while shutting down: say so rather than drop it
                 self._slots.release()
                 await self._refuse(message, "the engine worker is stopping; try again")
@@ -179,7 +191,7 @@ class EngineWorker:
             return
         gen = Generation(request, reply_channel)
         self._inflight[request.id] = gen
-        self.emit(gen, accepted(request.id, self.name))
+        self.emit(gen, accepted(request.id, self.name, heartbeat=bool(self._redis_url)))
         self._place(gen)
 
     def _place(self, gen: Generation) -> None:
@@ -204,7 +216,7 @@ class EngineWorker:
 
     async def _control(self) -> None:
         while not self._closing:
-            message = await self.layer.receive(self.name)
+            message = await self._retrying("take stops", self.layer.receive, self.name)
             if message.get("type") == STOP:
                 self._stop(message.get("request"))
 
@@ -224,13 +236,33 @@ class EngineWorker:
         while (item := await self._outbox.get()) is not None:  # None: shutdown, all sent
             channel, message, request_id = item
             try:
-                await self.layer.send(channel, message)
+                await self._retrying("send replies", self.layer.send, channel, message)
             except ChannelFull:
                 # Nobody reads that channel any more (the front end is gone): stop generating.
                 gen = self._inflight.get(request_id)
                 if gen is not None and not gen.stop_requested:
                     log.warning("reply channel of request %s is full; stopping it", request_id)
                     self._stop(request_id)
+
+    async def _retrying(self, what: str, call, *args) -> Any:
+        """`await call(*args)`, waiting with backoff while Redis cannot be reached."""
+        delay = RECONNECT_FIRST_SECONDS
+        failing = False
+        while True:
+            try:
+                result = await call(*args)
+            except REDIS_DOWN as exc:
+                if self._closing:
+                    raise
+                if not failing:
+                    log.warning("cannot %s: Redis is unreachable (%s); retrying", what, exc)
+                failing = True
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RECONNECT_MAX_SECONDS)
+                continue
+            if failing:
+                log.info("can %s again: Redis answers", what)
+            return result
 
     async def _tick(self, publisher: StatsPublisher | None) -> None:
         while not self._closing:

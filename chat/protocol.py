@@ -4,7 +4,8 @@ A front end (the chat websocket, an HTTP API view) never talks to a model itself
 `Reply`, which sends one `engine.generate` message to the engine channel of the channel layer
 with a fresh reply channel of its own. Whichever engine worker takes the message answers there:
 
-    engine.accepted  {worker}         first, naming the worker's own channel (for stop)
+    engine.accepted  {worker, heartbeat}  first, naming the worker's own channel (for stop);
+                                      heartbeat: it keeps a liveness key (chat/stats.py)
     engine.chunk     {pieces}         new text as it is generated, coalesced; each piece is
                                       [part, text] with part "text", "python" or "python_output"
     engine.alive     {}               now and then while nothing else is sent (keepalive)
@@ -20,6 +21,12 @@ drive a generation the same way:
     async with Reply(request) as reply:
         async for event in reply:        # Chunk ..., then one Final; EngineError on failure
             ...
+
+A worker can die mid-reply (killed, out of memory, its machine gone) and say nothing. So while
+a reply waits for its next message, it checks every CHAT_ENGINE_ALIVE_CHECK seconds that the
+worker's liveness key still exists; one that expired (CHAT_ENGINE_ALIVE_TTL after the worker's
+last heartbeat) ends the reply with EngineError within a few seconds. A request that no worker
+has taken yet stays queued in Redis for any worker, a restarted one included.
 """
 
 from __future__ import annotations
@@ -32,9 +39,12 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import redis
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
+
+from chat import stats
 
 REQUEST = "engine.generate"
 ACCEPTED = "engine.accepted"
@@ -51,6 +61,10 @@ class ProtocolError(ValueError):
 
 class EngineError(Exception):
     """The engine could not produce a reply (no worker, unknown checkpoint, prompt too long)."""
+
+
+WORKER_DIED = "the engine worker serving this reply stopped; try again"
+REDIS_DOWN = (redis.RedisError, OSError)
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,13 @@ class Final:
         return {k: v for k, v in asdict(self).items() if k not in ("content", "parts")}
 
 
-def accepted(request_id: str, worker_channel: str) -> dict[str, Any]:
-    return {"type": ACCEPTED, "request": request_id, "worker": worker_channel}
+def accepted(request_id: str, worker_channel: str, heartbeat: bool = False) -> dict[str, Any]:
+    return {
+        "type": ACCEPTED,
+        "request": request_id,
+        "worker": worker_channel,
+        "heartbeat": heartbeat,
+    }
 
 
 def chunk(request_id: str, pieces: list[tuple[str, str]]) -> dict[str, Any]:
@@ -182,6 +201,9 @@ class Reply:
         self.idle_timeout = idle_timeout or settings.CHAT_ENGINE_IDLE_TIMEOUT
         self.channel: str | None = None
         self.worker: str | None = None  # the worker's own channel, once it took the request
+        self.alive_check = settings.CHAT_ENGINE_ALIVE_CHECK
+        self._liveness: stats.Liveness | None = None  # when the worker keeps a liveness key
+        self._next: asyncio.Future | None = None  # the receive in progress, kept across checks
         self.finished = False
         self._stop_wanted = False
         self._stop_sent = False
@@ -198,8 +220,16 @@ class Reply:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
-        if not self.finished:
-            await self.stop()
+        try:
+            if not self.finished:
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.stop()
+        finally:
+            if self._next is not None:
+                self._next.cancel()
+                await asyncio.gather(self._next, return_exceptions=True)
+            if self._liveness is not None:
+                await self._liveness.close()
 
     def __aiter__(self) -> AsyncIterator[Chunk | Final]:
         return self._events()
@@ -225,6 +255,8 @@ class Reply:
             kind = message.get("type")
             if kind == ACCEPTED:
                 self.worker = message["worker"]
+                if message.get("heartbeat"):
+                    self._liveness = stats.Liveness(self.engine_channel, self.worker)
                 if self._stop_wanted:
                     await self.stop()
             elif kind == CHUNK:
@@ -237,18 +269,36 @@ class Reply:
                 raise EngineError(message.get("message") or "the engine failed")
 
     async def _receive(self) -> dict[str, Any]:
+        """The next message on the reply channel; EngineError on a timeout or a dead worker."""
         waiting_for_worker = self.worker is None
         timeout = self.accept_timeout if waiting_for_worker else self.idle_timeout
-        try:
-            return await asyncio.wait_for(self.layer.receive(self.channel), timeout)
-        except TimeoutError:
-            self.finished = True
-            if waiting_for_worker:
-                raise EngineError(
-                    f"no engine worker took the request within {timeout:g} s "
-                    f"(are engine workers running?)"
-                ) from None
-            raise EngineError(f"the engine worker went silent for {timeout:g} s") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._next is None:
+            # One receive spans the liveness checks: cancelling a channels_redis receive can
+            # drop a message that is arriving at that moment.
+            self._next = asyncio.ensure_future(self.layer.receive(self.channel))
+        while True:
+            left = deadline - loop.time()
+            done, _ = await asyncio.wait([self._next], timeout=max(0, min(left, self.alive_check)))
+            if done:
+                received, self._next = self._next, None
+                try:
+                    return received.result()
+                except REDIS_DOWN:
+                    self.finished = True
+                    raise EngineError("lost the connection to the engine; try again") from None
+            if deadline - loop.time() <= 0:
+                self.finished = True
+                if waiting_for_worker:
+                    raise EngineError(
+                        f"no engine worker took the request within {timeout:g} s "
+                        f"(are engine workers running?)"
+                    )
+                raise EngineError(f"the engine worker went silent for {timeout:g} s")
+            if self._liveness is not None and not await self._liveness.alive():
+                self.finished = True
+                raise EngineError(WORKER_DIED)
 
 
 def _is_int(value: Any) -> bool:

@@ -3,7 +3,9 @@
 Each worker rewrites one JSON key every second with a short expiry, so the set of keys is the
 set of live workers: a worker that dies simply disappears a few seconds later, with no
 registry to clean up. Keys are grouped by engine channel, so workers of another deployment
-(or of a test) sharing the Redis server are not counted.
+(or of a test) sharing the Redis server are not counted. The same key is the worker's liveness
+signal: a front end waiting on a reply checks it (`Liveness`) to tell a dead worker from a slow
+one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ class StatsPublisher:
             await self._client.delete(self._key)
         finally:
             await self._client.aclose()
+
+
+class Liveness:
+    """Whether one worker's key still exists, asked by a reply that waits on that worker."""
+
+    def __init__(self, engine_channel: str, worker: str) -> None:
+        self._client = redis.asyncio.from_url(settings.REDIS_URL)
+        self._key = _key(engine_channel, worker)
+
+    async def alive(self) -> bool:
+        """False once the key expired; True while it exists or Redis cannot be asked (then
+        the reply's own receive fails, with a better message)."""
+        try:
+            return bool(await self._client.exists(self._key))
+        except (redis.RedisError, OSError):
+            return True
+
+    async def close(self) -> None:
+        await self._client.aclose()
 
 
 def read_stats(engine_channel: str | None = None) -> list[dict[str, Any]]:

@@ -3,9 +3,16 @@
 Used by `manage.py up`. Each child runs in its own session so a terminal's Ctrl-C reaches
 only the supervisor, which then stops the children in a known order (each gets SIGTERM and a
 grace period, then everything left in its process tree gets SIGKILL). Output of every child
-is shown with its name in front. When a child exits on its own the supervisor says which one
-and why, shows its last lines, and stops the rest: a half-running product is worse than a
-stopped one.
+is shown with its name in front.
+
+A child that exits on its own is restarted: one killed worker must not take the site down.
+What is left of its session (a Celery pool process, say) is killed first, so a restarted
+worker never races a half-dead one. Restarts back off exponentially (RestartPolicy), and a
+child that keeps dying -- more than `max_restarts` deaths within `window` seconds -- is a crash
+loop: the supervisor says so (which child, how often, its last lines) and stops restarting it.
+Losing an *essential* child that way (the web server, the embedded Redis) stops the whole
+product, since nothing works without it; any other child is left stopped and the rest keeps
+serving (the health page shows what is missing).
 
 No Django imports: this is plain process management, testable on its own.
 """
@@ -39,6 +46,25 @@ class ChildSpec:
     # Stopped after every child without this flag (e.g. the broker, which workers need to
     # shut down cleanly).
     stop_last: bool = False
+    # A crash loop of an essential child stops the whole product (see the module docstring).
+    essential: bool = False
+    # Called before every restart (e.g. to clear a socket file the dead child left behind).
+    before_restart: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a child that died is started again, and when the supervisor gives up on it."""
+
+    backoff_initial: float = 1.0  # seconds before the first restart
+    backoff_max: float = 30.0  # the delay doubles per restart up to this
+    stable_after: float = 60.0  # a child up this long starts again from backoff_initial
+    max_restarts: int = 5  # more deaths than this within `window` seconds: a crash loop
+    window: float = 60.0
+
+    def delay(self, consecutive: int) -> float:
+        """Seconds to wait before restart number `consecutive` (1, 2, ...) in a row."""
+        return min(self.backoff_max, self.backoff_initial * 2 ** max(0, consecutive - 1))
 
 
 @dataclass
@@ -47,6 +73,11 @@ class Child:
     process: subprocess.Popen
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
     reader: threading.Thread | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    deaths: collections.deque = field(default_factory=collections.deque)  # monotonic times
+    restarts: int = 0  # restarts in a row, without a stable run in between
+    restart_at: float | None = None  # a restart is scheduled for this monotonic time
+    given_up: bool = False
 
     @property
     def name(self) -> str:
@@ -97,8 +128,17 @@ class Supervisor:
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self, spec: ChildSpec) -> Child:
+        child = Child(spec, self._spawn(spec))
+        self.children.append(child)
+        self._read(child)
+        self.say(f"started {spec.name} (pid {child.pid}): {' '.join(spec.argv)}")
+        return child
+
+    def _spawn(self, spec: ChildSpec) -> subprocess.Popen:
+        # Children are only ever spawned from the main thread: the launcher's PR_SET_PDEATHSIG
+        # fires when the *thread* that forked it ends.
         argv = [sys.executable, str(LAUNCHER), str(os.getpid()), "--", *spec.argv]
-        process = subprocess.Popen(
+        return subprocess.Popen(
             argv,
             env=spec.env,
             cwd=spec.cwd,
@@ -107,12 +147,10 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        child = Child(spec, process)
-        self.children.append(child)
+
+    def _read(self, child: Child) -> None:
         child.reader = threading.Thread(target=self._pump, args=(child,), daemon=True)
         child.reader.start()
-        self.say(f"started {spec.name} (pid {process.pid}): {' '.join(spec.argv)}")
-        return child
 
     def wait_until(self, child: Child, probe: Callable[[], bool], timeout: float, what: str):
         """Poll `probe` until true; fail early if the child dies, or after `timeout` seconds."""
@@ -138,13 +176,78 @@ class Supervisor:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
-    def watch(self, poll: float = 0.2) -> Child | None:
-        """Block until a stop is requested (returns None) or a child exits (returns it)."""
+    def supervise(self, policy: RestartPolicy, poll: float = 0.2) -> Child | None:
+        """Restart children that die until a stop is requested (returns None) or an essential
+        child crash-loops (returns it; the caller stops everything)."""
         while not self._stop.wait(poll):
+            now = time.monotonic()
             for child in self.children:
-                if child.process.poll() is not None:
+                if child.given_up:
+                    continue
+                if child.restart_at is not None:
+                    if now < child.restart_at or self._restart(child):
+                        continue
+                    # It could not even be started: that counts as another death.
+                elif child.process.poll() is None:
+                    continue
+                if not self._died(child, policy, now) and child.spec.essential:
                     return child
         return None
+
+    def _died(self, child: Child, policy: RestartPolicy, now: float) -> bool:
+        """Note a death; schedule a restart (True) or give up on a crash loop (False)."""
+        self._kill_session(child)
+        if child.reader is not None:
+            child.reader.join(timeout=2)  # its last lines, before they are quoted
+        if now - child.started_at >= policy.stable_after:
+            child.restarts = 0
+        child.deaths.append(now)
+        while child.deaths and now - child.deaths[0] > policy.window:
+            child.deaths.popleft()
+        how = f"{child.name} (pid {child.pid}) {describe_exit(child.process.returncode)}"
+        if len(child.deaths) > policy.max_restarts:
+            child.given_up = True
+            rest = "stopping everything" if child.spec.essential else "the rest keeps running"
+            self.say(
+                f"{how}: {_deaths(len(child.deaths))} within {policy.window:g} s, "
+                f"a crash loop; not restarting it again ({rest})"
+            )
+            self.say_tail(child)
+            return False
+        child.restarts += 1
+        delay = policy.delay(child.restarts)
+        child.restart_at = now + delay
+        self.say(f"{how}; restarting in {delay:g} s (restart {child.restarts})")
+        return True
+
+    def _restart(self, child: Child) -> bool:
+        child.restart_at = None
+        try:
+            if child.spec.before_restart is not None:
+                child.spec.before_restart()
+            process = self._spawn(child.spec)
+        except (OSError, RuntimeError) as exc:
+            self.say(f"cannot restart {child.name}: {exc}")
+            return False
+        child.process, child.started_at = process, time.monotonic()
+        self._read(child)
+        self.say(f"restarted {child.name} (pid {child.pid})")
+        return True
+
+    def say_tail(self, child: Child, lines: int = 15) -> None:
+        if child.tail:
+            self.say(f"last lines from {child.name}:")
+            for line in list(child.tail)[-lines:]:
+                self.say(f"    {line}")
+
+    def _kill_session(self, child: Child) -> None:
+        """SIGKILL what the dead child left in its session (e.g. Celery pool processes)."""
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != child.pid and os.getsid(proc.pid) == child.pid:
+                    proc.kill()
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
 
     def stop_all(self) -> None:
         """Stop every child: normal ones together first, then the `stop_last` ones."""
@@ -179,6 +282,10 @@ class Supervisor:
             psutil.wait_procs(with_timeout, timeout=5)
             if child.process.poll() is None:
                 child.process.wait(timeout=5)
+
+
+def _deaths(count: int) -> str:
+    return f"{count} death" if count == 1 else f"{count} deaths"
 
 
 class ChildFailed(RuntimeError):

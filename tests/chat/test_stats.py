@@ -31,3 +31,13 @@ def test_stats_endpoint_needs_a_login_and_lists_the_workers(admin_user, engine):
     assert body["workers"] == 1 and body["capacity"] == 4
     assert body["worker_stats"][0]["pid"] == engine.proc.pid
     assert client.post("/chat/api/stats/").status_code == 405
+
+
+@pytest.mark.urls("tests.chat.test_stats")
+def test_stats_endpoint_answers_503_while_redis_is_away(admin_user, settings):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    client = Client()
+    client.force_login(admin_user)
+    response = client.get("/chat/api/stats/")
+    assert response.status_code == 503
+    assert response.json()["detail"].startswith("engine stats unavailable: Redis:")

@@ -160,15 +160,18 @@ def test_ctrl_c_on_make_run_leaves_no_process(fresh_site_env):
         proc.kill_everything()
 
 
-def test_a_dying_child_is_named_and_everything_stops(fresh_site_env):
-    proc = SiteProcess.manage_up(fresh_site_env, free_port())
+def test_an_essential_child_given_up_on_is_named_and_everything_stops(fresh_site_env):
+    # With --max-restarts 0 the first death is already a crash loop; the web server is
+    # essential, so `up` stops everything (restarts: tests/site/test_hardening_supervisor.py).
+    proc = SiteProcess.manage_up(fresh_site_env, free_port(), "--max-restarts", "0")
     try:
         proc.wait_up()
-        victim = proc.child_pid("worker-default")
+        victim = proc.child_pid("web")
         os.kill(victim, signal.SIGKILL)
         code = proc.wait_exit(60)
         assert code != 0
-        assert f"worker-default (pid {victim}) was killed by SIGKILL unexpectedly" in proc.output
+        assert f"web (pid {victim}) was killed by SIGKILL: 1 death within" in proc.output
+        assert "(stopping everything)" in proc.output
         assert proc.survivors() == [], proc.output
     finally:
         proc.kill_everything()

@@ -1,13 +1,21 @@
-"""The process supervisor behind `manage.py up`, on small shell children."""
+"""The process supervisor behind `manage.py up`, on small shell children: output, restarts
+with backoff, crash loops, and stopping whole process trees."""
 
 import io
 import signal
+import threading
 import time
 
 import psutil
 import pytest
 
-from nanochat_site.supervisor import ChildFailed, ChildSpec, Supervisor, describe_exit
+from nanochat_site.supervisor import (
+    ChildFailed,
+    ChildSpec,
+    RestartPolicy,
+    Supervisor,
+    describe_exit,
+)
 
 
 def sh(name: str, script: str, **kw) -> ChildSpec:
@@ -31,16 +39,96 @@ def test_output_is_prefixed_with_the_child_name():
     assert list(child.tail) == ["hello", "world"]
 
 
-def test_watch_returns_the_child_that_died():
-    sup = Supervisor(out=io.StringIO(), grace=2)
-    sup.start(sh("sleeper", "sleep 30"))
-    quitter = sup.start(sh("quitter", "sleep 0.3; exit 7"))
+def stop_when(sup: Supervisor, condition, timeout: float = 30) -> threading.Thread:
+    """Request a stop once `condition()` holds (or after `timeout`), from a watcher thread."""
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sup.request_stop("test done")
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_backoff_doubles_up_to_its_maximum():
+    policy = RestartPolicy(backoff_initial=1, backoff_max=30)
+    assert [policy.delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_child_that_dies_is_restarted_and_the_event_is_one_line(tmp_path):
+    out = io.StringIO()
+    sup = Supervisor(out=out, grace=2)
+    mark = tmp_path / "ran-once"
+    flaky = sup.start(
+        sh("flaky", f"if [ -e {mark} ]; then echo second; sleep 30; else touch {mark}; exit 3; fi")
+    )
+    first_pid = flaky.pid
     try:
-        died = sup.watch(poll=0.05)
-        assert died is quitter
-        assert describe_exit(died.process.returncode) == "exited with code 7"
+        stop_when(sup, lambda: "second" in flaky.tail)
+        assert sup.supervise(RestartPolicy(backoff_initial=0.1), poll=0.02) is None
     finally:
         sup.stop_all()
+    text = out.getvalue()
+    assert f"flaky (pid {first_pid}) exited with code 3; restarting in 0.1 s (restart 1)" in text
+    assert f"restarted flaky (pid {flaky.pid})" in text and flaky.pid != first_pid
+    assert "second" in flaky.tail
+
+
+def test_what_a_dead_child_left_in_its_session_is_killed_before_the_restart():
+    sup = Supervisor(out=io.StringIO(), grace=2)
+    # Like a Celery main process killed under its pool: the grandchild outlives its parent.
+    parent = sup.start(sh("parent", "sleep 60 & echo $!; exit 5"))
+    try:
+        deadline = time.monotonic() + 20
+        while not parent.tail and time.monotonic() < deadline:
+            time.sleep(0.02)
+        grandchild = psutil.Process(int(parent.tail[0]))
+        stop_when(sup, lambda: parent.restarts >= 1)
+        sup.supervise(RestartPolicy(backoff_initial=30), poll=0.02)
+        gone, alive = psutil.wait_procs([grandchild], timeout=5)
+        assert alive == []
+    finally:
+        sup.stop_all()
+
+
+def test_a_crash_loop_of_an_essential_child_is_reported_and_stops_supervising():
+    out = io.StringIO()
+    sup = Supervisor(out=out, grace=2)
+    sleeper = sup.start(sh("sleeper", "sleep 30"))
+    crasher = sup.start(sh("crasher", "echo boom; exit 1", essential=True))
+    policy = RestartPolicy(backoff_initial=0.01, max_restarts=3, window=60)
+    try:
+        stop_when(sup, lambda: False, timeout=60)  # a safety net only
+        assert sup.supervise(policy, poll=0.02) is crasher
+        assert sleeper.process.poll() is None  # the caller decides what to stop
+    finally:
+        sup.stop_all()
+    text = out.getvalue()
+    assert text.count("restarted crasher") == 3
+    assert (
+        "exited with code 1: 4 deaths within 60 s, a crash loop; not restarting it again "
+        "(stopping everything)" in text
+    )
+    assert "last lines from crasher:" in text and "    boom" in text
+
+
+def test_a_crash_loop_of_another_child_leaves_the_rest_running():
+    out = io.StringIO()
+    sup = Supervisor(out=out, grace=2)
+    sleeper = sup.start(sh("sleeper", "sleep 30"))
+    crasher = sup.start(sh("crasher", "exit 1"))
+    policy = RestartPolicy(backoff_initial=0.01, max_restarts=0)
+    try:
+        stop_when(sup, lambda: crasher.given_up)
+        assert sup.supervise(policy, poll=0.02) is None
+        assert crasher.given_up and sleeper.process.poll() is None
+    finally:
+        sup.stop_all()
+    assert "crash loop; not restarting it again (the rest keeps running)" in out.getvalue()
+    assert "restarted crasher" not in out.getvalue()
 
 
 def test_stop_kills_children_that_ignore_sigterm_and_their_whole_tree():

@@ -1,9 +1,15 @@
 """`manage.py up`: the whole product on one machine, in one terminal.
 
 Migrates, makes sure an admin exists, starts the embedded Redis when REDIS_URL is unset, then
-runs the web server (daphne), the Celery workers, celery beat and the engine workers as children until
-Ctrl-C or SIGTERM, and stops them all. Each piece is the same command a multi-machine
+runs the web server (daphne's, through nanochat_site/webserver.py), the Celery workers, celery
+beat and the engine workers as children until Ctrl-C or SIGTERM, and stops them all. Each piece is the same command a multi-machine
 deployment runs on its own (see docker/compose.yaml).
+
+A child that dies is restarted with backoff (nanochat_site/supervisor.py); the others ride
+out its absence -- Celery and the engine worker reconnect to a Redis that went away, and the
+embedded Redis comes back from its snapshot. A child that crash-loops is given up on: the web
+server or the embedded Redis then stops the whole product (exit status 1), any other child
+stays stopped while the rest keeps serving.
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ from django.core.management.base import BaseCommand, CommandError
 
 from nanochat_site import embedded_redis
 from nanochat_site.bootstrap import ensure_superuser
-from nanochat_site.supervisor import ChildFailed, ChildSpec, Interrupted, Supervisor
+from nanochat_site.supervisor import (
+    ChildFailed,
+    ChildSpec,
+    Interrupted,
+    RestartPolicy,
+    Supervisor,
+)
 
 
 def port_accepts(host: str, port: int) -> bool:
@@ -51,7 +63,7 @@ def engine_argv() -> list[str]:
 
 
 def web_argv(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
+    return [sys.executable, "-m", "nanochat_site.webserver", "-b", host, "-p", str(port),
             "nanochat_site.asgi:application"]  # fmt: skip
 
 
@@ -65,6 +77,17 @@ class Command(BaseCommand):
             "--grace", type=float, default=10.0,
             help="seconds each child gets to stop after SIGTERM before it is killed",
         )  # fmt: skip
+        defaults = RestartPolicy()
+        parser.add_argument(
+            "--max-restarts", type=int, default=defaults.max_restarts,
+            help="a child that dies more often than this within --restart-window seconds is "
+                 "not restarted again (0: never restart)",
+        )  # fmt: skip
+        parser.add_argument("--restart-window", type=float, default=defaults.window)
+        parser.add_argument(
+            "--backoff-max", type=float, default=defaults.backoff_max,
+            help="the longest wait before a restart (it starts at 1 s and doubles)",
+        )  # fmt: skip
 
     def handle(self, *args, host: str, port: int, grace: float, **options):
         if port_accepts(host, port):
@@ -73,13 +96,18 @@ class Command(BaseCommand):
         username, password = ensure_superuser()
         supervisor = Supervisor(out=self.stdout._out, grace=grace)
         supervisor.install_signal_handlers()
+        policy = RestartPolicy(
+            backoff_max=options["backoff_max"],
+            max_restarts=options["max_restarts"],
+            window=options["restart_window"],
+        )
         try:
-            self._run(supervisor, host, port, username, password)
+            self._run(supervisor, policy, host, port, username, password)
         finally:
             supervisor.stop_all()
             supervisor.say("all processes stopped")
 
-    def _run(self, supervisor: Supervisor, host, port, username, password) -> None:
+    def _run(self, supervisor: Supervisor, policy, host, port, username, password) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_HOME": str(settings.NANOCHAT_HOME)}
         cwd = str(settings.BASE_DIR)
         try:
@@ -87,7 +115,15 @@ class Command(BaseCommand):
                 sock = settings.EMBEDDED_REDIS_SOCKET
                 embedded_redis.prepare(sock)
                 redis_child = supervisor.start(
-                    ChildSpec("redis", embedded_redis.server_argv(sock), env, cwd, stop_last=True)
+                    ChildSpec(
+                        "redis",
+                        embedded_redis.server_argv(sock),
+                        env,
+                        cwd,
+                        stop_last=True,
+                        essential=True,
+                        before_restart=lambda: embedded_redis.prepare(sock),
+                    )
                 )
                 supervisor.wait_until(
                     redis_child, lambda: embedded_redis.answers(sock), 15, "ready"
@@ -100,7 +136,8 @@ class Command(BaseCommand):
                 ChildSpec("engine", engine_argv(), env, cwd),
             ]:
                 supervisor.start(spec)
-            web = supervisor.start(ChildSpec("web", web_argv(host, port), env, cwd))
+            web_spec = ChildSpec("web", web_argv(host, port), env, cwd, essential=True)
+            web = supervisor.start(web_spec)
             supervisor.wait_until(web, lambda: port_accepts(host, port), 60, "reachable")
         except (ChildFailed, RuntimeError) as exc:
             self._fail(supervisor, exc)
@@ -114,16 +151,14 @@ class Command(BaseCommand):
         else:
             supervisor.say(f"log in as {username} (or another account); Ctrl-C stops everything")
 
-        died = supervisor.watch()
-        if died is not None:
-            self._fail(supervisor, ChildFailed(died, "unexpectedly"))
+        lost = supervisor.supervise(policy)
+        if lost is not None:
+            self._fail(supervisor, ChildFailed(lost, "too often; stopping everything"))
         supervisor.say(f"{supervisor.stop_reason}: stopping")
 
     def _fail(self, supervisor: Supervisor, exc: Exception):
         child = getattr(exc, "child", None)
         supervisor.say(f"error: {exc}")
-        if child is not None and child.tail:
-            supervisor.say(f"last lines from {child.name}:")
-            for line in list(child.tail)[-15:]:
-                supervisor.say(f"    {line}")
+        if child is not None:
+            supervisor.say_tail(child)
         raise CommandError(str(exc))
