@@ -22,7 +22,6 @@ reply; the partial text is saved like a stopped one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 
@@ -33,6 +32,7 @@ from chat import limits, services
 from chat.limits import FieldError, Sampling
 from chat.protocol import Chunk, EngineError, Reply
 from chat.services import PendingReply
+from nanochat_site.limits import InputError, parse_json
 
 log = logging.getLogger("chat")
 
@@ -69,9 +69,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None, **kwargs):
         try:
-            frame = json.loads(text_data if text_data is not None else bytes_data)
-        except (TypeError, ValueError):
-            frame = None
+            frame = parse_json(text_data if text_data is not None else bytes_data, what="frame")
+        except InputError as exc:  # malformed, too big or too deep: said, and the socket stays
+            await self._error(None, str(exc))
+            return
         await self.receive_json(frame)
 
     async def receive_json(self, content, **kwargs):

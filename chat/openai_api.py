@@ -30,6 +30,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
@@ -39,6 +41,7 @@ from chat import openai_format as fmt
 from chat.openai_format import ApiError
 from chat.protocol import Chunk, EngineError, Final, GenerationRequest, Reply
 from chat.services import chat_limits, checkpoints_for_picker
+from nanochat_site import limits
 from runs.models import Checkpoint
 
 MODEL_ID = re.compile(r"ckpt-(\d{1,18})")
@@ -262,7 +265,12 @@ def engine_error(exc: EngineError) -> ApiError:
 
 
 def _json_body(request: HttpRequest):
+    """The body as JSON, within API_MAX_BODY_BYTES and JSON_MAX_DEPTH (nanochat_site/limits.py);
+    Django itself refuses to read a body whose Content-Length is over the limit."""
     try:
-        return json.loads(request.body or b"null")
-    except ValueError:
-        raise ApiError(400, "the request body is not valid JSON") from None
+        return limits.parse_json(request.body or b"null")
+    except RequestDataTooBig:
+        raise ApiError(400, f"the body is larger than {settings.API_MAX_BODY_BYTES} bytes",
+                       code="request_too_large") from None  # fmt: skip
+    except limits.InputError as exc:
+        raise ApiError(400, str(exc), code="invalid_json") from None

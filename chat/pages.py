@@ -16,6 +16,7 @@ from dataclasses import asdict
 from functools import wraps
 from pathlib import PurePath
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, JsonResponse
 from django.shortcuts import render
@@ -24,10 +25,20 @@ from django.views.decorators.http import require_GET
 
 from chat import services
 from chat.models import Conversation, Message
+from nanochat_site import limits
 from runs.models import Checkpoint
 
 # The sidebar shows this many of the most recently used conversations.
 CONVERSATIONS_SHOWN = 200
+
+
+def _checkpoint_param(request) -> int | None:
+    """`?checkpoint=<id>` to preselect; a value that is not an id is ignored, with a message."""
+    try:
+        return limits.query_int(request.GET, "checkpoint", lo=1)
+    except limits.QueryParamError as exc:
+        messages.warning(request, f"Ignored the checkpoint parameter: it {exc.message}.")
+        return None
 
 
 @login_required
@@ -40,8 +51,8 @@ def chat_page(request, conversation_id: int | None = None):
     options = [checkpoint_option(c) for c in checkpoints]
     ids = {option["id"] for option in options}
     selected = conversation.checkpoint_id if conversation else None
-    if selected is None and request.GET.get("checkpoint", "").isdigit():
-        selected = int(request.GET["checkpoint"])  # "chat" buttons of the dashboard
+    if selected is None:
+        selected = _checkpoint_param(request)  # "chat" buttons of the dashboard
     if selected not in ids:
         selected = options[0]["id"] if options else None
     state = {

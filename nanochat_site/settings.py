@@ -130,6 +130,11 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Redis going away (restarted by `manage.py up`, a network blip) must not stop a worker or
+# beat: they retry the broker and the result backend until it answers again.
+CELERY_BROKER_CONNECTION_RETRY = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -146,6 +151,9 @@ RUNS_RECONCILE_SECONDS = float(os.environ.get("RUNS_RECONCILE_SECONDS", "10"))
 RUNS_CANCEL_GRACE_SECONDS = float(os.environ.get("RUNS_CANCEL_GRACE_SECONDS", "5"))
 # The dashboard's one-click quick start runs this pipeline preset (training/configs/pipeline/).
 RUNS_QUICKSTART_PRESET = os.environ.get("RUNS_QUICKSTART_PRESET", "demo-cpu")
+# Hosts (or host:port) that user-given download URLs may reach although they resolve to a
+# private, loopback or link-local address (training/fetch_policy.py); passed to the programs.
+FETCH_ALLOWED_HOSTS = env.csv("NANOCHAT_FETCH_ALLOWED_HOSTS", default="")
 CELERY_BEAT_SCHEDULE = {
     "reconcile-runs": {
         "task": "runs.reconcile",
@@ -180,7 +188,22 @@ STORAGES = {
 # Serve static files straight from the finders: no collectstatic step before `make run`.
 WHITENOISE_USE_FINDERS = True
 
+# --- limits on what a client may send (nanochat_site/limits.py says why these values) ----------
+API_MAX_BODY_BYTES = int(os.environ.get("API_MAX_BODY_BYTES", str(1024 * 1024)))  # JSON / frame
+JSON_MAX_DEPTH = int(os.environ.get("JSON_MAX_DEPTH", "64"))  # nesting of arrays and objects
+UPLOAD_MAX_BYTES = int(os.environ.get("UPLOAD_MAX_BYTES", str(1024**3)))  # one dataset's files
+# Django's own caps agree: a form or request.body past API_MAX_BODY_BYTES is refused (uploaded
+# files do not count), and files over 2.5 MiB are spooled to temporary files, not memory.
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
+FILE_UPLOAD_MAX_MEMORY_SIZE = int(2.5 * 1024 * 1024)
+
 REST_FRAMEWORK = {
+    "DEFAULT_PARSER_CLASSES": [
+        "nanochat_site.limits.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "EXCEPTION_HANDLER": "runs.api.errors.api_exception_handler",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
@@ -238,3 +261,8 @@ CHAT_ENGINE_STATS_INTERVAL = 1.0  # seconds between a worker's stats/keepalive t
 # anyway); a taken request whose worker goes silent this long fails too.
 CHAT_ENGINE_ACCEPT_TIMEOUT = float(os.environ.get("CHAT_ENGINE_ACCEPT_TIMEOUT", "60"))
 CHAT_ENGINE_IDLE_TIMEOUT = float(os.environ.get("CHAT_ENGINE_IDLE_TIMEOUT", "30"))
+# A worker's stats key expires this long after its last heartbeat (one per
+# CHAT_ENGINE_STATS_INTERVAL); a reply whose worker's key is gone fails at once ("the engine
+# worker serving this reply stopped"), checked every CHAT_ENGINE_ALIVE_CHECK seconds of silence.
+CHAT_ENGINE_ALIVE_TTL = float(os.environ.get("CHAT_ENGINE_ALIVE_TTL", "3"))
+CHAT_ENGINE_ALIVE_CHECK = float(os.environ.get("CHAT_ENGINE_ALIVE_CHECK", "0.5"))

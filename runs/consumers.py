@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from nanochat_site.limits import InputError, parse_json
 from runs import broadcast
 
 
@@ -25,9 +26,21 @@ class RunUpdatesConsumer(AsyncJsonWebsocketConsumer):
         if hasattr(self, "group"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
-    async def receive_json(self, content, **kwargs):
-        if isinstance(content, dict) and content.get("type") == "ping":
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        """Clients only ping (`{"type": "ping"}` -> `{"type": "pong"}`); anything else is
+        answered with an error frame and the socket stays open."""
+        try:
+            frame = parse_json(text_data if text_data is not None else bytes_data, what="frame")
+        except InputError as exc:
+            await self._error(str(exc))
+            return
+        if isinstance(frame, dict) and frame.get("type") == "ping":
             await self.send_json({"type": "pong"})
+        else:
+            await self._error('this socket only takes {"type": "ping"} frames')
+
+    async def _error(self, message: str) -> None:
+        await self.send_json({"type": "error", "field": None, "message": message})
 
     async def run_update(self, event):
         await self.send_json({k: v for k, v in event.items() if k != "type"} | {"type": "run"})

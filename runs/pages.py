@@ -18,6 +18,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from nanochat_site import limits
 from runs import artifacts, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
 from runs.forms import DatasetForm, RunForm
@@ -29,6 +30,20 @@ RUNS_PER_PAGE = 50
 LOG_LINES = 200
 CHART_POINTS = 1000
 DEFAULT_CHARTS = ("train/loss", "val/bpb", "train/lr_mult", "train/tok_per_sec", "train/mfu")
+
+
+def _text_filter(request, name: str) -> str:
+    """A text filter from the query string; one no database can hold (a NUL) is ignored and
+    the page says so, rather than failing in the database driver."""
+    try:
+        return limits.query_text(request.GET, name)
+    except limits.QueryParamError as exc:
+        _ignored(request, exc)
+        return ""
+
+
+def _ignored(request, exc: limits.QueryParamError) -> None:
+    messages.warning(request, f"Ignored the {exc.field} filter: it {exc.message}.")
 
 
 def submittable_kinds() -> list[str]:
@@ -75,7 +90,7 @@ def quick_start(request):
 @login_required
 @require_GET
 def run_list(request):
-    params = {k: request.GET.get(k, "") for k in ("kind", "status", "owner", "search")}
+    params = {k: _text_filter(request, k) for k in ("kind", "status", "owner", "search")}
     params["mine"] = request.GET.get("mine") == "1"
     runs = selectors.filter_runs(selectors.run_list(), params, request.user)
     page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
@@ -208,7 +223,12 @@ def run_action(request, run_id: int, action: str):
 @require_GET
 def compare(request):
     raw = ",".join(request.GET.getlist("ids"))
-    ids = [int(x) for x in raw.replace(" ", ",").split(",") if x.strip().isdigit()]
+    ids = []
+    for item in filter(str.strip, raw.replace(" ", ",").split(",")):
+        try:
+            ids.append(limits.to_int(item, "ids", lo=1))
+        except limits.QueryParamError as exc:
+            _ignored(request, exc)
     runs = selectors.runs_by_ids(ids)
     names: list[str] = []
     for run in runs:
@@ -242,13 +262,24 @@ def compare(request):
 def datasets(request):
     form = DatasetForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
-        dataset = form.submit(request.user, request.FILES.getlist("files"))
+        dataset = _submit_dataset(form, request.user, request.FILES.getlist("files"))
         if dataset is not None:
             messages.success(request, f"Dataset {dataset.name} is being built.")
             return redirect("datasets")
     rows = artifacts.with_build_run(Dataset.objects.select_related("owner"))
     status = 400 if request.method == "POST" else 200
     return render(request, "runs/datasets.html", {"datasets": rows, "form": form}, status=status)
+
+
+def _submit_dataset(form: DatasetForm, user, uploads: list) -> Dataset | None:
+    """The new dataset, or None with the form's errors set (uploads over UPLOAD_MAX_BYTES are
+    refused here, before anything is created for them)."""
+    try:
+        limits.check_upload_sizes(uploads)
+    except ConfigError as exc:
+        form.add_service_errors(exc)
+        return None
+    return form.submit(user, uploads)
 
 
 @login_required
@@ -266,7 +297,7 @@ def tokenizers(request):
 @require_GET
 def checkpoints(request):
     rows = Checkpoint.objects.select_related("run", "tokenizer")
-    stage = request.GET.get("stage", "")
+    stage = _text_filter(request, "stage")
     if stage:
         rows = rows.filter(stage=stage)
     page = Paginator(rows, RUNS_PER_PAGE).get_page(request.GET.get("page"))

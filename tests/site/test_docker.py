@@ -42,7 +42,11 @@ def test_app_services_are_wired_by_the_same_variables(name):
 
 def check_entry_point(argv: list[str]) -> None:
     program = argv[0]
-    if program == "python":
+    if program == "python" and argv[1] == "-m":  # the web server (daphne's command line)
+        assert argv[2] == "nanochat_site.webserver" and importlib.util.find_spec(argv[2])
+        module, attr = argv[-1].split(":")
+        assert hasattr(importlib.import_module(module), attr), argv[-1]
+    elif program == "python":
         assert argv[1] == "manage.py" and (REPO / "manage.py").exists()
         assert argv[2] in get_commands(), f"no management command {argv[2]!r}"
     elif program == "daphne":
