@@ -51,6 +51,8 @@ def claim(run_id: int, token: str, worker: str) -> Run | None:
 
 def child_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_HOME": str(settings.NANOCHAT_HOME)}
+    # The admin's download allow-list, which the programs' fetches enforce (fetch_policy).
+    env["NANOCHAT_FETCH_ALLOWED_HOSTS"] = ",".join(settings.FETCH_ALLOWED_HOSTS)
     env.pop("DJANGO_SETTINGS_MODULE", None)  # the programs know nothing of Django
     return env
 

@@ -17,6 +17,8 @@ atexit.register(shutil.rmtree, _home, ignore_errors=True)
 from nanochat_site.settings import *  # noqa: E402,F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast logins in tests
+# No download host is allowed past the public-only policy unless a test says so itself.
+FETCH_ALLOWED_HOSTS: list[str] = []
 
 if DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3":  # noqa: F405
     # One test database per session, so two suites on one PostgreSQL server do not collide.

@@ -11,7 +11,9 @@ Three ways to get shards, each writing atomically (a temp file in the target dir
 trust), and a fourth command to count them:
 
 - `download`: the public FineWeb-edu shuffle nanochat trained on, shard by shard by index,
-  with retries and exponential backoff, skipping shards already present.
+  with retries and exponential backoff, skipping shards already present. `--base-url` may name
+  another source, but only a public http(s) host or one an admin allow-listed
+  (training.fetch_policy: a user's URL must not reach the server's own network or files).
 - `builtin`: an offline corpus from the Python standard library's own documentation, rendered
   with `pydoc` in a child process (importing ~300 modules must not disturb this process, and a
   module that crashes on import only costs that module), the language reference topics that
@@ -44,7 +46,6 @@ import sysconfig
 import tempfile
 import time
 import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -59,7 +60,8 @@ import pyarrow.parquet as pq
 from engine.fileio import atomic_path
 from engine.paths import data_home
 from training.events import EventWriter
-from training.flags import ConfigError, Flag, FlagSet
+from training.fetch_policy import FetchRefused, HostUnresolved, check_url, open_url
+from training.flags import MAX_SEED, MAX_SHARDS, MAX_TOKENS, ConfigError, Flag, FlagSet
 from training.program import USER_ERRORS, cancel_on_sigterm, run_program
 from training.report import write_section
 
@@ -275,7 +277,10 @@ class ShardDownload:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    # A 404 or 403 will not change by asking again; server errors and throttling may.
+    # A 404 or 403 will not change by asking again; server errors and throttling may. Nor will
+    # a refused address (one that resolves differently next time is checked again anyway).
+    if isinstance(exc, FetchRefused):
+        return False
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500 or exc.code in (408, 429)
     return True
@@ -288,7 +293,8 @@ def download_shard(
     """Fetch one shard into a temp file next to `dest`, check it is parquet, then rename.
 
     Waits `backoff_s * 2**k` seconds before retry k+1. An existing `dest` is kept untouched.
-    Raises the last error when every attempt failed (at once for 4xx other than 408/429).
+    Raises the last error when every attempt failed (at once for 4xx other than 408/429, and
+    for FetchRefused: only public http(s) hosts or allow-listed ones, see training.fetch_policy).
     """
     dest = Path(dest)
     if dest.exists():
@@ -297,7 +303,7 @@ def download_shard(
     for attempt in range(1, attempts + 1):
         try:
             with atomic_path(dest) as tmp:
-                with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                with open(tmp, "wb") as f, open_url(url, timeout_s) as resp:
                     while chunk := resp.read(1 << 20):
                         f.write(chunk)
                 # Reading the footer catches a truncated body the server reported as complete.
@@ -330,6 +336,12 @@ def download_shards(
         raise ValueError(f"workers must be at least 1, got {workers}")
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
+    try:  # one clear error for a refused source rather than one per shard
+        check_url(base_url)
+    except HostUnresolved:
+        pass  # perhaps a passing DNS failure: each shard's fetch retries and checks again
+    except FetchRefused as exc:
+        raise FetchRefused(f"base_url {base_url}: {exc}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [SHARD_NAME.format(index=i) for i in indices]
@@ -734,15 +746,29 @@ _REPORT_DIR = Flag(
     "report_dir", str, "", "append this stage's section to a report in this directory", path=True
 )
 _OVERWRITE = Flag("overwrite", bool, False, "replace parquet files already in --out")
-_SEED = Flag("seed", int, DEFAULT_SEED, "shuffle seed")
+_SEED = Flag("seed", int, DEFAULT_SEED, "shuffle seed", min=0, max=MAX_SEED)
 
 COMMANDS: dict[str, FlagSet] = {
     "builtin": FlagSet(
         "dataset_builtin",
         [
             _OUT,
-            Flag("max_chars", int, -1, "stop at this many characters (-1: everything)", min=-1),
-            Flag("shards", int, DEFAULT_SHARDS, "number of shards (the last is val)", min=2),
+            Flag(
+                "max_chars",
+                int,
+                -1,
+                "stop at this many characters (-1: everything)",
+                min=-1,
+                max=MAX_TOKENS,
+            ),
+            Flag(
+                "shards",
+                int,
+                DEFAULT_SHARDS,
+                "number of shards (the last is val)",
+                min=2,
+                max=MAX_SHARDS,
+            ),
             _SEED,
             _OVERWRITE,
             _RUN_DIR,
@@ -754,12 +780,19 @@ COMMANDS: dict[str, FlagSet] = {
         "dataset_download",
         [
             _OUT,
-            Flag("num_shards", int, 8, "shards 0..N-1 to fetch (-1: all)", min=-1),
+            Flag("num_shards", int, 8, "shards 0..N-1 to fetch (-1: all)", min=-1, max=MAX_SHARDS),
             Flag("base_url", str, FINEWEB_BASE_URL, "where shard_XXXXX.parquet files live"),
-            Flag("total_shards", int, FINEWEB_NUM_SHARDS, "shards the source has", min=1),
+            Flag(
+                "total_shards",
+                int,
+                FINEWEB_NUM_SHARDS,
+                "shards the source has",
+                min=1,
+                max=MAX_SHARDS,
+            ),
             Flag("workers", int, 4, "parallel downloads", min=1, max=64),
-            Flag("attempts", int, 5, "tries per shard", min=1),
-            Flag("backoff", float, 2.0, "seconds before the first retry (doubles)", min=0),
+            Flag("attempts", int, 5, "tries per shard", min=1, max=20),
+            Flag("backoff", float, 2.0, "seconds before the first retry (doubles)", min=0, max=600),
             _RUN_DIR,
             _REPORT_DIR,
         ],
@@ -769,7 +802,14 @@ COMMANDS: dict[str, FlagSet] = {
         "dataset_import",
         [
             _OUT,
-            Flag("shards", int, -1, "number of shards (-1: 8, more for big inputs)", min=-1),
+            Flag(
+                "shards",
+                int,
+                -1,
+                "number of shards (-1: 8, more for big inputs)",
+                min=-1,
+                max=MAX_SHARDS,
+            ),
             Flag("split_paragraphs", bool, False, ".txt: one document per blank-line paragraph"),
             Flag("shuffle", bool, True, "shuffle documents before sharding"),
             _SEED,

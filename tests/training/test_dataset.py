@@ -228,7 +228,7 @@ class _ShardHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def shard_server(tmp_path):
+def shard_server(tmp_path, monkeypatch):
     remote = tmp_path / "remote"
     for i in range(4):
         dataset.write_shard(remote / f"shard_{i:05d}.parquet", [f"doc {i}.{j}" for j in range(5)])
@@ -239,6 +239,8 @@ def shard_server(tmp_path):
     server.failures = {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    # A loopback server is refused unless the admin allow-list names it (training.fetch_policy).
+    monkeypatch.setenv("NANOCHAT_FETCH_ALLOWED_HOSTS", f"127.0.0.1:{server.server_port}")
     yield server, remote, f"http://127.0.0.1:{server.server_port}/"
     server.shutdown()
     server.server_close()
