@@ -150,6 +150,42 @@ class GPTConfig:
         return asdict(self)
 
 
+def count_params(config: GPTConfig) -> dict[str, int]:
+    """`GPT(config).num_scaling_params()` in closed form: no tensor is built.
+
+    The web app checks a submitted model's size with this, so the work is the same for any
+    depth or width (tests hold it equal to the built model's counts).
+    """
+    n_embd, n_layer, kv_dim = config.n_embd, config.n_layer, config.kv_dim
+    value_embed_layers = (n_layer + 1) // 2  # every other layer counted back from the last
+    # Per block: c_q and c_proj (n_embd^2 each), c_k and c_v (n_embd x kv_dim each), the MLP
+    # (8 n_embd^2); the value-embedding gate on value-embedding layers.
+    block = 10 * n_embd * n_embd + 2 * n_embd * kv_dim
+    counts = {
+        "wte": config.vocab_size * n_embd,
+        "value_embeds": value_embed_layers * config.vocab_size * kv_dim,
+        "lm_head": config.padded_vocab_size * n_embd,
+        "transformer_matrices": n_layer * block
+        + value_embed_layers * VE_GATE_CHANNELS * config.n_kv_head,
+        "scalars": 2 * n_layer,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def flops_per_token(config: GPTConfig) -> int:
+    """`GPT(config).estimate_flops()` in closed form (see there for what is counted)."""
+    counts = count_params(config)
+    pattern, layers = config.window_pattern, config.n_layer
+    # window_sizes(): the pattern tiled over the layers, the last layer always full ("L").
+    tiled = layers - 1
+    half = (tiled // len(pattern)) * pattern.count("S") + pattern[: tiled % len(pattern)].count("S")
+    seq = config.sequence_len
+    visible_keys = half * (seq // 2) + (layers - half) * seq
+    attention_flops = 12 * config.n_head * config.head_dim * visible_keys
+    return 6 * (counts["transformer_matrices"] + counts["lm_head"]) + attention_flops
+
+
 class KVCache(Protocol):
     """What `GPT.forward` needs from a KV cache (the engine's cache implements this).
 

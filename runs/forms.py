@@ -32,12 +32,16 @@ def flag_field(flag: Flag) -> forms.Field:
         choices = [("", f"default ({flag.default})")] + [(c, c) for c in flag.choices]
         return forms.TypedChoiceField(choices=choices, coerce=flag.type, empty_value=None, **common)
     attrs = {"placeholder": str(flag.default)}
+    # The flag's declared range becomes the input's min/max (the browser shows and checks it).
+    bounds = {"min_value": flag.min, "max_value": flag.max}
     if flag.type is int:
-        return forms.IntegerField(widget=forms.NumberInput(attrs=attrs), **common)
+        return forms.IntegerField(widget=forms.NumberInput(attrs=attrs), **bounds, **common)
     if flag.type is float:
         attrs["step"] = "any"
-        return forms.FloatField(widget=forms.NumberInput(attrs=attrs), **common)
-    return forms.CharField(widget=forms.TextInput(attrs=attrs), **common)
+        return forms.FloatField(widget=forms.NumberInput(attrs=attrs), **bounds, **common)
+    return forms.CharField(
+        widget=forms.TextInput(attrs=attrs), max_length=flag.max_length, **common
+    )
 
 
 def _ready(queryset):

@@ -36,7 +36,16 @@ from training.core_eval import (
 )
 from training.dataloader import pretrain_batches
 from training.events import EventWriter
-from training.flags import Flag, FlagSet, format_config, output_flags
+from training.flags import (
+    MAX_ROWS,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MAX_TOKENS,
+    Flag,
+    FlagSet,
+    format_config,
+    output_flags,
+)
 from training.loop import format_duration
 from training.loss_eval import evaluate_bpb
 from training.program import cancel_on_sigterm, program_main
@@ -49,7 +58,7 @@ FLAGS = FlagSet(
     description="Evaluate a base checkpoint: CORE, train/val bits per byte, samples.",
     flags=[
         Flag("checkpoint_dir", str, "", "base checkpoint directory to evaluate", path=True),
-        Flag("step", int, -1, "checkpoint step (-1: the latest)", min=-1),
+        Flag("step", int, -1, "checkpoint step (-1: the latest)", min=-1, max=MAX_STEPS),
         Flag(
             "bundle_dir",
             str,
@@ -57,7 +66,14 @@ FLAGS = FlagSet(
             "CORE bundle directory ('' = the small offline one shipped, 'download' = public DCLM)",
             path=True,
         ),  # fmt: skip
-        Flag("max_per_task", int, -1, "evaluate at most this many items per task (-1: all)"),
+        Flag(
+            "max_per_task",
+            int,
+            -1,
+            "evaluate at most this many items per task (<= 0: all)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
         Flag(
             "data_dir",
             str,
@@ -65,9 +81,30 @@ FLAGS = FlagSet(
             "parquet shards for train/val bpb (default <NANOCHAT_HOME>/base_data if present)",
             path=True,
         ),  # fmt: skip
-        Flag("eval_tokens", int, 20 * 2**20, "tokens per split for bits per byte", min=1),
-        Flag("device_batch_size", int, 32, "sequences per forward pass for bpb", min=1),
-        Flag("sample_tokens", int, 16, "greedy tokens per sample prompt (0: no samples)", min=0),
+        Flag(
+            "eval_tokens",
+            int,
+            20 * 2**20,
+            "tokens per split for bits per byte",
+            min=1,
+            max=MAX_TOKENS,
+        ),
+        Flag(
+            "device_batch_size",
+            int,
+            32,
+            "sequences per forward pass for bpb",
+            min=1,
+            max=MAX_ROWS,
+        ),
+        Flag(
+            "sample_tokens",
+            int,
+            16,
+            "greedy tokens per sample prompt (0: no samples)",
+            min=0,
+            max=MAX_SEQ_LEN,
+        ),
         *runtime_flags(),
         *output_flags(),
     ],

@@ -23,13 +23,23 @@ from typing import Any
 import torch
 
 from engine import checkpoint as ckpt
-from engine.gpt import GPT, GPTConfig
+from engine.gpt import GPT, GPTConfig, count_params, flops_per_token
 from engine.paths import data_home
 from engine.tokenizer import Tokenizer
 from training.checkpoints import save_tokenizer_copy
 from training.dataloader import pretrain_batches
 from training.events import EventWriter
-from training.flags import Flag, FlagSet, format_config, output_flags
+from training.flags import (
+    MAX_ROWS,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MAX_TOKENS,
+    Flag,
+    FlagSet,
+    format_config,
+    join_inside,
+    output_flags,
+)
 from training.loop import (
     LoopState,
     StepReporter,
@@ -40,11 +50,13 @@ from training.loop import (
     timing_summary,
 )
 from training.loss_eval import evaluate_bpb
-from training.optim import build_optimizer, lr_flags, set_schedule
+from training.optim import MAX_WEIGHT_DECAY, build_optimizer, lr_flags, set_schedule
 from training.program import cancel_on_sigterm, program_main
 from training.report import write_section
 from training.runtime import Runtime, runtime_flags
 from training.scaling import (
+    MAX_BATCH_TOKENS,
+    MAX_PARAMS,
     Horizon,
     lr_multiplier,
     muon_momentum,
@@ -58,40 +70,126 @@ FLAGS = FlagSet(
     description="Pretrain a base GPT on parquet text shards.",
     flags=[
         # model
-        Flag("depth", int, 20, "number of transformer layers (sets the width too)", min=1),
+        Flag("depth", int, 20, "number of transformer layers (sets the width too)", min=1, max=256),
         Flag(
-            "aspect_ratio", int, 64, "model width = depth x aspect_ratio (rounded to heads)", min=1
+            "aspect_ratio",
+            int,
+            64,
+            "model width = depth x aspect_ratio (rounded to heads)",
+            min=1,
+            max=1024,
         ),
-        Flag("head_dim", int, 128, "attention head size", min=2),
-        Flag("n_kv_head", int, -1, "key/value heads for GQA (-1: as many as query heads)"),
-        Flag("max_seq_len", int, 2048, "context length in tokens", min=2),
-        Flag("window_pattern", str, "SSSL", "attention windows per layer, L=full S=half, tiled"),
+        Flag("head_dim", int, 128, "attention head size (even)", min=2, max=1024),
+        Flag(
+            "n_kv_head",
+            int,
+            -1,
+            "key/value heads for GQA (-1 or 0: as many as query heads)",
+            min=-1,
+            max=1024,
+        ),
+        Flag("max_seq_len", int, 2048, "context length in tokens", min=2, max=MAX_SEQ_LEN),
+        Flag(
+            "window_pattern",
+            str,
+            "SSSL",
+            "attention windows per layer, L=full S=half, tiled",
+            max_length=256,
+        ),
         # horizon
-        Flag("num_iterations", int, -1, "optimizer steps (-1: from target_flops or the ratio)"),
-        Flag("target_flops", float, -1.0, "training FLOPs budget (-1: off)"),
-        Flag("target_param_data_ratio", float, 10.5, "training tokens per scaling parameter"),
+        Flag(
+            "num_iterations",
+            int,
+            -1,
+            "optimizer steps (-1 or 0: from target_flops or the ratio)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag("target_flops", float, -1.0, "training FLOPs budget (<= 0: off)", min=-1, max=1e30),
+        Flag(
+            "target_param_data_ratio",
+            float,
+            10.5,
+            "training tokens per scaling parameter (<= 0: off)",
+            min=-1,
+            max=1e6,
+        ),
         # batch
-        Flag("device_batch_size", int, 32, "sequences per forward pass per process", min=1),
-        Flag("total_batch_size", int, -1, "tokens per optimizer step (-1: auto from data size)"),
+        Flag(
+            "device_batch_size",
+            int,
+            32,
+            "sequences per forward pass per process",
+            min=1,
+            max=MAX_ROWS,
+        ),
+        Flag(
+            "total_batch_size",
+            int,
+            -1,
+            "tokens per optimizer step (-1: auto from data size)",
+            min=-1,
+            max=MAX_BATCH_TOKENS,
+        ),
         # optimization
         *lr_flags(),
         Flag(
-            "weight_decay", float, 0.2, "Muon cautious weight decay at d12 (scaled by depth)", min=0
+            "weight_decay",
+            float,
+            0.2,
+            "Muon cautious weight decay at d12 (scaled by depth)",
+            min=0,
+            max=MAX_WEIGHT_DECAY,
         ),  # fmt: skip
         Flag("lr_batch_scaling", bool, True, "scale every LR by sqrt(batch / 2^19)"),
         Flag("warmup_ratio", float, 0.0, "fraction of steps of linear LR warmup", min=0, max=1),
         Flag("warmdown_ratio", float, 0.5, "fraction of steps of linear LR warmdown", min=0, max=1),
-        Flag("final_lr_frac", float, 0.0, "LR multiplier at the end of the warmdown", min=0),
+        Flag("final_lr_frac", float, 0.0, "LR multiplier at the end of the warmdown", min=0, max=1),
         # evaluation, samples, checkpoints
-        Flag("eval_every", int, 250, "steps between validation bpb evaluations (-1: only at end)"),
-        Flag("eval_tokens", int, 20 * 2**20, "validation tokens per evaluation", min=1),
-        Flag("sample_every", int, 2000, "steps between greedy samples (-1: only at end)"),
-        Flag("save_every", int, -1, "steps between checkpoints (-1: only at the end)"),
-        Flag("resume_from_step", int, -1, "continue from this saved step (-1: start fresh)"),
-        Flag("log_every", int, 1, "print a log line every N steps", min=1),
+        Flag(
+            "eval_every",
+            int,
+            250,
+            "steps between validation bpb evaluations (<= 0: only at end)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag(
+            "eval_tokens",
+            int,
+            20 * 2**20,
+            "validation tokens per evaluation",
+            min=1,
+            max=MAX_TOKENS,
+        ),
+        Flag(
+            "sample_every",
+            int,
+            2000,
+            "steps between greedy samples (<= 0: only at end)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag(
+            "save_every",
+            int,
+            -1,
+            "steps between checkpoints (<= 0: only at the end)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag(
+            "resume_from_step",
+            int,
+            -1,
+            "continue from this saved step (-1: start fresh)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag("log_every", int, 1, "print a log line every N steps", min=1, max=MAX_STEPS),
         # runtime
         *runtime_flags("random seed for the initial weights", compile=True),
-        Flag("model_tag", str, "", "checkpoint subfolder name (default d<depth>)"),
+        Flag("model_tag", str, "", "checkpoint subfolder name (default d<depth>)", component=True),
         # paths
         Flag("data_dir", str, "", "parquet shards (default <NANOCHAT_HOME>/base_data)", path=True),
         Flag("tokenizer_dir", str, "", "tokenizer (default <NANOCHAT_HOME>/tokenizer)", path=True),
@@ -121,10 +219,11 @@ SAMPLE_TOKENS = 16
 def resolve_paths(config: dict[str, Any]) -> dict[str, Path]:
     home = data_home()
     tag = config["model_tag"] or f"d{config['depth']}"
+    checkpoints = config["checkpoint_dir"] or join_inside(home / "base_checkpoints", tag)
     return {
         "data_dir": Path(config["data_dir"] or home / "base_data"),
         "tokenizer_dir": Path(config["tokenizer_dir"] or home / "tokenizer"),
-        "checkpoint_dir": Path(config["checkpoint_dir"] or home / "base_checkpoints" / tag),
+        "checkpoint_dir": Path(checkpoints),
     }
 
 
@@ -141,17 +240,24 @@ def model_config_for(config: dict[str, Any], vocab_size: int, depth: int | None 
 
 
 def scaling_params(model_config: GPTConfig) -> tuple[int, float]:
-    """(matrix + lm_head parameters, FLOPs per token), computed on the meta device."""
-    with torch.device("meta"):
-        model = GPT(model_config)
-    counts = model.num_scaling_params()
-    return counts["transformer_matrices"] + counts["lm_head"], model.estimate_flops()
+    """(matrix + lm_head parameters, FLOPs per token), from the closed-form counts.
+
+    Arithmetic only, so the web app can plan any submitted config without building a model.
+    """
+    counts = count_params(model_config)
+    return counts["transformer_matrices"] + counts["lm_head"], flops_per_token(model_config)
 
 
 def plan(config: dict[str, Any], vocab_size: int, world_size: int) -> Horizon:
     """The run's horizon and batch arithmetic; raises ValueError naming the flag at fault."""
     model_config = model_config_for(config, vocab_size)
-    params, flops_per_token = scaling_params(model_config)
+    total_params = count_params(model_config)["total"]
+    if total_params > MAX_PARAMS:
+        raise ValueError(
+            f"depth: a depth-{config['depth']} model of width {model_config.n_embd} has "
+            f"{total_params:.3g} parameters, more than the {MAX_PARAMS:.0e} this trainer accepts"
+        )
+    params, token_flops = scaling_params(model_config)
     reference_params, _ = scaling_params(model_config_for(config, vocab_size, depth=12))
     return plan_horizon(
         num_iterations=config["num_iterations"],
@@ -162,7 +268,7 @@ def plan(config: dict[str, Any], vocab_size: int, world_size: int) -> Horizon:
         seq_len=config["max_seq_len"],
         world_size=world_size,
         scaling_params=params,
-        flops_per_token=flops_per_token,
+        flops_per_token=token_flops,
         reference_scaling_params=reference_params,
         lr_batch_scaling=config["lr_batch_scaling"],
     )

@@ -28,14 +28,25 @@ import torch
 
 from engine.engine import Batch, FinishReason, Row, SamplingParams
 from engine.gpt import GPT, ROTARY_LENGTH_FACTOR
+from engine.sandbox import SandboxUnavailable
 from engine.tokenizer import Tokenizer
 from training.checkpoints import load_evaluated
 from training.events import EventWriter
-from training.flags import Flag, FlagSet, format_config, output_flags
+from training.flags import (
+    MAX_ROWS,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MAX_VOCAB,
+    Flag,
+    FlagSet,
+    format_config,
+    output_flags,
+)
 from training.program import cancel_on_sigterm, program_main
 from training.report import write_section
 from training.runtime import Runtime, runtime_flags
 from training.tasks.gsm8k import extract_answer
+from training.tasks.humaneval import HumanEval
 from training.tasks.registry import build_task, chat_eval_tasks
 from training.tasks.registry import chatcore as centered_mean
 
@@ -50,6 +61,8 @@ SUMMARY_NAMES = {
     "humaneval": "HumanEval",
     "spelling_bee": "SpellingBee",
 }
+# Highest sampling temperature a flag takes (beyond ~2 samples are noise already).
+MAX_TEMPERATURE = 100.0
 # Sample events written per task (rank 0's first problems): enough to eyeball, not a dump.
 SAMPLES_PER_TASK = 2
 
@@ -82,16 +95,53 @@ FLAGS = FlagSet(
         Flag(
             "checkpoint_dir", str, "", "the checkpoint directory to evaluate (required)", path=True
         ),
-        Flag("step", int, -1, "checkpoint step (-1: the latest)"),
+        Flag("step", int, -1, "checkpoint step (-1: the latest)", min=-1, max=MAX_STEPS),
         Flag("tasks", str, "", "comma-separated task names (default: all six chat tasks)"),
         *task_source_flags(),
-        Flag("max_problems", int, -1, "problems per task (-1: all)"),
-        Flag("batch_size", int, 8, "prompts per forward pass (categorical tasks)", min=1),
-        Flag("num_samples", int, 1, "replies per problem (generative; pass if any passes)", min=1),
-        Flag("max_rows", int, 32, "rows decoded together (generative; >= num_samples)", min=1),
-        Flag("max_new_tokens", int, 512, "longest reply in tokens (generative)", min=1),
-        Flag("temperature", float, 0.0, "sampling temperature (0: greedy)", min=0),
-        Flag("top_k", int, 50, "sample among the k likeliest tokens (0: off)", min=0),
+        Flag("max_problems", int, -1, "problems per task (-1: all)", min=-1, max=MAX_STEPS),
+        Flag(
+            "batch_size",
+            int,
+            8,
+            "prompts per forward pass (categorical tasks)",
+            min=1,
+            max=MAX_ROWS,
+        ),
+        Flag(
+            "num_samples",
+            int,
+            1,
+            "replies per problem (generative; pass if any passes)",
+            min=1,
+            max=MAX_ROWS,
+        ),
+        Flag(
+            "max_rows",
+            int,
+            32,
+            "rows decoded together (generative; >= num_samples)",
+            min=1,
+            max=MAX_ROWS,
+        ),
+        Flag(
+            "max_new_tokens",
+            int,
+            512,
+            "longest reply in tokens (generative)",
+            min=1,
+            max=MAX_SEQ_LEN,
+        ),
+        Flag(
+            "temperature",
+            float,
+            0.0,
+            "sampling temperature (0: greedy)",
+            min=0,
+            max=MAX_TEMPERATURE,
+        ),
+        Flag(
+            "top_k", int, 50, "sample among the k likeliest tokens (0: off)", min=0, max=MAX_VOCAB
+        ),
         Flag(
             "column",
             str,
@@ -414,13 +464,22 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
     slicing = {} if config["max_problems"] < 0 else {"stop": config["max_problems"]}
     results: list[TaskResult] = []
     for name in names:
-        task = build_task(name, "test", source=config["task_source"],
-                          cache_dir=config["task_cache_dir"] or None, **slicing)  # fmt: skip
+        try:
+            task = build_task(name, "test", source=config["task_source"],
+                              cache_dir=config["task_cache_dir"] or None, **slicing)  # fmt: skip
+        except SandboxUnavailable as exc:
+            # HumanEval without isolation is refused, not the whole evaluation: the other
+            # tasks still count, and the result says why this one has no score.
+            events.eval_result(name, "accuracy", None, {"skipped": str(exc)})
+            runtime.print(f"{name}: skipped ({exc})")
+            continue
         result = evaluate_task(name, task, model, tokenizer, runtime, config)
         results.append(result)
         details: dict[str, Any] = {"correct": result.correct, "total": result.total}
         if result.format_rate is not None:
             details["format_rate"] = result.format_rate
+        if isinstance(task, HumanEval):
+            details["sandbox_mode"] = task.sandbox_mode  # "isolated", or "weak" where allowed
         events.eval_result(name, "accuracy", result.accuracy, details)
         if result.format_rate is not None:
             events.eval_result(

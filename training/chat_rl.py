@@ -32,7 +32,13 @@ import torch
 
 from engine.gpt import GPT
 from engine.tokenizer import Tokenizer
-from training.chat_eval import fit_prompt, generate_samples, prompt_limit, task_source_flags
+from training.chat_eval import (
+    MAX_TEMPERATURE,
+    fit_prompt,
+    generate_samples,
+    prompt_limit,
+    task_source_flags,
+)
 from training.checkpoints import (
     checkpoint_flags,
     load_checked,
@@ -41,9 +47,25 @@ from training.checkpoints import (
     save_tokenizer_copy,
 )
 from training.events import EventWriter
-from training.flags import Flag, FlagSet, format_config, output_flags
+from training.flags import (
+    MAX_EPOCHS,
+    MAX_ROWS,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MAX_VOCAB,
+    Flag,
+    FlagSet,
+    format_config,
+    output_flags,
+)
 from training.loop import due, format_duration, save_training_checkpoint
-from training.optim import build_optimizer, lr_flags, set_schedule
+from training.optim import (
+    MAX_LR_FRAC,
+    MAX_WEIGHT_DECAY,
+    build_optimizer,
+    lr_flags,
+    set_schedule,
+)
 from training.program import cancel_on_sigterm, program_main
 from training.report import write_section
 from training.runtime import Runtime, runtime_flags
@@ -62,33 +84,101 @@ FLAGS = FlagSet(
             "SFT checkpoint directory (default: largest model in <NANOCHAT_HOME>/sft_checkpoints)",
             path=True,
         ),
-        Flag("source_step", int, -1, "SFT checkpoint step (-1: the latest)"),
+        Flag("source_step", int, -1, "SFT checkpoint step (-1: the latest)", min=-1, max=MAX_STEPS),
         Flag("task", str, "gsm8k", "the task to learn (its train split; test split for evals)"),
         *task_source_flags(),
         # sampling
-        Flag("num_samples", int, 16, "replies sampled per example (and k of pass@k)", min=1),
-        Flag("max_new_tokens", int, 256, "longest sampled reply in tokens", min=1),
-        Flag("temperature", float, 1.0, "sampling temperature", min=0),
-        Flag("top_k", int, 50, "sample among the k likeliest tokens (0: off)", min=0),
-        Flag("generation_rows", int, 64, "rows decoded together (>= num_samples)", min=1),
-        # horizon and batch
-        Flag("examples_per_step", int, 16, "training examples per step, over all ranks", min=1),
         Flag(
-            "num_epochs", int, 1, "passes over the train split (when num_iterations is -1)", min=1
+            "num_samples",
+            int,
+            16,
+            "replies sampled per example (and k of pass@k)",
+            min=1,
+            max=MAX_ROWS,
         ),
-        Flag("num_iterations", int, -1, "optimizer steps (-1: from num_epochs)"),
-        Flag("device_batch_size", int, 8, "sampled sequences per forward/backward pass", min=1),
+        Flag("max_new_tokens", int, 256, "longest sampled reply in tokens", min=1, max=MAX_SEQ_LEN),
+        Flag("temperature", float, 1.0, "sampling temperature", min=0, max=MAX_TEMPERATURE),
+        Flag(
+            "top_k", int, 50, "sample among the k likeliest tokens (0: off)", min=0, max=MAX_VOCAB
+        ),
+        Flag(
+            "generation_rows",
+            int,
+            64,
+            "rows decoded together (>= num_samples)",
+            min=1,
+            max=MAX_ROWS,
+        ),
+        # horizon and batch
+        Flag(
+            "examples_per_step",
+            int,
+            16,
+            "training examples per step, over all ranks",
+            min=1,
+            max=MAX_ROWS,
+        ),
+        Flag(
+            "num_epochs",
+            int,
+            1,
+            "passes over the train split (when num_iterations is -1)",
+            min=1,
+            max=MAX_EPOCHS,
+        ),
+        Flag(
+            "num_iterations",
+            int,
+            -1,
+            "optimizer steps (-1: from num_epochs)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag(
+            "device_batch_size",
+            int,
+            8,
+            "sampled sequences per forward/backward pass",
+            min=1,
+            max=MAX_ROWS,
+        ),
         # optimization
         *lr_flags(embedding_lr=0.2),
-        Flag("weight_decay", float, 0.0, "Muon cautious weight decay", min=0),
+        Flag("weight_decay", float, 0.0, "Muon cautious weight decay", min=0, max=MAX_WEIGHT_DECAY),
         Flag(
-            "init_lr_frac", float, 0.05, "every LR starts at this fraction of its base value", min=0
+            "init_lr_frac",
+            float,
+            0.05,
+            "every LR starts at this fraction of its base value",
+            min=0,
+            max=MAX_LR_FRAC,
         ),
         # evaluation and checkpoints
-        Flag("eval_every", int, 60, "steps between pass@k evaluations (-1: only at the end)"),
-        Flag("eval_examples", int, 400, "test problems per evaluation (-1: all)"),
-        Flag("save_every", int, 60, "steps between checkpoints (-1: only at the end)"),
-        Flag("log_every", int, 1, "print a log line every N steps", min=1),
+        Flag(
+            "eval_every",
+            int,
+            60,
+            "steps between pass@k evaluations (<= 0: only at the end)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag(
+            "eval_examples",
+            int,
+            400,
+            "test problems per evaluation (-1: all)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag(
+            "save_every",
+            int,
+            60,
+            "steps between checkpoints (<= 0: only at the end)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag("log_every", int, 1, "print a log line every N steps", min=1, max=MAX_STEPS),
         # runtime and paths
         *runtime_flags("random seed (sampling and example order)"),
         *checkpoint_flags("rl_checkpoints"),

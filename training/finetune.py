@@ -51,7 +51,15 @@ from training.checkpoints import (
 )
 from training.dataloader import sft_batches
 from training.events import EventWriter
-from training.flags import Flag, format_config, output_flags
+from training.flags import (
+    MAX_EPOCHS,
+    MAX_ROWS,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    Flag,
+    format_config,
+    output_flags,
+)
 from training.loop import (
     LoopState,
     StepReporter,
@@ -61,10 +69,17 @@ from training.loop import (
     save_training_checkpoint,
     timing_summary,
 )
-from training.optim import LR_NAMES, build_optimizer, lr_flags, set_schedule
+from training.optim import (
+    LR_NAMES,
+    MAX_LR_FRAC,
+    MAX_WEIGHT_DECAY,
+    build_optimizer,
+    lr_flags,
+    set_schedule,
+)
 from training.report import write_section
 from training.runtime import Runtime, runtime_flags
-from training.scaling import lr_multiplier, muon_momentum
+from training.scaling import MAX_BATCH_TOKENS, lr_multiplier, muon_momentum
 from training.tasks.registry import parse_mixture
 
 PACKINGS = ("dense", "masked")
@@ -101,7 +116,14 @@ def finetune_flags(*, default_mixture: str, init_lr_frac: float, stage: Stage) -
             f"checkpoint directory to start from (default: the largest d<N> model in {sources})",
             path=True,
         ),
-        Flag("source_step", int, -1, "step of the source checkpoint (-1: the latest)"),
+        Flag(
+            "source_step",
+            int,
+            -1,
+            "step of the source checkpoint (-1: the latest)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
         Flag(
             "tokenizer_dir",
             str,
@@ -138,19 +160,51 @@ def finetune_flags(*, default_mixture: str, init_lr_frac: float, stage: Stage) -
             path=True,
         ),
         # horizon and batch
-        Flag("num_epochs", int, 1, "passes over the mixture (when num_iterations is -1)", min=1),
-        Flag("num_iterations", int, -1, "optimizer steps (-1: from num_epochs)"),
-        Flag("device_batch_size", int, 32, "rows per forward pass per process", min=1),
+        Flag(
+            "num_epochs",
+            int,
+            1,
+            "passes over the mixture (when num_iterations is -1)",
+            min=1,
+            max=MAX_EPOCHS,
+        ),
+        Flag(
+            "num_iterations",
+            int,
+            -1,
+            "optimizer steps (-1: from num_epochs)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag(
+            "device_batch_size", int, 32, "rows per forward pass per process", min=1, max=MAX_ROWS
+        ),
         Flag(
             "total_batch_size",
             int,
             -1,
             "tokens per optimizer step (-1: one forward pass per process, no accumulation)",
+            min=-1,
+            max=MAX_BATCH_TOKENS,
         ),
-        Flag("max_seq_len", int, -1, "row length in tokens (-1: the model's sequence_len)"),
+        Flag(
+            "max_seq_len",
+            int,
+            -1,
+            "row length in tokens (<= 0: the model's sequence_len)",
+            min=-1,
+            max=MAX_SEQ_LEN,
+        ),
         # optimization
         *lr_flags(),
-        Flag("init_lr_frac", float, init_lr_frac, "every LR is the base LR times this", min=0),
+        Flag(
+            "init_lr_frac",
+            float,
+            init_lr_frac,
+            "every LR is the base LR times this",
+            min=0,
+            max=MAX_LR_FRAC,
+        ),
         Flag(
             "warmdown_ratio",
             float,
@@ -159,12 +213,26 @@ def finetune_flags(*, default_mixture: str, init_lr_frac: float, stage: Stage) -
             min=0,
             max=1,
         ),
-        Flag("weight_decay", float, 0.0, "Muon cautious weight decay", min=0),
+        Flag("weight_decay", float, 0.0, "Muon cautious weight decay", min=0, max=MAX_WEIGHT_DECAY),
         # evaluation and checkpoints
-        Flag("eval_every", int, 100, "steps between validation evaluations (-1: only at the end)"),
-        Flag("eval_steps", int, 20, "validation batches per evaluation", min=1),
-        Flag("save_every", int, -1, "steps between checkpoints (-1: only at the end)"),
-        Flag("log_every", int, 1, "print a log line every N steps", min=1),
+        Flag(
+            "eval_every",
+            int,
+            100,
+            "steps between validation evaluations (<= 0: only at the end)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag("eval_steps", int, 20, "validation batches per evaluation", min=1, max=MAX_STEPS),
+        Flag(
+            "save_every",
+            int,
+            -1,
+            "steps between checkpoints (<= 0: only at the end)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
+        Flag("log_every", int, 1, "print a log line every N steps", min=1, max=MAX_STEPS),
         # runtime
         *runtime_flags(compile=True),
         # outputs

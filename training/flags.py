@@ -7,6 +7,12 @@ a bad value is refused with the field's name before any worker sees it.
 
 Precedence: flag defaults < preset file < flags given on the command line.
 
+Every value is bounded before anything uses it: numeric flags declare `min`/`max` (forms and
+the API show them; a sentinel such as -1 for "auto" is inside the declared range and named in the
+help), integers never leave the signed 64-bit range a database column holds, and strings have a
+`max_length` and no control characters (PostgreSQL refuses NUL in text and JSON). So checking a
+config costs the same for any input, and what passes can be stored and compared safely.
+
 Flags that several programs declare alike are declared once, beside what reads them:
 `output_flags` here (the web app's event log and the report), `training.runtime.runtime_flags`
 (device, precision, seed) and `training.optim.lr_flags` (the optimizer's learning rates).
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +32,23 @@ from typing import Any
 import yaml
 
 CONFIGS_DIR = Path(__file__).with_name("configs")
+# The widest integer any flag may hold: what a signed 64-bit database column stores.
+INT64_MAX = 2**63 - 1
+# Longest string a flag takes unless it declares its own `max_length`.
+MAX_STRING_LENGTH = 1000
+# Error messages quote at most this much of a bad value.
+_SHOWN_CHARS = 60
+
+# Bounds many flags share: generous for real GPU runs (a d32 speedrun on 8 nodes), finite so a
+# submitted config cannot ask for unbounded work.
+MAX_STEPS = 10**9  # optimizer steps, and intervals counted in steps
+MAX_SEQ_LEN = 65536  # tokens in one sequence
+MAX_VOCAB = 2**21  # tokenizer vocabulary
+MAX_ROWS = 4096  # sequences in one forward pass
+MAX_TOKENS = 10**13  # token or character counts (a budget, a corpus)
+MAX_SEED = 2**32 - 1  # what every seeded generator (torch, random, numpy) accepts
+MAX_EPOCHS = 10**6  # passes over a dataset
+MAX_SHARDS = 10_000  # parquet shards one command makes or fetches (FineWeb-edu has 1,823)
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,10 @@ class Flag:
     max: float | None = None
     # "path" flags name files or directories (inputs and outputs); the web app fills them in.
     path: bool = False
+    max_length: int = MAX_STRING_LENGTH  # str flags only
+    # "component" str flags become one folder name in a path the program builds (model_tag):
+    # a non-empty value must be a single safe name (check_component), never `..` or `a/b`.
+    component: bool = False
 
     @property
     def option(self) -> str:
@@ -51,6 +80,30 @@ class ConfigError(ValueError):
         super().__init__("; ".join(f"{k}: {v}" for k, v in self.errors.items()))
 
 
+def _shown(value: Any) -> str:
+    """A bad value as error messages quote it: its repr, cut short (the value may be huge)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge number"
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _int64(value: int) -> int:
+    if not -INT64_MAX <= value <= INT64_MAX:
+        raise ValueError(f"must be between {-INT64_MAX} and {INT64_MAX}, got {_shown(value)}")
+    return value
+
+
+def _text(flag: Flag, value: str) -> str:
+    """A string flag's value: bounded in length, free of control characters."""
+    if len(value) > flag.max_length:
+        raise ValueError(f"must be at most {flag.max_length} characters, got {len(value)}")
+    for char in value:
+        # Cc: NUL and the other control characters; Cs: lone surrogates, which no database or
+        # file system encoding accepts.
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"must not contain control characters (found {char!r})")
+    return value
+
+
 def _coerce(flag: Flag, value: Any) -> Any:
     """Convert a YAML/JSON/CLI value to the flag's type, refusing lossy or odd conversions."""
     if value is None:
@@ -62,37 +115,43 @@ def _coerce(flag: Flag, value: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"must be true or false, got {value!r}")
+        raise ValueError(f"must be true or false, got {_shown(value)}")
     if flag.type is int:
         if isinstance(value, bool):
-            raise ValueError(f"must be an integer, got {value!r}")
+            raise ValueError(f"must be an integer, got {_shown(value)}")
         if isinstance(value, float) and value.is_integer():
-            return int(value)  # YAML/JSON write 2e9 as a float
+            return _int64(int(value))  # YAML/JSON write 2e9 as a float
         if isinstance(value, int):
-            return value
+            return _int64(value)
         if isinstance(value, str):
             try:
                 number = float(value) if any(c in value for c in ".eE") else int(value)
             except ValueError:
-                raise ValueError(f"must be an integer, got {value!r}") from None
+                raise ValueError(f"must be an integer, got {_shown(value)}") from None
             if isinstance(number, float) and not number.is_integer():
-                raise ValueError(f"must be an integer, got {value!r}")
-            return int(number)
-        raise ValueError(f"must be an integer, got {value!r}")
+                raise ValueError(f"must be an integer, got {_shown(value)}")
+            return _int64(int(number))
+        raise ValueError(f"must be an integer, got {_shown(value)}")
     if flag.type is float:
         if isinstance(value, bool):
-            raise ValueError(f"must be a number, got {value!r}")
+            raise ValueError(f"must be a number, got {_shown(value)}")
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"must be a number, got {_shown(value)}") from None
         if not math.isfinite(number):
-            raise ValueError(f"must be finite, got {value!r}")
+            raise ValueError(f"must be finite, got {_shown(value)}")
         return number
     if flag.type is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"must be a string, got {value!r}")
-        return str(value)
+            raise ValueError(f"must be a string, got {_shown(value)}")
+        if isinstance(value, str):
+            return _text(flag, value)
+        try:
+            text = str(value)
+        except ValueError:  # an int with more digits than Python converts
+            raise ValueError(f"must be a string, got {_shown(value)}") from None
+        return _text(flag, text)
     raise TypeError(f"flag {flag.name}: unsupported type {flag.type}")
 
 
@@ -100,11 +159,44 @@ def _check(flag: Flag, value: Any) -> None:
     if value is None:
         return
     if flag.choices is not None and value not in flag.choices:
-        raise ValueError(f"must be one of {', '.join(map(str, flag.choices))}, got {value!r}")
+        raise ValueError(f"must be one of {', '.join(map(str, flag.choices))}, got {_shown(value)}")
     if flag.min is not None and value < flag.min:
-        raise ValueError(f"must be >= {flag.min}, got {value!r}")
+        raise ValueError(f"must be >= {flag.min}, got {_shown(value)}")
     if flag.max is not None and value > flag.max:
-        raise ValueError(f"must be <= {flag.max}, got {value!r}")
+        raise ValueError(f"must be <= {flag.max}, got {_shown(value)}")
+    if flag.component and value:
+        check_component(value)
+
+
+_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_component(value: str) -> str:
+    """`value` if it is one safe path component: a letter or digit, then up to 63 letters,
+    digits, '_', '.' or '-' (so never '', '.', '..', absolute, or with a separator)."""
+    if not _COMPONENT.fullmatch(value):
+        raise ValueError(
+            "must be one folder name: a letter or digit, then up to 63 letters, digits, "
+            f"'_', '.' or '-', got {_shown(value)}"
+        )
+    return value
+
+
+def join_inside(parent: str | Path, component: str) -> Path:
+    """`parent / component` for a checked component, asserting the result stays in `parent`."""
+    target = (Path(parent) / check_component(component)).resolve()
+    if target.parent != Path(parent).resolve():
+        raise ValueError(f"{component!r} leaves {parent}")
+    return Path(parent) / component
+
+
+def _range(flag: Flag) -> str:
+    """`; range 1..512` for the --help of a flag with bounds."""
+    if flag.min is None and flag.max is None:
+        return ""
+    low, high = ("" if v is None else v if isinstance(v, int) else f"{v:g}"
+                 for v in (flag.min, flag.max))  # fmt: skip
+    return f"; range {low}..{high}"
 
 
 @dataclass
@@ -194,7 +286,9 @@ class FlagSet:
             "--config", help=f"YAML preset: a path or a name in {self.preset_dir()}"
         )
         for flag in self.flags:
-            kwargs: dict[str, Any] = {"help": f"{flag.help} (default: {flag.default!r})"}
+            kwargs: dict[str, Any] = {
+                "help": f"{flag.help} (default: {flag.default!r}{_range(flag)})"
+            }
             if flag.type is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:

@@ -454,17 +454,27 @@ def set_schedule(
 
 
 LR_NAMES = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
+# Upper bounds of the optimizer flags: orders of magnitude above any tuned value (LRs <= 0.5,
+# weight decay <= 0.2), so only typos are refused.
+MAX_LR = 100.0
+MAX_WEIGHT_DECAY = 10.0
+MAX_LR_FRAC = 10.0  # init_lr_frac: a multiplier of the base LRs
 
 
 def lr_flags(embedding_lr: float = 0.3) -> list[Flag]:
     """The four learning-rate flags of the programs that train (`build_optimizer`'s LRs)."""
     return [
         Flag(
-            "embedding_lr", float, embedding_lr, "AdamW LR of the token and value embeddings", min=0
+            "embedding_lr",
+            float,
+            embedding_lr,
+            "AdamW LR of the token and value embeddings",
+            min=0,
+            max=MAX_LR,
         ),
-        Flag("unembedding_lr", float, 0.004, "AdamW LR of the lm_head", min=0),
-        Flag("matrix_lr", float, 0.02, "Muon LR of the transformer matrices", min=0),
-        Flag("scalar_lr", float, 0.5, "AdamW LR of the per-layer scalars", min=0),
+        Flag("unembedding_lr", float, 0.004, "AdamW LR of the lm_head", min=0, max=MAX_LR),
+        Flag("matrix_lr", float, 0.02, "Muon LR of the transformer matrices", min=0, max=MAX_LR),
+        Flag("scalar_lr", float, 0.5, "AdamW LR of the per-layer scalars", min=0, max=MAX_LR),
     ]
 
 

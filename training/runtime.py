@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from engine.common import autodetect_device, compute_dtype
-from training.flags import Flag
+from training.flags import MAX_SEED, Flag
 
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -28,7 +28,7 @@ def runtime_flags(seed_help: str = "random seed", *, compile: bool = False) -> l
     `seed_help` says what the seed drives in that program (initial weights, sampling, ...).
     """
     flags = [
-        Flag("device", str, "auto", "auto, cpu, cuda, mps"),
+        Flag("device", str, "auto", "auto, cpu, cuda, cuda:N, mps", max_length=32),
         Flag(
             "dtype",
             str,
@@ -41,7 +41,7 @@ def runtime_flags(seed_help: str = "random seed", *, compile: bool = False) -> l
         flags.append(
             Flag("compile", bool, False, "torch.compile the model (CUDA: faster after warm-up)")
         )
-    flags.append(Flag("seed", int, 42, seed_help))
+    flags.append(Flag("seed", int, 42, seed_help, min=0, max=MAX_SEED))
     return flags
 
 

@@ -2,7 +2,9 @@
 
 Pure arithmetic, unit-tested without a model, and shared by the training programs (to run)
 and the web app (to show a submitted run's horizon and refuse impossible batch arithmetic
-before a worker sees it).
+before a worker sees it). The model sizes it works from are closed-form counts
+(`engine.gpt.count_params`), and every result is bounded (`MAX_PARAMS`, `MAX_BATCH_TOKENS`,
+`MAX_STEPS`), so planning costs the same for any config and never plans unbounded work.
 """
 
 from __future__ import annotations
@@ -10,11 +12,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from training.flags import MAX_STEPS
+
 # Reference point the learning rates were tuned at: 2^19 tokens per step at depth 12.
 B_REF = 2**19
 D_REF_DEPTH = 12
 # Optimal batch grows with the amount of training data as D^0.383.
 BATCH_DATA_EXPONENT = 0.383
+# Sanity caps: far above any run this trainer is for (a d32 speedrun is ~2e9 parameters and
+# 2^20 tokens per step), low enough that a typo cannot plan a model or a step no machine holds.
+MAX_PARAMS = 2 * 10**11
+MAX_BATCH_TOKENS = 2**30
+# What the horizon rules name when the steps they give are out of bounds.
+_SOURCE_FLAGS = {
+    "iterations": "num_iterations",
+    "flops": "target_flops",
+    "ratio": "target_param_data_ratio",
+}
 
 
 @dataclass(frozen=True)
@@ -85,10 +99,20 @@ def plan_horizon(
         raise ValueError(
             "no horizon: set num_iterations, target_flops or target_param_data_ratio > 0"
         )
+    if batch > MAX_BATCH_TOKENS:
+        raise ValueError(
+            f"total_batch_size: the automatic batch of {batch:.3g} tokens per step is more than "
+            f"{MAX_BATCH_TOKENS}; set total_batch_size"
+        )
     if steps < 1:
         raise ValueError(
             f"the {source} horizon gives {steps} steps at {batch} tokens per step; "
             "train longer or use a smaller total_batch_size"
+        )
+    if steps > MAX_STEPS:
+        raise ValueError(
+            f"{_SOURCE_FLAGS[source]}: the {source} horizon gives {steps:.3g} steps at {batch} "
+            f"tokens per step, more than {MAX_STEPS}"
         )
     lr_scale = math.sqrt(batch / B_REF) if lr_batch_scaling else 1.0
     return Horizon(

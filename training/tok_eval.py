@@ -27,7 +27,7 @@ from engine.paths import data_home
 from engine.tokenizer import Tokenizer
 from training import dataset
 from training.events import EventWriter
-from training.flags import REPORT_DIR, Flag, FlagSet
+from training.flags import MAX_TOKENS, REPORT_DIR, Flag, FlagSet
 from training.program import cancel_on_sigterm, run_program
 from training.report import write_section
 
@@ -53,7 +53,14 @@ FLAGS = FlagSet(
             "dataset for the train/val rows (default: <data home>/base_data when it exists)",
             path=True,
         ),  # fmt: skip
-        Flag("shard_chars", int, 10_000, "characters taken from each shard sample", min=1),
+        Flag(
+            "shard_chars",
+            int,
+            10_000,
+            "characters taken from each shard sample",
+            min=1,
+            max=MAX_TOKENS,
+        ),
         Flag("run_dir", str, None, "write events.jsonl here", path=True),
         REPORT_DIR,
     ],

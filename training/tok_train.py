@@ -22,7 +22,7 @@ from engine.paths import data_home
 from engine.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 from training import dataset
 from training.events import EventWriter
-from training.flags import Flag, FlagSet
+from training.flags import MAX_TOKENS, MAX_VOCAB, Flag, FlagSet
 from training.program import cancel_on_sigterm, run_program
 
 FLAGS = FlagSet(
@@ -32,9 +32,23 @@ FLAGS = FlagSet(
             "data_dir", str, None, "dataset directory (default: <data home>/base_data)", path=True
         ),
         Flag("out", str, None, "tokenizer directory (default: <data home>/tokenizer)", path=True),
-        Flag("vocab_size", int, 32768, "vocabulary size incl. 9 special tokens", min=265),
-        Flag("max_chars", int, 2_000_000_000, "characters of training text to read", min=1),
-        Flag("doc_cap", int, 10_000, "characters kept from each document", min=1),
+        Flag(
+            "vocab_size",
+            int,
+            32768,
+            "vocabulary size incl. 9 special tokens",
+            min=265,
+            max=MAX_VOCAB,
+        ),
+        Flag(
+            "max_chars",
+            int,
+            2_000_000_000,
+            "characters of training text to read",
+            min=1,
+            max=MAX_TOKENS,
+        ),
+        Flag("doc_cap", int, 10_000, "characters kept from each document", min=1, max=MAX_TOKENS),
         Flag("run_dir", str, None, "write events.jsonl here", path=True),
     ],
     "Train the BPE tokenizer on the train shards.",

@@ -22,7 +22,7 @@ def test_programs_list_every_kind_with_flags_presets_and_dataset_sources(api, al
     flags = {f["name"]: f for f in base["flags"]}
     assert flags["depth"] == {
         "name": "depth", "type": "int", "default": 20, "help": flags["depth"]["help"],
-        "choices": None, "min": 1.0, "max": None,
+        "choices": None, "min": 1.0, "max": 256.0,
     }  # fmt: skip
     assert "run_dir" not in flags and "resume_from_step" not in flags  # set by the app
     assert flags["dtype"]["choices"]

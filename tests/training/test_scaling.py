@@ -1,9 +1,15 @@
-"""Derived hyperparameters: horizon priority, batch arithmetic and schedules."""
+"""Derived hyperparameters: horizon priority, batch arithmetic, schedules, and the model sizes
+they start from (closed-form counts equal to the built model's, bounded for any config)."""
 
 import math
+import time
 
 import pytest
+import torch
 
+from engine.gpt import GPT, GPTConfig, count_params, flops_per_token
+from training import base_train
+from training.flags import MAX_STEPS
 from training.scaling import (
     B_REF,
     auto_batch_size,
@@ -79,3 +85,51 @@ def test_momentum_ramp_and_weight_decay_decay():
     assert weight_decay_at(0, 100, 0.2) == 0.2
     assert weight_decay_at(50, 100, 0.2) == pytest.approx(0.1)
     assert weight_decay_at(100, 100, 0.2) == 0.0
+
+
+# ---- model sizes from formulas ------------------------------------------------------------
+
+SIZES = [
+    GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64),
+    GPTConfig(sequence_len=33, vocab_size=777, n_layer=5, n_head=6, n_kv_head=3, n_embd=96,
+              window_pattern="LS"),
+    GPTConfig(sequence_len=17, vocab_size=65, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+              window_pattern="S"),
+    GPTConfig(sequence_len=101, vocab_size=1001, n_layer=7, n_head=4, n_kv_head=4, n_embd=64,
+              window_pattern="SSL"),
+    GPTConfig(sequence_len=1, vocab_size=270, n_layer=2, n_head=1, n_kv_head=1, n_embd=32),
+    GPTConfig.from_depth(20, vocab_size=65536),  # the speedrun model
+    GPTConfig.from_depth(12, vocab_size=32768, aspect_ratio=50, head_dim=64, n_kv_head=5,
+                         window_pattern="SSSSSL", sequence_len=4096),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "config", SIZES, ids=lambda c: f"L{c.n_layer}-C{c.n_embd}-{c.window_pattern}"
+)
+def test_closed_form_counts_equal_the_built_model(config):
+    with torch.device("meta"):
+        model = GPT(config)
+    assert count_params(config) == model.num_scaling_params()
+    assert flops_per_token(config) == model.estimate_flops()
+
+
+def test_planning_a_huge_model_builds_nothing_and_names_depth():
+    config = base_train.FLAGS.validate({"depth": 256, "aspect_ratio": 1024})
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"^depth: .* parameters, more than the 2e\+11"):
+        base_train.plan(config, vocab_size=2**21, world_size=1)
+    assert time.monotonic() - started < 0.5
+    # The largest in-range depth at the default width is still just arithmetic to plan.
+    horizon = base_train.plan(base_train.FLAGS.validate({"depth": 64}), 65536, 8)
+    assert horizon.num_iterations > 0
+
+
+def test_horizons_beyond_any_run_are_refused_naming_the_rule():
+    with pytest.raises(ValueError, match=r"^target_flops: the flops horizon gives .* steps"):
+        plan(target_flops=1e30, total_batch_size=256)
+    with pytest.raises(ValueError, match=r"^target_param_data_ratio: the ratio horizon"):
+        plan(target_param_data_ratio=1e6, scaling_params=10**11, total_batch_size=256)
+    with pytest.raises(ValueError, match=r"^total_batch_size: the automatic batch"):
+        plan(target_flops=1e30)  # auto batch from 1.7e23 tokens: 2^40 tokens per step
+    assert plan(num_iterations=MAX_STEPS, total_batch_size=256).num_iterations == MAX_STEPS
