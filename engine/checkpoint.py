@@ -9,7 +9,9 @@ beside them in `tokenizer/`.
 Crash safety comes from two rules. Every file is written to a hidden temp file in the same
 directory and renamed into place, so no reader ever sees half a file. And the meta file is
 written last and is the only thing that makes a step exist: `list_steps` reads meta files, so
-a save that dies midway leaves at most orphan `.pt` files that no loader will pick up.
+a save that dies midway leaves at most orphan `.pt` files that no loader will pick up, and the
+temp files of a killed writer are removed the next time the directory is saved to or loaded
+from (`engine.fileio.remove_stale_temps`, which leaves a live writer's alone).
 In distributed training every rank first saves its optimizer shard, then (after a barrier)
 rank 0 saves the model and meta.
 """
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, remove_stale_temps
 from engine.gpt import GPT, GPTConfig
 
 if TYPE_CHECKING:
@@ -118,6 +120,7 @@ def save_checkpoint(
         meta_text = _meta_json(step, model_config, meta or {})
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(directory)
     if optim_state is not None:
         atomic_write(optim_path(directory, step, rank), lambda f: torch.save(optim_state, f))
     if model_state is not None:
@@ -135,6 +138,7 @@ def load_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     """(model_state, optim_state or None, meta) of `step` (default: the latest)."""
     step = _resolve_step(checkpoint_dir, step)
+    _remove_stale_temps(checkpoint_dir)
     meta = json.loads(meta_path(checkpoint_dir, step).read_text(encoding="utf-8"))
     model_state = torch.load(
         model_path(checkpoint_dir, step), map_location=device, weights_only=True
@@ -190,6 +194,12 @@ def load_tokenizer_for(checkpoint_dir: str | Path) -> Tokenizer:
     from engine.tokenizer import Tokenizer
 
     return Tokenizer.load(directory)
+
+
+def _remove_stale_temps(checkpoint_dir: str | Path) -> None:
+    """Leftovers of interrupted writes, beside the checkpoints and in their tokenizer folder."""
+    remove_stale_temps(checkpoint_dir)
+    remove_stale_temps(tokenizer_dir(checkpoint_dir))
 
 
 def _resolve_step(checkpoint_dir: str | Path, step: int | None) -> int:

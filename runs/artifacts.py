@@ -2,9 +2,10 @@
 
 A dataset or tokenizer is the output of the run that built it, so deleting one goes through
 services.delete_run on that run: the run's rules (not while it is active) and its cleanup (rows,
-directories) apply unchanged. The checks here come first because an artifact can also be held
-by rows that no run of its own knows about (a tokenizer trained on the dataset, another run
-reading it), and those must answer 409, not surface as a database ProtectedError.
+and the directories those rows own: services.artifact_dir) apply unchanged. The checks here
+come first because an artifact can also be held by rows that no run of its own knows about (a
+tokenizer trained on the dataset, another run reading it), and those must answer 409, not
+surface as a database ProtectedError.
 """
 
 from __future__ import annotations
@@ -59,8 +60,7 @@ def delete_dataset(dataset: Dataset, user) -> None:
         services.delete_run(build, user)
         return
     with transaction.atomic():
-        if dataset.source != Dataset.Source.PATH:
-            services.delete_tree_on_commit(dataset.path)
+        services.delete_tree_on_commit(services.artifact_dir(dataset, None))
         dataset.delete()
 
 
@@ -76,5 +76,5 @@ def delete_tokenizer(tokenizer: Tokenizer, user) -> None:
         services.delete_run(build, user)
         return
     with transaction.atomic():
-        services.delete_tree_on_commit(tokenizer.path)
+        services.delete_tree_on_commit(services.artifact_dir(tokenizer, None))
         tokenizer.delete()

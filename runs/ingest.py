@@ -9,11 +9,13 @@ under the 5 s target (numbers in docs/benchmarks.md, from runs/bench_ingest.py).
 
 The file is written by our own programs but read defensively: a line that does not fit the
 contract (a step that is not a number, NaN in a JSON column) is dropped or cleaned here, since
-a batch the database refuses would be re-read and refused forever.
+a batch the database refuses would be re-read and refused forever; a checkpoint outside the
+run's own directory is not recorded, so no line can point a row at another user's files.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from typing import Any
 
 from django.db import connection, transaction
 
+from runs import layout
 from runs.models import (
     Checkpoint,
     Dataset,
@@ -46,6 +49,7 @@ EVAL_KINDS = (Kind.BASE_EVAL, Kind.CHAT_EVAL)
 _INT32 = 2**31  # IntegerField columns: a larger step would make the whole batch fail
 _INT64 = 2**63
 PATH_LENGTH = Checkpoint._meta.get_field("path").max_length
+log = logging.getLogger(__name__)
 
 
 def _number(value: Any) -> float | None:
@@ -201,8 +205,13 @@ def apply(run: Run, parsed: Parsed, offset: int) -> list[Checkpoint]:
         Report.objects.bulk_create(
             [Report(run=run, section=s, markdown=m) for s, m in parsed.reports]
         )
+        root = _checkpoint_root(run) if parsed.checkpoints else None
         for info in parsed.checkpoints:
-            created.append(_record_checkpoint(run, info))
+            owned = root is not None and layout.inside(info["path"], root)
+            if not owned:
+                log.warning("run %s: checkpoint event for %r ignored: not inside %s",
+                            run.pk, info["path"][:200], root)  # fmt: skip
+            created.append(_record_checkpoint(run, info) if owned else None)
         _record_eval_results(run, parsed.eval_results, created)
         _update_artifacts(run, parsed)
         fields = _run_updates(run, parsed)
@@ -213,7 +222,7 @@ def apply(run: Run, parsed: Parsed, offset: int) -> list[Checkpoint]:
         )
         for name, value in fields.items():
             setattr(run, name, value)
-    return created
+    return [c for c in created if c is not None]
 
 
 def _insert(model, fields: Sequence[str], rows: list[tuple]) -> None:
@@ -240,6 +249,15 @@ def _insert(model, fields: Sequence[str], rows: list[tuple]) -> None:
             cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({values})", rows)
 
 
+def _checkpoint_root(run: Run) -> str | None:
+    """Where the run's checkpoints may be: its own directory (a pipeline stage's: the
+    pipeline's, whose `out/` holds every stage's checkpoints). A `checkpoint` event naming
+    another place is refused, so no event line can make a row point at someone else's files."""
+    if run.pipeline_id:
+        return Run.objects.filter(pk=run.pipeline_id).values_list("run_dir", flat=True).first()
+    return run.run_dir or None
+
+
 def _record_checkpoint(run: Run, info: dict) -> Checkpoint:
     meta = info["meta"]
     checkpoint, _ = Checkpoint.objects.update_or_create(
@@ -263,7 +281,7 @@ def _stage(run: Run) -> str:
     return run.kind if run.kind in Checkpoint.Stage.values else Checkpoint.Stage.BASE
 
 
-def _record_eval_results(run: Run, results: list[dict], created: list[Checkpoint]) -> None:
+def _record_eval_results(run: Run, results: list[dict], created: list[Checkpoint | None]) -> None:
     """An eval run scores its input checkpoint; any other run the checkpoint it just saved.
 
     For a training run that is the checkpoint saved before the result in this batch, else
@@ -273,7 +291,8 @@ def _record_eval_results(run: Run, results: list[dict], created: list[Checkpoint
         return
     latest = None
     if run.kind not in EVAL_KINDS:
-        latest = run.checkpoints.exclude(pk__in=[c.pk for c in created]).order_by("-step").first()
+        mine = [c.pk for c in created if c is not None]
+        latest = run.checkpoints.exclude(pk__in=mine).order_by("-step").first()
     rows = []
     for result in results:
         fields = {k: v for k, v in result.items() if k != "checkpoint_index"}

@@ -15,9 +15,11 @@ This module only makes the rows; following the children's files is runs/follow.p
 
 from __future__ import annotations
 
+import logging
+
 from django.utils import timezone
 
-from runs import ingest
+from runs import ingest, layout
 from runs.models import (
     ArtifactStatus,
     Checkpoint,
@@ -28,6 +30,7 @@ from runs.models import (
     Tokenizer,
 )
 
+log = logging.getLogger(__name__)
 STAGE_END = {
     "succeeded": Status.SUCCEEDED,
     "failed": Status.FAILED,
@@ -66,6 +69,13 @@ def start_child(pipeline: Run, stage: dict) -> Run | None:
         return None
     inputs = stage.get("inputs") if isinstance(stage.get("inputs"), dict) else {}
     outputs = stage.get("outputs") if isinstance(stage.get("outputs"), dict) else {}
+    # The pipeline writes every stage under its own directory; a stage event naming another
+    # place (a forged or corrupted line) must not make rows that point there.
+    written = [stage["run_dir"], *(v for v in outputs.values() if v)]
+    if not all(isinstance(p, str) and layout.inside(p, pipeline.run_dir) for p in written):
+        log.warning("pipeline %s: ignored stage %r outside its directory", pipeline.pk,
+                    str(stage.get("name"))[:100])  # fmt: skip
+        return None
     label = pipeline.name or f"pipeline {pipeline.pk}"
     child = Run(
         kind=kind, name=f"{label} · {stage.get('name', kind)}"[:200], owner=pipeline.owner,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
+
 from training import (
     base_eval,
     base_train,
@@ -25,7 +27,9 @@ from training import (
     pipeline,
     tok_train,
 )
+from training.fetch_policy import FetchRefused, check_url
 from training.flags import ConfigError, FlagSet
+from training.tasks.registry import mixture_files
 
 if TYPE_CHECKING:
     from runs.models import Run
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 # Non-path flags the app sets itself: where to resume, which step of the parent to start from.
 APP_SET_FLAGS = ("resume_from_step", "source_step", "step")
+# Flags holding task mixture specs, whose customjson entries name files.
+MIXTURE_FLAGS = ("mixture", "val_mixture")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Program:
             name = str(key).replace("-", "_")
             if name in self.flags and name not in settable:
                 errors[f"config.{name}"] = "is set by the app from the run's inputs"
+        errors.update(url_errors(self.flags, overrides, "config."))
         try:
             merged.update(self.flags.validate(overrides, partial=True))
         except ConfigError as exc:
@@ -78,6 +85,26 @@ class Program:
         if errors:
             raise ConfigError(errors)
         return self.flags.validate(merged)
+
+
+def url_errors(flags: FlagSet, values: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    """Field errors for given URL values (flags named `url` or `*_url`) that the download
+    policy refuses: a user's URL must not make the server fetch from its own network or files.
+
+    The programs check again when they fetch (the flag's own default too, which needs no
+    lookup here); the allow-list is FETCH_ALLOWED_HOSTS.
+    """
+    errors = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in flags or not (name == "url" or name.endswith("_url")):
+            continue
+        if isinstance(value, str) and value != flags[name].default:
+            try:
+                check_url(value, settings.FETCH_ALLOWED_HOSTS)
+            except FetchRefused as exc:
+                errors[f"{prefix}{name}"] = str(exc)
+    return errors
 
 
 def cli_args(flags: FlagSet, values: Mapping[str, Any]) -> list[str]:
@@ -233,6 +260,67 @@ def parent_stages(*stages: str) -> Callable[[dict[str, Any], Mapping[str, Any]],
 # ---- the whole pipeline -------------------------------------------------------------------
 
 
+def check_pipeline(config: dict[str, Any], inputs: Mapping[str, Any]) -> None:
+    """Extra stage options may tune a stage, never say where it reads or writes."""
+    try:
+        options = pipeline.stage_options(config)
+    except ConfigError as exc:
+        raise ConfigError({f"config.{k}": v for k, v in exc.errors.items()}) from None
+    errors = {}
+    for kind, values in options.items():
+        for name, why in task_file_errors(values).items():
+            errors[f"config.{kind}_args"] = f"{name}: {why}"
+    if errors:
+        raise ConfigError(errors)
+
+
+def task_file_errors(values: Mapping[str, Any]) -> dict[str, str]:
+    """Task mixtures may read JSONL files (`customjson:/path`) only inside the data home.
+
+    A mixture is a user string that names files; from the web app it must not become a way to
+    read the server's other files (the run's log would quote their lines in its errors).
+    """
+    errors = {}
+    home = Path(settings.NANOCHAT_HOME).resolve()
+    for name in MIXTURE_FLAGS:
+        spec = values.get(name)
+        if not isinstance(spec, str) or not spec.strip():
+            continue
+        try:
+            files = mixture_files(spec)
+        except ValueError as exc:
+            errors[name] = str(exc)
+            continue
+        for path in files:
+            if path.suffix != ".jsonl" or home not in path.resolve().parents:
+                errors[name] = f"customjson files must be .jsonl files inside {home}, not {path}"
+                break
+    return errors
+
+
+def check_mixtures(config: dict[str, Any], inputs: Mapping[str, Any]) -> None:
+    """mid / sft: the task mixtures are well formed and read only files they may."""
+    errors = task_file_errors(config)
+    if errors:
+        raise ConfigError({f"config.{k}": v for k, v in errors.items()})
+
+
+def checks(*parts: Callable[[dict[str, Any], Mapping[str, Any]], None]):
+    """One Program.check made of several."""
+
+    def check(config: dict[str, Any], inputs: Mapping[str, Any]) -> None:
+        errors: dict[str, str] = {}
+        for part in parts:
+            try:
+                part(config, inputs)
+            except ConfigError as exc:
+                errors.update(exc.errors)
+        if errors:
+            raise ConfigError(errors)
+
+    return check
+
+
 def pipeline_commands(run: Run) -> list[list[str]]:
     """One process that runs every stage; runs/pipeline_stages.py shows each as a run."""
     return [[
@@ -263,13 +351,13 @@ PROGRAMS: dict[str, Program] = {
     "mid": Program(
         "mid", mid_train.FLAGS, ("parent_checkpoint",),
         finetune_commands("training.mid_train", mid_train.FLAGS), distributed=True,
-        stage="mid", check=parent_stages("base"),
+        stage="mid", check=checks(parent_stages("base"), check_mixtures),
         description="Mid-train a base model on conversations (chat format, tools).",
     ),
     "sft": Program(
         "sft", chat_sft.FLAGS, ("parent_checkpoint",),
         finetune_commands("training.chat_sft", chat_sft.FLAGS), distributed=True,
-        stage="sft", check=parent_stages("base", "mid"),
+        stage="sft", check=checks(parent_stages("base", "mid"), check_mixtures),
         description="Fine-tune a base or mid model into a chat model (SFT).",
     ),
     "rl": Program(
@@ -284,7 +372,7 @@ PROGRAMS: dict[str, Program] = {
         description="Evaluate a chat model: ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE.",
     ),
     "pipeline": Program(
-        "pipeline", pipeline.FLAGS, (), pipeline_commands,
+        "pipeline", pipeline.FLAGS, (), pipeline_commands, check=check_pipeline,
         description="Everything from the built-in data to an evaluated chat model, each stage "
         "a run of its own.",
     ),

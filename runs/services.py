@@ -7,7 +7,6 @@ input raises ConfigError with one message per field; nothing is written in that 
 
 from __future__ import annotations
 
-import re
 import shutil
 import unicodedata
 import uuid
@@ -31,7 +30,7 @@ from runs.models import (
     Status,
     Tokenizer,
 )
-from runs.programs import Program, program_for
+from runs.programs import Program, program_for, url_errors
 from runs.tasks import execute_run
 from training import dataset as dataset_program
 from training.flags import ConfigError
@@ -249,6 +248,7 @@ def create_dataset(
     except ConfigError as exc:
         errors.update({f"options.{k}": v for k, v in exc.errors.items()})
         config = {}
+    errors.update(url_errors(flags, options, "options."))  # e.g. base_url: public hosts only
     uploads = list(uploads or [])
     if source == "upload":
         if not uploads:
@@ -300,15 +300,14 @@ def _save_uploads(run: Run, uploads: list) -> list[str]:
     """Store uploads as `uploads/file-NNN.<suffix>`: the client's file name is not a path."""
     folder = Path(run.run_dir) / "uploads"
     folder.mkdir(parents=True, exist_ok=True)
-    saved = []
+    from nanochat_site.limits import write_uploads  # at most UPLOAD_MAX_BYTES, else ConfigError
+
+    targets = []
     for i, upload in enumerate(uploads):
         suffix = next(s for s in UPLOAD_SUFFIXES if str(upload.name).lower().endswith(s))
-        target = folder / f"file-{i:03d}{suffix}"
-        with open(target, "wb") as out:
-            for chunk in upload.chunks():
-                out.write(chunk)
-        saved.append(str(target))
-    return saved
+        targets.append(folder / f"file-{i:03d}{suffix}")
+    write_uploads(zip(uploads, targets, strict=True))
+    return [str(target) for target in targets]
 
 
 # ---- lifecycle ----------------------------------------------------------------------------
@@ -415,34 +414,60 @@ def delete_run(run: Run, user) -> None:
         raise Conflict(f"run {run.pk} has checkpoints that other runs started from")
     if run.kind == Kind.DATASET and run.dataset and run.dataset.runs.exclude(pk=run.pk).exists():
         raise Conflict(f"dataset {run.dataset.name} is used by other runs; delete them first")
-    directory = run.run_dir
+    directory = run_dir_of(run)
     with transaction.atomic():
         if run.kind == Kind.TOKENIZER and run.tokenizer:
             tokenizer = run.tokenizer
             if tokenizer.runs.exclude(pk=run.pk).exists():
                 raise Conflict(f"tokenizer {tokenizer.name} is used by other runs")
+            owned = artifact_dir(tokenizer, run)
             run.delete()
-            delete_tree_on_commit(tokenizer.path)
+            delete_tree_on_commit(owned)
             tokenizer.delete()
         elif run.kind == Kind.DATASET and run.dataset:
             dataset = run.dataset
+            owned = artifact_dir(dataset, run)
             run.delete()
-            if dataset.source != Dataset.Source.PATH:
-                delete_tree_on_commit(dataset.path)
+            delete_tree_on_commit(owned)
             dataset.delete()
         else:
             run.delete()
         delete_tree_on_commit(directory)
 
 
-def delete_tree_on_commit(path: str) -> None:
-    """Remove an app-owned directory once the rows pointing at it are gone for good."""
-    if not path:
-        return
-    target = Path(path).resolve()
-    if data_home().resolve() not in target.parents:
-        return  # never delete outside the data home (e.g. a dataset given by path)
-    transaction.on_commit(lambda: shutil.rmtree(target, ignore_errors=True))
+def run_dir_of(run: Run) -> Path | None:
+    """The run's directory if it is the one the layout gave it (a pipeline stage's: below its
+    pipeline's), else None: a directory the run does not own is never deleted with it."""
+    if run.pipeline_id:
+        return layout.removable(run.run_dir, within=[layout.run_dir(run.pipeline_id)])
+    return layout.removable(run.run_dir, exact=[layout.run_dir(run.pk)])
+
+
+def artifact_dir(artifact: Dataset | Tokenizer, build: Run | None) -> Path | None:
+    """The directory a dataset or tokenizer row owns, None if there is none it may delete.
+
+    Its id-based directory, or a directory below the run that built it (or that run's
+    pipeline), or -- rows made before names stopped being paths -- `<folder>/<its name>`.
+    A dataset registered from an existing server directory owns nothing.
+    """
+    if isinstance(artifact, Dataset):
+        if artifact.source == Dataset.Source.PATH:
+            return None
+        exact = [layout.dataset_dir(artifact.pk), layout.legacy_dir("datasets", artifact.name)]
+    else:
+        exact = [layout.tokenizer_dir(artifact.pk), layout.legacy_dir("tokenizers", artifact.name)]
+    within = []
+    if build is not None:
+        within = [layout.run_dir(build.pk)]
+        if build.pipeline_id:
+            within.append(layout.run_dir(build.pipeline_id))
+    return layout.removable(artifact.path, exact=exact, within=within)
+
+
+def delete_tree_on_commit(path: Path | None) -> None:
+    """Remove a directory a row owned (see run_dir_of, artifact_dir) once the rows are gone."""
+    if path is not None:
+        transaction.on_commit(lambda: shutil.rmtree(path, ignore_errors=True))
 
 
 def program_of(run: Run) -> Program:

@@ -20,7 +20,7 @@ from engine import checkpoint as ckpt
 from engine.gpt import GPT
 from engine.paths import data_home
 from engine.tokenizer import Tokenizer
-from training.flags import Flag
+from training.flags import Flag, join_inside
 from training.runtime import Runtime
 
 
@@ -90,7 +90,7 @@ def checkpoint_flags(folder: str) -> list[Flag]:
     `folder` is where its checkpoints go under the data home (e.g. "sft_checkpoints").
     """
     return [
-        Flag("model_tag", str, "", "checkpoint subfolder name (default: the source's)"),
+        Flag("model_tag", str, "", "checkpoint subfolder (default: the source's)", component=True),
         Flag(
             "checkpoint_dir",
             str,
@@ -102,9 +102,18 @@ def checkpoint_flags(folder: str) -> list[Flag]:
 
 
 def resolve_output(config: Mapping[str, Any], folder: str, source_dir: Path) -> tuple[str, Path]:
-    """(model tag, checkpoint directory) from `checkpoint_flags`: by default the source's tag."""
+    """(model tag, checkpoint directory) from `checkpoint_flags`: by default the source's tag.
+
+    Without `checkpoint_dir` the tag becomes a folder under `<data home>/<folder>`; it must be
+    one safe folder name that stays there (a tag such as `../../x` would write anywhere).
+    """
     tag = config["model_tag"] or source_dir.name
-    return tag, Path(config["checkpoint_dir"] or data_home() / folder / tag)
+    if config["checkpoint_dir"]:
+        return tag, Path(config["checkpoint_dir"])
+    try:
+        return tag, join_inside(data_home() / folder, tag)
+    except ValueError as exc:
+        raise ValueError(f"model_tag: {exc}; pass --model-tag or --checkpoint-dir") from None
 
 
 def save_tokenizer_copy(tokenizer: Tokenizer, checkpoint_dir: str | Path) -> None:

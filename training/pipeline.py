@@ -21,6 +21,7 @@ The pipeline stops at the first stage that fails, naming the stage and its error
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import subprocess
 import sys
@@ -33,7 +34,16 @@ from typing import Any
 from engine.paths import data_home
 from training import report
 from training.events import EVENTS_FILE, EventWriter, read_events
-from training.flags import Flag, FlagSet, format_config
+from training.flags import (
+    MAX_SHARDS,
+    MAX_TOKENS,
+    MAX_VOCAB,
+    ConfigError,
+    Flag,
+    FlagSet,
+    format_config,
+    join_inside,
+)
 from training.loop import format_duration
 from training.program import cancel_on_sigterm, run_program
 
@@ -48,6 +58,9 @@ STAGE_PROGRAMS = {  # stage kind -> training module
     "rl": "training.chat_rl",
 }
 
+# Stages that take extra command-line options from the pipeline's `<kind>_args`.
+ARGS_KINDS = ("base", "base_eval", "mid", "sft", "chat_eval", "rl")
+
 FLAGS = FlagSet(
     "pipeline",
     configs="pipeline",
@@ -61,16 +74,49 @@ FLAGS = FlagSet(
             "builtin (offline corpus) or download (public pretraining shards)",
             choices=("builtin", "download"),
         ),
-        Flag("dataset_download_shards", int, 8, "shards to download (source download)", min=2),
-        Flag("dataset_max_chars", int, -1, "characters of the built-in corpus (-1: all)", min=-1),
-        Flag("dataset_shards", int, 8, "parquet shards of the built-in corpus", min=2),
-        Flag("vocab_size", int, 32768, "tokenizer vocabulary incl. 9 special tokens", min=265),
         Flag(
-            "tokenizer_max_chars", int, 2_000_000_000, "characters to train the tokenizer on", min=1
+            "dataset_download_shards",
+            int,
+            8,
+            "shards to download (source download)",
+            min=2,
+            max=MAX_SHARDS,
+        ),
+        Flag(
+            "dataset_max_chars",
+            int,
+            -1,
+            "characters of the built-in corpus (-1: all)",
+            min=-1,
+            max=MAX_TOKENS,
+        ),
+        Flag(
+            "dataset_shards",
+            int,
+            8,
+            "parquet shards of the built-in corpus",
+            min=2,
+            max=MAX_SHARDS,
+        ),
+        Flag(
+            "vocab_size",
+            int,
+            32768,
+            "tokenizer vocabulary incl. 9 special tokens",
+            min=265,
+            max=MAX_VOCAB,
+        ),
+        Flag(
+            "tokenizer_max_chars",
+            int,
+            2_000_000_000,
+            "characters to train the tokenizer on",
+            min=1,
+            max=MAX_TOKENS,
         ),  # fmt: skip
         # the stages' own presets (training/configs/<program>/<name>.yaml)
-        Flag("base_preset", str, "d20", "base_train preset"),
-        Flag("base_eval_preset", str, "", "base_eval preset ('' = defaults)"),
+        Flag("base_preset", str, "d20", "base_train preset", component=True),
+        Flag("base_eval_preset", str, "", "base_eval preset ('' = defaults)", component=True),
         Flag(
             "base_chat_eval_tasks",
             str,
@@ -78,11 +124,11 @@ FLAGS = FlagSet(
             "chat tasks to run on the base model too, to compare with SFT ('' = none)",
         ),  # fmt: skip
         Flag("mid", bool, False, "run mid-training between base and SFT"),
-        Flag("mid_preset", str, "", "mid_train preset"),
-        Flag("sft_preset", str, "", "chat_sft preset"),
-        Flag("chat_eval_preset", str, "", "chat_eval preset"),
+        Flag("mid_preset", str, "", "mid_train preset", component=True),
+        Flag("sft_preset", str, "", "chat_sft preset", component=True),
+        Flag("chat_eval_preset", str, "", "chat_eval preset", component=True),
         Flag("rl", bool, False, "run RL on GSM8K after SFT (and evaluate the RL model)"),
-        Flag("rl_preset", str, "", "chat_rl preset"),
+        Flag("rl_preset", str, "", "chat_rl preset", component=True),
         Flag(
             "task_source",
             str,
@@ -98,7 +144,7 @@ FLAGS = FlagSet(
                 "",
                 f"more {STAGE_PROGRAMS[kind]} options, as on its command line",
             )
-            for kind in ("base", "base_eval", "mid", "sft", "chat_eval", "rl")
+            for kind in ARGS_KINDS
         ),
         # execution
         Flag(
@@ -110,7 +156,13 @@ FLAGS = FlagSet(
             max=64,
         ),  # fmt: skip
         Flag("skip_existing", bool, False, "skip stages whose outputs are already there"),
-        Flag("model_tag", str, "", "checkpoint subfolder of every stage (default d<depth>)"),
+        Flag(
+            "model_tag",
+            str,
+            "",
+            "checkpoint subfolder of every stage (default d<depth>)",
+            component=True,
+        ),  # fmt: skip
         Flag("out_dir", str, "", "where every output goes (default <NANOCHAT_HOME>)", path=True),
         Flag("run_dir", str, "", "write events.jsonl here (and stage events beneath)", path=True),
     ],
@@ -174,12 +226,62 @@ def model_tag(config: dict[str, Any]) -> str:
     return f"d{base_train.FLAGS.validate(values)['depth']}"
 
 
+class _OptionError(Exception):
+    pass
+
+
+def _raise_option_error(message: str):
+    raise _OptionError(message)
+
+
+def stage_options(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The options each `<kind>_args` gives its stage, checked as the stage will check them.
+
+    Refuses options that name a path flag or `--config` of the stage's program: where a stage
+    reads and writes is the pipeline's to decide (under `--out-dir`, which the web app sets to
+    the run's own directory); extra options only tune the stage. Options are matched as
+    argparse matches them, abbreviations included, and their values go through the stage's own
+    flag checks (types, ranges), so a bad value is refused when the pipeline is submitted, not
+    hours later when its stage starts. ConfigError names `<kind>_args`.
+    """
+    errors: dict[str, str] = {}
+    options: dict[str, dict[str, Any]] = {}
+    for kind in ARGS_KINDS:
+        key = f"{kind}_args"
+        try:
+            tokens = shlex.split(config[key])
+        except ValueError as exc:
+            errors[key] = f"cannot be read as command-line options: {exc}"
+            continue
+        flags = importlib.import_module(STAGE_PROGRAMS[kind]).FLAGS
+        reserved = ["--config", *(f.option for f in flags.flags if f.path)]
+        for token in tokens:
+            option = token.split("=", 1)[0]
+            if option.startswith("-") and any(r.startswith(option) for r in reserved):
+                errors[key] = f"{option} is set by the pipeline, not by extra options"
+                break
+        if key in errors:
+            continue
+        parser = flags.parser()
+        parser.error = _raise_option_error  # argparse would print and exit
+        try:
+            given = vars(parser.parse_args(tokens))
+            options[kind] = flags.validate(given, partial=True)
+        except _OptionError as exc:
+            errors[key] = str(exc)
+        except ConfigError as exc:
+            errors[key] = "; ".join(f"{name}: {why}" for name, why in exc.errors.items())
+    if errors:
+        raise ConfigError(errors)
+    return options
+
+
 def plan(config: dict[str, Any]) -> list[Stage]:
     """The stages to run for this config, in order, with their command lines."""
     out = Path(config["out_dir"]) if config["out_dir"] else data_home()
     tag = model_tag(config)
     data, tok, reports = out / "base_data", out / "tokenizer", out / "report"
-    ckpt = {s: out / f"{s}_checkpoints" / tag for s in ("base", "mid", "sft", "rl")}
+    ckpt = {s: join_inside(out / f"{s}_checkpoints", tag) for s in ("base", "mid", "sft", "rl")}
     rep = ["--report-dir", str(reports)]
     tasks = ["--task-source", config["task_source"]]
     stages = [

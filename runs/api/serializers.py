@@ -13,6 +13,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from nanochat_site.limits import BoundedJSONDecoder
 from runs import artifacts, services
 from runs.models import (
     Checkpoint,
@@ -109,7 +110,9 @@ class RunFilterSerializer(serializers.Serializer):
 class RunCreateSerializer(serializers.Serializer):
     kind = serializers.CharField(max_length=16)
     preset = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
-    config = serializers.JSONField(required=False, default=dict, help_text="setting overrides")
+    config = serializers.JSONField(
+        required=False, default=dict, help_text="setting overrides", decoder=BoundedJSONDecoder
+    )
     dataset = serializers.PrimaryKeyRelatedField(
         queryset=Dataset.objects.all(), required=False, allow_null=True
     )
@@ -289,8 +292,9 @@ class DatasetCreateSerializer(serializers.Serializer):
         max_length=16, help_text=f"one of {', '.join(services.DATASET_SOURCES)}"
     )
     options = serializers.JSONField(
-        required=False, default=dict, help_text="flags of the source's command (see programs)"
-    )
+        required=False, default=dict, help_text="flags of the source's command (see programs)",
+        decoder=BoundedJSONDecoder,
+    )  # fmt: skip
     path = serializers.CharField(
         required=False, allow_blank=True, default="", help_text="for source 'path'"
     )
@@ -324,8 +328,9 @@ class TokenizerCreateSerializer(serializers.Serializer):
         queryset=Dataset.objects.all(), required=False, allow_null=True
     )
     config = serializers.JSONField(
-        required=False, default=dict, help_text="vocab_size, max_chars, doc_cap"
-    )
+        required=False, default=dict, help_text="vocab_size, max_chars, doc_cap",
+        decoder=BoundedJSONDecoder,
+    )  # fmt: skip
 
     def validate_config(self, value):
         return _object(value, "config")

@@ -55,7 +55,7 @@ def test_upload_dataset_saves_the_files_for_the_build_run(api, alice):
     assert response.status_code == 201, response.content
     run = Run.objects.get(pk=response.json()["run"])
     saved = [Path(p) for p in run.config["files"]]
-    assert [p.name for p in saved] == ["000-a.txt", "001-b.jsonl"]
+    assert [p.name for p in saved] == ["file-000.txt", "file-001.jsonl"]
     assert saved[0].read_bytes() == b"first doc\n"
     assert run.config["command"] == "import" and run.config["shards"] == 2
 

@@ -272,16 +272,18 @@ def test_checkpoints_are_recorded_with_their_size_on_disk(run, tmp_path):
 
 def test_a_stage_without_a_program_yet_is_named_after_the_kind(tokenizer, tmp_path):
     run = Run.objects.create(kind=Kind.SFT, tokenizer=tokenizer, run_dir=str(tmp_path))
-    (created,) = apply(run, [{"type": "checkpoint", "time": 1, "step": 1, "path": "/sft"}])
+    event = {"type": "checkpoint", "time": 1, "step": 1, "path": f"{run.run_dir}/sft"}
+    (created,) = apply(run, [event])
     assert created.stage == "sft"
     assert created.size_bytes is None  # the directory does not exist here
 
 
 def test_eval_results_go_to_the_checkpoint_saved_before_them(run):
-    apply(run, [{"type": "checkpoint", "time": 1.0, "step": 100, "path": "/ck"}])
+    folder = f"{run.run_dir}/ck"
+    apply(run, [{"type": "checkpoint", "time": 1.0, "step": 100, "path": folder}])
     apply(run, [
         {"type": "eval_result", "time": 2.0, "task": "early", "value": 0.1},
-        {"type": "checkpoint", "time": 3.0, "step": 200, "path": "/ck"},
+        {"type": "checkpoint", "time": 3.0, "step": 200, "path": folder},
         {"type": "eval_result", "time": 4.0, "task": "final", "value": 0.3},
     ])  # fmt: skip
     steps = dict(EvalResult.objects.filter(run=run).values_list("task", "checkpoint__step"))

@@ -14,7 +14,16 @@ from django.urls import reverse
 
 from runs.execution import _finish
 from runs.follow import Follower
-from runs.models import ArtifactStatus, Checkpoint, EvalResult, Kind, MetricPoint, Run, Status
+from runs.models import (
+    ArtifactStatus,
+    Checkpoint,
+    Dataset,
+    EvalResult,
+    Kind,
+    MetricPoint,
+    Run,
+    Status,
+)
 from runs.programs import PROGRAMS
 from training.events import EventWriter
 
@@ -135,6 +144,23 @@ def test_a_failed_stage_records_its_error(pipeline_run):
     follower.poll()
     child = pipeline_run.stage_runs.get()
     assert child.status == Status.FAILED and "empty.jsonl: no conversations" in child.error
+
+
+def test_a_stage_naming_places_outside_its_pipeline_makes_no_rows(pipeline_run, tmp_path):
+    # A forged or corrupted stage line must not make rows that point at other directories
+    # (which deleting the pipeline or the row would then remove).
+    elsewhere = tmp_path / "someone-else"
+    fake = FakePipeline(pipeline_run)
+    follower = Follower(pipeline_run)
+    fake.events.emit("stage", index=1, name="dataset", kind="dataset", run_dir=str(elsewhere),
+                     inputs={}, outputs={}, status="started")  # fmt: skip
+    fake.start("dataset", "dataset", outputs={"data_dir": str(elsewhere / "data")})
+    follower.poll()
+    assert not pipeline_run.stage_runs.exists()
+    assert not Dataset.objects.exists()
+    fake.start("tokenizer", "tokenizer", outputs={"tokenizer_dir": str(fake.out / "tokenizer")})
+    follower.poll()
+    assert pipeline_run.stage_runs.get().kind == Kind.TOKENIZER
 
 
 def test_children_end_with_a_cancelled_pipeline(pipeline_run):

@@ -102,6 +102,8 @@ TASK_LABELS = {
     "customjson": "CustomJSON",
 }  # fmt: skip
 
+# Most times one task may be listed in a mixture (`name*N`): each copy is a list entry.
+MAX_WEIGHT = 1000
 _CHAT_EVAL_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling_bee")
 
 # Accuracy of random guessing per chat eval task: 1 in 4 for the four-choice tasks, 0 for
@@ -167,9 +169,11 @@ def _parse_entry(entry: str) -> tuple[str, Path | None, int]:
     weight = 1
     head, star, tail = entry.rpartition("*")
     if star and tail.strip().isdigit():
+        if len(tail.strip()) > 6:  # int() of a huge digit string is itself slow
+            raise ValueError(f"mixture entry {entry!r}: the weight must be at most {MAX_WEIGHT}")
         entry, weight = head.strip(), int(tail)
-        if weight < 1:
-            raise ValueError(f"mixture entry {entry!r}: the weight must be at least 1")
+        if not 1 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"mixture entry {entry!r}: the weight must be 1 to {MAX_WEIGHT}")
     name, colon, rest = entry.partition(":")
     name = name.strip()
     path = Path(rest.strip()) if colon else None
@@ -180,6 +184,13 @@ def _parse_entry(entry: str) -> tuple[str, Path | None, int]:
     if colon and not rest.strip():
         raise ValueError(f"mixture entry {entry!r}: customjson: needs a file path after ':'")
     return name, path, weight
+
+
+def mixture_files(spec: str) -> list[Path]:
+    """The files a mixture spec would read (its customjson entries), without reading them, so
+    a caller can decide whether they may be read; ValueError for a malformed spec."""
+    entries = [e.strip() for e in spec.split(",")] if spec.strip() else []
+    return [path for name, path, _ in map(_parse_entry, entries) if path is not None]
 
 
 def parse_mixture(
