@@ -1,7 +1,6 @@
 """Routes of the runs API, mounted under /api/ (names in the `runs-api` namespace)."""
 
 from django.urls import path
-from rest_framework.authtoken.views import obtain_auth_token
 from rest_framework.routers import DefaultRouter
 
 from runs.api import views
@@ -17,7 +16,7 @@ router.register("evals", views.EvalResultViewSet, basename="eval")
 router.register("reports", views.ReportViewSet, basename="report")
 
 urlpatterns = [
-    path("auth/token/", obtain_auth_token, name="token"),
+    path("auth/token/", views.TokenView.as_view(), name="token"),
     path("programs/", views.ProgramsView.as_view(), name="programs"),
     *router.urls,
 ]

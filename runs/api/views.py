@@ -10,38 +10,61 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import mixins, status, viewsets
+from drf_spectacular.utils import extend_schema, extend_schema_view, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from nanochat_site import limits
 from runs import artifacts, selectors, services
 from runs.api import serializers as s
 from runs.api.errors import ServiceErrorsMixin
+from runs.api.responses import with_errors
 from runs.follow import LOG_FILE, log_tail
 from runs.models import Checkpoint, Dataset, EvalResult, Report, Run, Tokenizer
 from runs.programs import PROGRAMS
 from runs.series import metric_names, series
 
-CONFLICT = OpenApiResponse(description="not possible in the object's current state")
-
 
 def query(request, serializer_class) -> dict:
-    """Validated query parameters; a bad one is a 400 naming it."""
+    """Validated query parameters; a bad one (NUL in a text, an integer no database column
+    holds) is a 400 naming it."""
     params = serializer_class(data=request.query_params)
     params.is_valid(raise_exception=True)
+    if errors := limits.out_of_range(params.validated_data):
+        raise ValidationError({name: [message] for name, message in errors.items()})
     return params.validated_data
 
 
 class ProgramsView(APIView):
     """Every kind of run: its inputs, presets and the settings a user may change."""
 
-    @extend_schema(responses=s.ProgramSerializer(many=True))
+    @extend_schema(responses={200: s.ProgramSerializer(many=True), **with_errors()})
     def get(self, request):
         return Response(s.ProgramSerializer(PROGRAMS.values(), many=True).data)
 
 
+@extend_schema_view(
+    post=extend_schema(
+        auth=[],
+        responses={
+            200: inline_serializer("Token", {"token": serializers.CharField()}),
+            **with_errors(400, signed_in=False),
+        },
+    )
+)
+class TokenView(ObtainAuthToken):
+    """A user's API token for their username and password (400 when they do not match)."""
+
+    parser_classes = APIView.parser_classes  # the site's bounded ones, not DRF's own list
+
+
+@extend_schema_view(
+    retrieve=extend_schema(responses={200: s.RunDetailSerializer, **with_errors(404)})
+)
 class RunViewSet(
     ServiceErrorsMixin,
     mixins.ListModelMixin,
@@ -66,11 +89,16 @@ class RunViewSet(
         run = self.get_queryset().get(pk=run.pk)
         return Response(s.RunDetailSerializer(run, context={"request": self.request}).data, code)
 
-    @extend_schema(parameters=[s.RunFilterSerializer])
+    @extend_schema(
+        parameters=[s.RunFilterSerializer],
+        responses={200: s.RunSummarySerializer(many=True), **with_errors(400, 404)},
+    )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 
-    @extend_schema(request=s.RunCreateSerializer, responses={201: s.RunDetailSerializer})
+    @extend_schema(
+        request=s.RunCreateSerializer, responses={201: s.RunDetailSerializer, **with_errors(400)}
+    )
     def create(self, request):
         """Validate and queue a run (datasets: POST /api/datasets/)."""
         params = s.RunCreateSerializer(data=request.data)
@@ -78,32 +106,35 @@ class RunViewSet(
         run = services.submit_run(request.user, **params.validated_data)
         return self._detail(run, status.HTTP_201_CREATED)
 
-    @extend_schema(responses={204: None, 403: None, 409: CONFLICT})
+    @extend_schema(responses={204: None, **with_errors(404, 409)})
     def destroy(self, request, pk=None):
         """Delete a finished run with its rows and directory (owner or staff)."""
         services.delete_run(self.get_object(), request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
-    @extend_schema(request=None, responses={200: s.RunDetailSerializer, 409: CONFLICT})
+    @extend_schema(request=None, responses={200: s.RunDetailSerializer, **with_errors(404, 409)})
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
         """Cancel a queued run at once, or ask its worker to stop a running one."""
         return self._detail(services.cancel_run(self.get_object(), request.user))
 
-    @extend_schema(request=None, responses={200: s.RunDetailSerializer, 409: CONFLICT})
+    @extend_schema(request=None, responses={200: s.RunDetailSerializer, **with_errors(404, 409)})
     @action(detail=True, methods=["post"])
     def resume(self, request, pk=None):
         """Continue a failed or cancelled run from its last checkpoint."""
         return self._detail(services.resume_run(self.get_object(), request.user))
 
-    @extend_schema(request=None, responses={201: s.RunDetailSerializer, 409: CONFLICT})
+    @extend_schema(request=None, responses={201: s.RunDetailSerializer, **with_errors(404, 409)})
     @action(detail=True, methods=["post"])
     def retry(self, request, pk=None):
         """Run it again from scratch: a new run (datasets and tokenizers: rebuilt in place)."""
         run = services.retry_run(self.get_object(), request.user)
         return self._detail(run, status.HTTP_201_CREATED)
 
-    @extend_schema(parameters=[s.MetricsQuerySerializer], responses=s.MetricsSerializer)
+    @extend_schema(
+        parameters=[s.MetricsQuerySerializer],
+        responses={200: s.MetricsSerializer, **with_errors(400, 404)},
+    )
     @action(detail=True, methods=["get"])
     def metrics(self, request, pk=None):
         """Metric series by name, downsampled to at most max_points (min and max kept)."""
@@ -114,7 +145,9 @@ class RunViewSet(
         data = series(run.pk, names, params["max_points"], params.get("after_step"))
         return Response({"run": run.pk, "names": every, "series": data})
 
-    @extend_schema(parameters=[s.LogQuerySerializer], responses=s.LogSerializer)
+    @extend_schema(
+        parameters=[s.LogQuerySerializer], responses={200: s.LogSerializer, **with_errors(400, 404)}
+    )
     @action(detail=True, methods=["get"])
     def log(self, request, pk=None):
         """The last lines of the run's log file."""
@@ -123,7 +156,10 @@ class RunViewSet(
         text = log_tail(Path(run.run_dir) / LOG_FILE, params["lines"]) if run.run_dir else ""
         return Response({"lines": text.splitlines()})
 
-    @extend_schema(parameters=[s.EventsQuerySerializer], responses=s.EventsSerializer)
+    @extend_schema(
+        parameters=[s.EventsQuerySerializer],
+        responses={200: s.EventsSerializer, **with_errors(400, 404)},
+    )
     @action(detail=True, methods=["get"])
     def events(self, request, pk=None):
         """The run's events in order; pass next_after as `after` to read on."""
@@ -137,7 +173,7 @@ class RunViewSet(
         events = s.EventSerializer(rows, many=True).data
         return Response({"events": events, "next_after": next_after})
 
-    @extend_schema(responses=s.SamplesSerializer)
+    @extend_schema(responses={200: s.SamplesSerializer, **with_errors(404)})
     @action(detail=True, methods=["get"])
     def samples(self, request, pk=None):
         """Text the model generated during training."""
@@ -145,7 +181,7 @@ class RunViewSet(
         samples = s.SampleSerializer(run.samples.all(), many=True).data
         return Response({"run": run.pk, "samples": samples})
 
-    @extend_schema(responses=s.RunReportSerializer)
+    @extend_schema(responses={200: s.RunReportSerializer, **with_errors(404)})
     @action(detail=True, methods=["get"])
     def report(self, request, pk=None):
         """The run's report: its markdown sections in order, and joined."""
@@ -180,12 +216,16 @@ class ArtifactViewSet(
         data = self.serializer_class(obj, context={"request": self.request}).data
         return Response(data, status.HTTP_201_CREATED)
 
-    @extend_schema(responses={204: None, 403: None, 409: CONFLICT})
+    @extend_schema(responses={204: None, **with_errors(404, 409)})
     def destroy(self, request, pk=None):
         self.remove(self.get_object(), request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+@extend_schema_view(
+    list=extend_schema(responses={200: s.DatasetSerializer(many=True), **with_errors(404)}),
+    retrieve=extend_schema(responses={200: s.DatasetSerializer, **with_errors(404)}),
+)
 class DatasetViewSet(ArtifactViewSet):
     """Datasets: built from the offline corpus, downloaded, uploaded or found on the server."""
 
@@ -199,12 +239,13 @@ class DatasetViewSet(ArtifactViewSet):
             "application/json": s.DatasetCreateSerializer,
             "multipart/form-data": s.DatasetCreateSerializer,
         },
-        responses={201: s.DatasetSerializer},
+        responses={201: s.DatasetSerializer, **with_errors(400)},
     )
     def create(self, request):
         params = s.DatasetCreateSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
+        limits.check_upload_sizes(data["files"])
         dataset = services.create_dataset(
             request.user, data["name"], data["source"], options=data["options"],
             uploads=data["files"], path=data["path"],
@@ -212,6 +253,10 @@ class DatasetViewSet(ArtifactViewSet):
         return self.created(dataset)
 
 
+@extend_schema_view(
+    list=extend_schema(responses={200: s.TokenizerSerializer(many=True), **with_errors(404)}),
+    retrieve=extend_schema(responses={200: s.TokenizerSerializer, **with_errors(404)}),
+)
 class TokenizerViewSet(ArtifactViewSet):
     """Tokenizers: trained on a dataset by a tokenizer run."""
 
@@ -220,7 +265,10 @@ class TokenizerViewSet(ArtifactViewSet):
     create_serializer_class = s.TokenizerCreateSerializer
     remove = staticmethod(artifacts.delete_tokenizer)
 
-    @extend_schema(request=s.TokenizerCreateSerializer, responses={201: s.TokenizerSerializer})
+    @extend_schema(
+        request=s.TokenizerCreateSerializer,
+        responses={201: s.TokenizerSerializer, **with_errors(400)},
+    )
     def create(self, request):
         params = s.TokenizerCreateSerializer(data=request.data)
         params.is_valid(raise_exception=True)
@@ -231,6 +279,9 @@ class TokenizerViewSet(ArtifactViewSet):
         return self.created(run.tokenizer)
 
 
+@extend_schema_view(
+    retrieve=extend_schema(responses={200: s.CheckpointSerializer, **with_errors(404)})
+)
 class CheckpointViewSet(viewsets.ReadOnlyModelViewSet):
     """Saved model weights, one row per saved step."""
 
@@ -243,7 +294,10 @@ class CheckpointViewSet(viewsets.ReadOnlyModelViewSet):
             checkpoints = checkpoints.filter(**query(self.request, s.CheckpointFilterSerializer))
         return checkpoints
 
-    @extend_schema(parameters=[s.CheckpointFilterSerializer])
+    @extend_schema(
+        parameters=[s.CheckpointFilterSerializer],
+        responses={200: s.CheckpointSerializer(many=True), **with_errors(400, 404)},
+    )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 
@@ -257,11 +311,15 @@ class EvalResultViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     def get_queryset(self):
         return super().get_queryset().filter(**query(self.request, s.EvalFilterSerializer))
 
-    @extend_schema(parameters=[s.EvalFilterSerializer])
+    @extend_schema(
+        parameters=[s.EvalFilterSerializer],
+        responses={200: s.EvalResultSerializer(many=True), **with_errors(400, 404)},
+    )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 
 
+@extend_schema_view(retrieve=extend_schema(responses={200: s.ReportSerializer, **with_errors(404)}))
 class ReportViewSet(viewsets.ReadOnlyModelViewSet):
     """Report sections written by runs (a run's whole report: /api/runs/{id}/report/)."""
 
@@ -274,6 +332,9 @@ class ReportViewSet(viewsets.ReadOnlyModelViewSet):
             reports = reports.filter(**query(self.request, s.ReportFilterSerializer))
         return reports
 
-    @extend_schema(parameters=[s.ReportFilterSerializer])
+    @extend_schema(
+        parameters=[s.ReportFilterSerializer],
+        responses={200: s.ReportSerializer(many=True), **with_errors(400, 404)},
+    )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
