@@ -416,16 +416,19 @@ def _bwrap_options(bwrap: str, as_root: bool, program_fd: int, info_fd: int) -> 
             bound.append(path)
     for path in _RO_OPTIONAL_PATHS:
         options += ["--ro-bind-try", path, path]
+    options += ["--proc", "/proc", "--dev", "/dev"]
+    options += ["--size", str(TMPFS_BYTES), "--perms", "1777", "--tmpfs", "/tmp"]
+    # The interpreter's folders come after the private /tmp, so a virtualenv that lives under
+    # the host's /tmp (a CI checkout, say) is bound on top of it rather than hidden by it.
     for path in _interpreter_dirs():
         if not any(path == b or path.startswith(b + os.sep) for b in bound):
             # bwrap would make missing parents (e.g. /root) as private as the host's copies,
             # which the unprivileged uid could not traverse.
             for parent in _ancestors(path):
-                options += ["--perms", "0755", "--dir", parent]
+                if parent not in ("/tmp", "/proc", "/dev"):
+                    options += ["--perms", "0755", "--dir", parent]
             options += ["--ro-bind", path, path]
             bound.append(path)
-    options += ["--proc", "/proc", "--dev", "/dev"]
-    options += ["--size", str(TMPFS_BYTES), "--perms", "1777", "--tmpfs", "/tmp"]
     options += ["--perms", "0777", "--dir", SANDBOX_WORKDIR]
     options += ["--perms", "0444", "--file", str(program_fd), f"{SANDBOX_WORKDIR}/{PROGRAM_FILE}"]
     options += ["--chdir", SANDBOX_WORKDIR, "--clearenv"]
