@@ -30,7 +30,10 @@ keeps only that shard's state, then parameters are all-gathered. Shards:
     to ceil(K/world) * world, so a rank may own fewer matrices, or none.
   - AdamW: each parameter is flattened and split into ceil(numel/world) elements per rank,
     zero-padded at the end (Adam is elementwise, so any split gives the same result).
-Gradient averaging uses reduce-scatter where the backend has it (NCCL; recent gloo). Where a
+Gradient averaging uses reduce-scatter where the backend has it (NCCL; recent gloo), through
+`_collectives`: torch >= 2.13's `reduce_scatter_single`/`all_gather_single` where they exist,
+else the `reduce_scatter_tensor`/`all_gather_into_tensor` of every torch >= 2.0 (same arguments,
+same results; 2.13 deprecates the old names, older CUDA builds lack the new ones). Where a
 one-off probe finds it missing (older gloo), every rank all-reduces the whole padded buffer
 and keeps its slice instead: same numbers, world_size times the traffic, which only a CPU run
 ever pays. Optimizer state is per rank: save it as `optim_{step}_rank{r}.pt` and resume with
@@ -294,7 +297,8 @@ class MuonAdamW(torch.optim.Optimizer):
         padded = unit.padded_grads()
         if self.reduce_scatter:
             out = padded.new_empty((unit.per_rank, *padded.shape[1:]))
-            work = dist.reduce_scatter_single(out, padded, op=dist.ReduceOp.AVG, async_op=True)
+            reduce_scatter, _ = _collectives()
+            work = reduce_scatter(out, padded, op=dist.ReduceOp.AVG, async_op=True)
 
             def wait_reduce_scatter() -> torch.Tensor:
                 work.wait()
@@ -326,7 +330,8 @@ class MuonAdamW(torch.optim.Optimizer):
             return lambda: unit.write_back(local)
         gathered = local.new_empty((unit.per_rank * self.world_size, *local.shape[1:]))
         if self.reduce_scatter:
-            work = dist.all_gather_single(gathered, local, async_op=True)
+            _, all_gather = _collectives()
+            work = all_gather(gathered, local, async_op=True)
         else:
             work = dist.all_gather(list(gathered.chunk(self.world_size)), local, async_op=True)
 
@@ -417,6 +422,18 @@ class _Unit:
             self.params[0].view(-1).copy_(values[: self.total])
 
 
+def _collectives() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(reduce_scatter, all_gather) over whole tensors, in this torch's stable spelling.
+
+    Both take (output, input, ..., async_op=...) with the input (reduce-scatter) or output
+    (all-gather) being world_size outputs concatenated along dim 0. Looked up per call, not at
+    import, so a test can hide the newer names and run the older ones on gloo.
+    """
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return reduce_scatter, all_gather
+
+
 def _backend_has_reduce_scatter(param_groups: list[dict[str, Any]]) -> bool:
     """Whether the default process group can reduce-scatter with AVG (older gloo cannot).
 
@@ -427,9 +444,10 @@ def _backend_has_reduce_scatter(param_groups: list[dict[str, Any]]) -> bool:
     world = dist.get_world_size()
     probe = torch.ones(world, device=device)
     out = torch.empty(1, device=device)
+    reduce_scatter, all_gather = _collectives()
     try:
-        dist.reduce_scatter_single(out, probe, op=dist.ReduceOp.AVG)
-        dist.all_gather_single(probe, out)
+        reduce_scatter(out, probe, op=dist.ReduceOp.AVG)
+        all_gather(probe, out)
     except (RuntimeError, NotImplementedError, ValueError):
         return False
     return True

@@ -1,5 +1,6 @@
 """The Muon + AdamW optimizer: orthogonalization, update rules, state, training, sharding."""
 
+import contextlib
 import io
 import math
 from datetime import timedelta
@@ -263,6 +264,23 @@ DIST_STEPS = 3
 # Uneven shards: at depth 3 the 3 c_fc matrices and 3-element scalar vectors do not divide
 # the world size; at depth 1 every Muon group holds one matrix, so rank 1 owns none of it.
 DIST_CASES = [(3, "reduce_scatter"), (3, "all_reduce"), (3, "auto"), (1, "reduce_scatter")]
+# The same reduce-scatter path through the pre-2.13 collectives (`reduce_scatter_tensor`,
+# `all_gather_into_tensor`), the ones torch 2.4-2.12 CUDA builds run with NCCL.
+LEGACY_CASES = [(3, "reduce_scatter"), (1, "auto")]
+NEW_COLLECTIVES = ("reduce_scatter_single", "all_gather_single")
+
+
+@contextlib.contextmanager
+def without_new_collectives():
+    """Hide torch >= 2.13's collective names, as an older torch lacks them."""
+    saved = {name: getattr(dist, name) for name in NEW_COLLECTIVES if hasattr(dist, name)}
+    for name in saved:
+        delattr(dist, name)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(dist, name, value)
 
 
 def dist_model(n_layer: int) -> GPT:
@@ -299,19 +317,24 @@ def distributed_worker(rank: int, rendezvous: str, out_dir: str) -> None:
     )
     try:
         result = {}
-        for n_layer, mode in DIST_CASES:
-            model = dist_model(n_layer)
-            optimizer = build_optimizer(model, **LRS, grad_reduction=mode)
-            assert optimizer.world_size == DIST_WORLD
-            if mode != "auto":
-                assert optimizer.reduce_scatter == (mode == "reduce_scatter")
-            for step in range(DIST_STEPS):
-                model(*rank_batch(step, rank)).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            result[n_layer, mode] = {
+        cases = [(case, contextlib.nullcontext) for case in DIST_CASES]
+        cases += [(case, without_new_collectives) for case in LEGACY_CASES]
+        for (n_layer, mode), collectives in cases:
+            with collectives():
+                model = dist_model(n_layer)
+                optimizer = build_optimizer(model, **LRS, grad_reduction=mode)
+                assert optimizer.world_size == DIST_WORLD
+                if mode != "auto":
+                    assert optimizer.reduce_scatter == (mode == "reduce_scatter")
+                for step in range(DIST_STEPS):
+                    model(*rank_batch(step, rank)).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                legacy = not any(hasattr(dist, name) for name in NEW_COLLECTIVES)
+            result[n_layer, mode, legacy] = {
                 "params": model.state_dict(),
                 "state_numel": state_numel(optimizer),
+                "reduce_scatter": optimizer.reduce_scatter,
             }
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -346,13 +369,18 @@ def test_sharded_optimizer_matches_single_process(tmp_path):
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(DIST_WORLD)]
     references = {n_layer: single_process_reference(n_layer) for n_layer, _ in DIST_CASES}
-    for case in DIST_CASES:
+    cases = [(*case, False) for case in DIST_CASES] + [(*case, True) for case in LEGACY_CASES]
+    if not any(hasattr(dist, name) for name in NEW_COLLECTIVES):
+        cases = [(*case[:2], True) for case in cases]  # this torch only has the older names
+    for case in cases:
         model, optimizer = references[case[0]]
         # Every rank ends with the same full parameters, equal to one process's result
         # (measured: bit-identical here).
         for result in ranks:
             for name, value in model.state_dict().items():
                 torch.testing.assert_close(result[case]["params"][name], value, atol=1e-5, rtol=0)
+        if case[2]:  # the older collectives really ran the reduce-scatter path
+            assert all(result[case]["reduce_scatter"] for result in ranks)
         # ZeRO: the state is split across ranks, not replicated.
         per_rank = [result[case]["state_numel"] for result in ranks]
         assert sum(per_rank) == state_numel(optimizer) and max(per_rank) < state_numel(optimizer)
