@@ -49,8 +49,19 @@ def claim(run_id: int, token: str, worker: str) -> Run | None:
     return run
 
 
+# PyTorch's CUDA caching allocator grows segments in place instead of leaving fragments between
+# fixed-size blocks: a training step near the card's capacity (the auto device batch aims there)
+# then fits where it would otherwise fail on fragmentation. Ignored on CPU.
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
 def child_env() -> dict[str, str]:
+    """The programs' environment: this process's, plus what every run needs.
+
+    PYTORCH_CUDA_ALLOC_CONF is only a default: a value the admin set (even empty) is kept.
+    """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_HOME": str(settings.NANOCHAT_HOME)}
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     # The admin's download allow-list, which the programs' fetches enforce (fetch_policy).
     env["NANOCHAT_FETCH_ALLOWED_HOSTS"] = ",".join(settings.FETCH_ALLOWED_HOSTS)
     env.pop("DJANGO_SETTINGS_MODULE", None)  # the programs know nothing of Django
