@@ -14,6 +14,12 @@ comes from the softmax itself: -log p[target] equals logsumexp - logit, and p ca
 because capped logits lie within ±cap (p >= e^(-2 cap) / vocab). The matmuls run on groups of
 chunks (`MATMUL_ROWS`).
 
+Chunk sizes depend on the device (`chunk_sizes`): a CPU wants a chunk's logits to stay in its
+cache (the tuned 256/1024 below); a GPU has no such cache to fit but pays per kernel launch and,
+under torch.compile, per unrolled loop iteration, so its chunks are as large as a fixed fp32
+budget allows. Nothing reads a tensor's value on the host (the mean's token count stays a
+tensor), so a GPU never waits here and a compiled step has no graph break.
+
 Used only for `loss_reduction` 'mean'/'sum' with gradients; evaluation ('none') keeps the plain
 path in gpt.py, and the test suite checks both give the same loss and gradients.
 """
@@ -31,6 +37,11 @@ DEFAULT_CHUNK = 256
 # Tokens per matmul: the head matmuls run on groups of whole chunks this large, which keeps
 # them efficient and adds each group's weight gradient to the fp32 total once, not per chunk.
 MATMUL_ROWS = 1024
+# On a GPU: the bytes of one chunk's fp32 logits (about three such tensors live at once, plus
+# the matmul group's logits and gradient in the compute dtype). 64 MiB is 512 rows of a 32k
+# vocabulary: 128 chunks for a 32 x 2048 device batch.
+GPU_CHUNK_BYTES = 64 * 2**20
+GPU_GROUP_CHUNKS = 4
 # e^(-2 cap) / vocab must stay a normal fp32 number (> 1.2e-38) for -log p to be exact
 # enough: cap 30 leaves a margin for vocabularies up to ~10^8.
 MAX_SOFTCAP = 30.0
@@ -60,10 +71,14 @@ def _forward(ctx, hidden, weight, targets, vocab_size, softcap, reduction, chunk
     w = weight[:vocab_size].to(dtype)
     h_all = hidden.to(dtype)
     valid_all = targets >= 0
-    count = int(valid_all.sum())
-    scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
-    # Each token's share of the loss: 0 for ignored targets.
-    row_weight_all = valid_all.to(torch.float32) * scale
+    # Each token's share of the loss: 0 for ignored targets. The mean's scale stays on the
+    # device: reading the count back would make every step wait for the GPU.
+    row_weight_all = valid_all.to(torch.float32)
+    if reduction == "mean":
+        scale = 1.0 / row_weight_all.sum().clamp(min=1.0)
+        row_weight_all = row_weight_all * scale
+    else:
+        scale = 1.0
     total = torch.zeros((), dtype=torch.float32, device=device)
     grad_hidden = torch.empty((n, hidden.shape[1]), dtype=dtype, device=device)
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
@@ -108,6 +123,15 @@ def _chunk_grad(logits, targets, valid, row_weight, softcap, *, out):
     return torch.where(valid[:, None], nll, 0.0).sum()
 
 
+def chunk_sizes(device: torch.device | str, vocab_size: int) -> tuple[int, int]:
+    """(chunk, matmul_rows) for `device`: the CPU-tuned constants on a CPU (and MPS), rows
+    filling `GPU_CHUNK_BYTES` of fp32 logits (a multiple of 64, at least 256) on CUDA."""
+    if torch.device(device).type != "cuda":
+        return DEFAULT_CHUNK, MATMUL_ROWS
+    rows = max(DEFAULT_CHUNK, GPU_CHUNK_BYTES // (4 * vocab_size) // 64 * 64)
+    return rows, rows * GPU_GROUP_CHUNKS
+
+
 def softcap_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -117,20 +141,24 @@ def softcap_linear_cross_entropy(
     softcap: float,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
-    chunk: int = DEFAULT_CHUNK,
-    matmul_rows: int = MATMUL_ROWS,
+    chunk: int | None = None,
+    matmul_rows: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `softcap * tanh((hidden @ weight[:vocab].T) / softcap)` vs targets.
 
     hidden (N, C), weight (V_padded, C), targets (N,) with -1 = ignore. Matmuls run in
     `compute_dtype` (default: hidden's dtype) on `matmul_rows` tokens at a time (rounded down
-    to whole chunks), the softmax in fp32 on `chunk` tokens at a time.
+    to whole chunks), the softmax in fp32 on `chunk` tokens at a time; both default to
+    `chunk_sizes` for hidden's device.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not 0 < softcap <= MAX_SOFTCAP:
         raise ValueError(f"softcap must be in (0, {MAX_SOFTCAP}], got {softcap!r}")
     dtype = compute_dtype or hidden.dtype
+    default_chunk, default_rows = chunk_sizes(hidden.device, vocab_size)
+    chunk = chunk or default_chunk
+    matmul_rows = matmul_rows or default_rows
     return _SoftcapLinearCrossEntropy.apply(
         hidden, weight, targets, vocab_size, softcap, reduction, chunk, matmul_rows, dtype
     )

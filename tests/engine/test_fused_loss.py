@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.fused_loss import softcap_linear_cross_entropy
+from engine.fused_loss import (
+    DEFAULT_CHUNK,
+    GPU_CHUNK_BYTES,
+    MATMUL_ROWS,
+    chunk_sizes,
+    softcap_linear_cross_entropy,
+)
 from engine.gpt import GPT, GPTConfig
 
 
@@ -95,3 +101,54 @@ def test_bf16_matches_the_plain_path_under_autocast():
     assert got.item() == pytest.approx(expected.item(), rel=1e-3)
     torch.testing.assert_close(hidden.grad, want_h, rtol=0.05, atol=1e-4)
     torch.testing.assert_close(weight.grad, want_w, rtol=0.05, atol=1e-4)
+
+
+def test_chunks_stay_cpu_tuned_on_a_cpu_and_fill_a_budget_on_a_gpu():
+    assert chunk_sizes("cpu", 65536) == (DEFAULT_CHUNK, MATMUL_ROWS)
+    for vocab in (8192, 32768, 65536, 200_000):
+        chunk, rows = chunk_sizes("cuda", vocab)
+        assert chunk >= DEFAULT_CHUNK and chunk % 64 == 0 and rows % chunk == 0
+        # Above the floor, a chunk's fp32 logits fit the budget and fill most of it.
+        if chunk > DEFAULT_CHUNK:
+            assert GPU_CHUNK_BYTES / 2 < chunk * vocab * 4 <= GPU_CHUNK_BYTES
+    assert chunk_sizes("cuda", 32768) == (512, 2048)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_never_waits_for_the_gpu():
+    hidden = torch.randn(600, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(128, 64, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 100, (600,), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")  # `int(valid.sum())` used to sync every step
+    try:
+        softcap_linear_cross_entropy(hidden, weight, targets, vocab_size=100, softcap=15.0,
+                                     chunk=64).backward()  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_compiles_as_one_graph_and_matches_eager(reduction):
+    # fullgraph=True fails on any graph break, such as the host read of the token count
+    # (`int(valid.sum())`) this function used to do.
+    torch.manual_seed(2)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = (torch.randn(64, 16) * 0.5).requires_grad_()
+    targets = torch.randint(0, 50, (40,))
+    targets[::3] = -1
+
+    def loss_fn(h, w, t):
+        return softcap_linear_cross_entropy(h, w, t, vocab_size=50, softcap=15.0,
+                                            reduction=reduction, chunk=8, matmul_rows=16)  # fmt: skip
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = compiled(hidden, weight, targets)
+    got.backward()
+    got_h, got_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = loss_fn(hidden, weight, targets)
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_h, hidden.grad)
+    torch.testing.assert_close(got_w, weight.grad)
