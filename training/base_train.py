@@ -53,7 +53,7 @@ from training.loss_eval import evaluate_bpb
 from training.optim import MAX_WEIGHT_DECAY, build_optimizer, lr_flags, set_schedule
 from training.program import cancel_on_sigterm, program_main
 from training.report import write_section
-from training.runtime import Runtime, runtime_flags
+from training.runtime import Runtime, maybe_compile, runtime_flags
 from training.scaling import (
     MAX_BATCH_TOKENS,
     MAX_PARAMS,
@@ -359,7 +359,7 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
                  device=str(runtime.device), program="base_train", derived=derived,
                  start_step=state.step)  # fmt: skip
 
-    train_model = torch.compile(model, dynamic=False) if config["compile"] else model
+    train_model = maybe_compile(model, config["compile"], runtime)
     batches = pretrain_batches(
         paths["data_dir"], tokenizer, B, T, split="train", rank=runtime.rank,
         world_size=runtime.world_size, device=runtime.device, resume_state=loader_state,

@@ -78,7 +78,7 @@ from training.optim import (
     set_schedule,
 )
 from training.report import write_section
-from training.runtime import Runtime, runtime_flags
+from training.runtime import Runtime, maybe_compile, runtime_flags
 from training.scaling import MAX_BATCH_TOKENS, lr_multiplier, muon_momentum
 from training.tasks.registry import parse_mixture
 
@@ -745,7 +745,7 @@ def run_finetune(
         start_step=0,
     )
 
-    train_model = torch.compile(model, dynamic=False) if config["compile"] else model
+    train_model = maybe_compile(model, config["compile"], runtime)
     batches = make_batches(stage, train_set, tokenizer, B, T, runtime, plan.num_epochs)
     token_bytes = tokenizer.token_bytes()
     reporter = StepReporter(runtime, total, plan.total_batch_size, flops_per_token)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.attention import load_hub_fa3
 from engine.common import autodetect_device, compute_dtype
 from training.flags import MAX_SEED, Flag
 
@@ -26,6 +27,10 @@ def runtime_flags(seed_help: str = "random seed", *, compile: bool = False) -> l
     """The flags `init_runtime` reads (device, dtype, seed), plus `compile` where a program has it.
 
     `seed_help` says what the seed drives in that program (initial weights, sampling, ...).
+    `compile` is a bool whose default, unset (None), means "on where it pays": on CUDA, where
+    the compiled step is much faster after a warm-up of a minute or so, and off elsewhere
+    (a CPU run is short and compiling it costs more than it saves). --compile / --no-compile
+    (or `compile: true|false` in a preset, on/off in the form) decide explicitly.
     """
     flags = [
         Flag("device", str, "auto", "auto, cpu, cuda, cuda:N, mps", max_length=32),
@@ -39,7 +44,12 @@ def runtime_flags(seed_help: str = "random seed", *, compile: bool = False) -> l
     ]
     if compile:
         flags.append(
-            Flag("compile", bool, False, "torch.compile the model (CUDA: faster after warm-up)")
+            Flag(
+                "compile",
+                bool,
+                None,
+                "torch.compile the training step; unset: on for CUDA devices, off elsewhere",
+            )
         )
     flags.append(Flag("seed", int, 42, seed_help, min=0, max=MAX_SEED))
     return flags
@@ -103,17 +113,33 @@ def _pick_dtype(device: torch.device, choice: str) -> torch.dtype:
     return compute_dtype(device)
 
 
+def _auto_device(world_size: int) -> torch.device:
+    """`autodetect_device`, except that several torchrun processes never fall back to a CPU
+    by accident: a multi-GPU launch on a host without a working CUDA torch would otherwise
+    train the whole model once per rank on gloo, slowly and silently."""
+    chosen = autodetect_device()
+    if world_size > 1 and chosen.type != "cuda":
+        raise RuntimeError(
+            f"device: auto found no CUDA GPU but WORLD_SIZE={world_size}; pass --device cpu "
+            f"to run {world_size} gloo processes on the CPU, or run on a host with a CUDA GPU "
+            "and a CUDA build of torch"
+        )
+    return chosen
+
+
 def init_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> Runtime:
     """Join the torchrun group if there is one, choose the device, seed every RNG."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    chosen = autodetect_device() if device == "auto" else torch.device(device)
+    chosen = _auto_device(world_size) if device == "auto" else torch.device(device)
     if chosen.type == "cuda":
         chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # Before any model code runs, so neither the import nor a compiled step fetches it.
+        load_hub_fa3(chosen)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=chosen if backend == "nccl" else None)
@@ -121,6 +147,23 @@ def init_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> R
     np.random.seed(seed)
     torch.manual_seed(seed)
     return Runtime(chosen, _pick_dtype(chosen, dtype), rank, local_rank, world_size)
+
+
+def compile_enabled(choice: bool | None, device: torch.device) -> bool:
+    """The `compile` flag resolved for `device`: None (unset) means on for CUDA only."""
+    return device.type == "cuda" if choice is None else choice
+
+
+def maybe_compile(model: torch.nn.Module, choice: bool | None, runtime: Runtime):
+    """`model` compiled for training where `compile_enabled` says so, else `model` itself.
+
+    dynamic=False: every training step has the same shapes, and static shapes let the
+    compiler specialise the window masks and the loss chunks.
+    """
+    if not compile_enabled(choice, runtime.device):
+        return model
+    runtime.print("compiling the training step (torch.compile; the first steps are slow)")
+    return torch.compile(model, dynamic=False)
 
 
 def shutdown(runtime: Runtime, *, together: bool = False) -> None:
