@@ -49,6 +49,8 @@ MAX_TOKENS = 10**13  # token or character counts (a budget, a corpus)
 MAX_SEED = 2**32 - 1  # what every seeded generator (torch, random, numpy) accepts
 MAX_EPOCHS = 10**6  # passes over a dataset
 MAX_SHARDS = 10_000  # parquet shards one command makes or fetches (FineWeb-edu has 1,823)
+# What "auto" becomes in the config of an int flag that takes it (`Flag.auto`).
+AUTO = -1
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class Flag:
     # "component" str flags become one folder name in a path the program builds (model_tag):
     # a non-empty value must be a single safe name (check_component), never `..` or `a/b`.
     component: bool = False
+    # A value the word "auto" stands for (int flags): the program decides, e.g. the largest
+    # device batch that fits the GPU. It may lie outside min..max (0 stays an error when
+    # min is 1), so the range keeps meaning "the numbers a user may give".
+    auto: Any = None
 
     @property
     def option(self) -> str:
@@ -116,6 +122,10 @@ def _coerce(flag: Flag, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ValueError(f"must be true or false, got {_shown(value)}")
+    if flag.auto is not None and (
+        value == flag.auto or (isinstance(value, str) and value.strip().lower() == "auto")
+    ):
+        return flag.auto
     if flag.type is int:
         if isinstance(value, bool):
             raise ValueError(f"must be an integer, got {_shown(value)}")
@@ -156,7 +166,7 @@ def _coerce(flag: Flag, value: Any) -> Any:
 
 
 def _check(flag: Flag, value: Any) -> None:
-    if value is None:
+    if value is None or (flag.auto is not None and value == flag.auto):
         return
     if flag.choices is not None and value not in flag.choices:
         raise ValueError(f"must be one of {', '.join(map(str, flag.choices))}, got {_shown(value)}")
@@ -293,7 +303,9 @@ class FlagSet:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = str  # converted by validate() with the same rules as YAML
-                kwargs["metavar"] = flag.type.__name__.upper()
+                kwargs["metavar"] = flag.type.__name__.upper() + (
+                    "|auto" if flag.auto is not None else ""
+                )
                 if flag.choices:
                     kwargs["choices"] = [str(c) for c in flag.choices]
             parser.add_argument(flag.option, dest=flag.name, **kwargs)
