@@ -93,7 +93,8 @@ FLAGS = FlagSet(
             "device_batch_size",
             int,
             32,
-            "sequences per forward pass for bpb",
+            "sequences per batch for bpb (a forward takes fewer where their fp32 logits would "
+            "pass 1 GiB)",
             min=1,
             max=MAX_ROWS,
         ),
