@@ -3,6 +3,7 @@
     python -m engine.bench --depth 4 --head-dim 64 --n-embd 256 --vocab 4096 --sequence-len 256 \
         --threads 2 --device cpu
     python -m engine.bench --checkpoint ~/.cache/nanochat/sft_checkpoints/d20 --json
+    python -m engine.bench --depth 20 --device cuda:0 --samples 8 --cuda-graphs   # eager vs graphs
 
 Without a checkpoint the model has random weights: speed depends on shapes, not values. Rows run
 through `engine.engine.Batch` without a tokenizer, so they never stop early and every run
@@ -10,8 +11,11 @@ decodes exactly --gen tokens per row. Each measurement is warmed up once, then r
 median reported, because the first forward pays for allocator and kernel start-up.
 
 At this size a decode step is dominated by per-op dispatch, not matmuls, which is why decoding
-goes through the lean `engine.inference` forward (~200 ops per step instead of ~360). Measured
-numbers, with the command, are kept in the README rather than here.
+goes through the lean `engine.inference` forward (~200 ops per step instead of ~360). On a GPU
+the same holds for kernel launches, which `--cuda-graphs` removes: it measures decoding again
+with each step replayed from a captured CUDA graph and reports both (`graphs_*` keys in
+--json). `--static-decode` measures that graph's bucketed fixed-shape step run eagerly, on any
+device. Measured numbers, with the command, are kept in the README rather than here.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from engine.common import autocast, autodetect_device
-from engine.engine import Batch, KVCache, SamplingParams
+from engine.common import autocast
+from engine.engine import Batch, KVCache, SamplingParams, resolve_device
 from engine.gpt import GPT, GPTConfig
 
 
@@ -54,7 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=1.0)
     run.add_argument("--top-k", type=int, default=50, help="0 = off")
     run.add_argument("--repeats", type=int, default=5)
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    run.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, mps, cuda or cuda:N (N counts within CUDA_VISIBLE_DEVICES)",
+    )
+    run.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also decode with CUDA graphs (needs a CUDA --device) and report eager and graphs",
+    )
+    run.add_argument(
+        "--static-decode",
+        action="store_true",
+        help="also decode through the bucketed static-shape step --cuda-graphs captures, eagerly",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -110,11 +128,20 @@ def measure_prefill(model: GPT, prompt: list[int]) -> float:
 
 
 def measure_decode(
-    model: GPT, prompt: list[int], gen: int, samples: int, params: SamplingParams
+    model: GPT,
+    prompt: list[int],
+    gen: int,
+    samples: int,
+    params: SamplingParams,
+    batch: Batch | None = None,
 ) -> float:
-    """Seconds to decode `gen` tokens in each of `samples` rows after one shared prefill."""
+    """Seconds to decode `gen` tokens in each of `samples` rows after one shared prefill.
+
+    A new batch per call unless one is given: a graph-decoding batch is kept across calls so
+    that its graphs are captured in the warm-up, not timed."""
     device = model.get_device()
-    batch = Batch(model, None, max_rows=samples, max_len=len(prompt) - 1 + gen)
+    if batch is None:
+        batch = Batch(model, None, max_rows=samples, max_len=len(prompt) - 1 + gen)
     batch.add_samples(prompt, params, samples)
     _synchronize(device)
     start = time.perf_counter()
@@ -137,7 +164,9 @@ def run(args: argparse.Namespace) -> dict:
         if args.threads < 1:
             raise ValueError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    device = autodetect_device() if args.device == "auto" else torch.device(args.device)
+    device = resolve_device(args.device, "--device")
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA --device, not {device}")
     model = build_model(args, device)
     config = model.config
     if args.prompt_len - 1 + args.gen > config.sequence_len:
@@ -155,6 +184,20 @@ def run(args: argparse.Namespace) -> dict:
     multi_s = median_seconds(
         lambda: measure_decode(model, prompt, args.gen, args.samples, params), args.repeats
     )
+    modes = {}
+    for mode, wanted in (("static", args.static_decode), ("graphs", args.cuda_graphs)):
+        if not wanted:
+            continue
+        options = {"cuda_graphs": True} if mode == "graphs" else {"static_shapes": True}
+        speeds = {}
+        for key, rows in (("decode_tok_per_s", 1), ("decode_samples_tok_per_s", args.samples)):
+            batch = Batch(model, None, max_rows=rows, max_len=len(prompt) - 1 + args.gen, **options)
+            seconds = median_seconds(
+                lambda b=batch, r=rows: measure_decode(model, prompt, args.gen, r, params, b),
+                args.repeats,
+            )
+            speeds[f"{mode}_{key}"] = rows * args.gen / seconds
+        modes.update(speeds)
     return {
         "config": config.to_dict(),
         "device": str(device),
@@ -168,6 +211,7 @@ def run(args: argparse.Namespace) -> dict:
         "prefill_tok_per_s": args.prompt_len / prefill_s,
         "decode_tok_per_s": args.gen / single_s,
         "decode_samples_tok_per_s": args.samples * args.gen / multi_s,
+        **modes,
     }
 
 
@@ -185,8 +229,20 @@ def format_report(result: dict) -> str:
             f"decode, 1 stream: {result['decode_tok_per_s']:.1f} tok/s ({result['gen']} tokens)",
             f"decode, {result['samples']} samples: {result['decode_samples_tok_per_s']:.1f} tok/s "
             f"({result['samples']} x {result['gen']} tokens)",
+            *(
+                f"decode with {label}: {result[f'{mode}_decode_tok_per_s']:.1f} tok/s (1 stream, "
+                f"{result[f'{mode}_decode_tok_per_s'] / result['decode_tok_per_s']:.2f}x eager), "
+                f"{result[f'{mode}_decode_samples_tok_per_s']:.1f} tok/s ({result['samples']} "
+                f"samples, {ratio(result, mode):.2f}x eager)"
+                for mode, label in (("static", "static shapes"), ("graphs", "CUDA graphs"))
+                if f"{mode}_decode_tok_per_s" in result
+            ),
         ]
     )
+
+
+def ratio(result: dict, mode: str) -> float:
+    return result[f"{mode}_decode_samples_tok_per_s"] / result["decode_samples_tok_per_s"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,20 @@ share the batch. The tokens of all rows are then drawn in one batched inverse-CD
 (`sample_tokens`). Temperature 0 is argmax, which makes cached decoding reproduce
 `GPT.generate_naive` token for token.
 
+Host and device: a decode step waits for the device once, when it reads the sampled tokens
+(`.tolist()`); whether a row finished is decided on the host from those tokens, so nothing else
+comes back. Everything the host sends -- uniforms, token ids after a row changed or a token was
+forced -- goes through `_upload`: pinned memory and an asynchronous copy on CUDA, because a
+plain `torch.tensor(..., device="cuda")` waits for every kernel queued before it. Step planning
+reads only the host's mirror of the cache lengths.
+
+With `static_shapes` (or `cuda_graphs`) decoding runs through `_StaticDecoder`: the active rows
+are padded up to a bucket (powers of two up to max_rows) and one forward of fixed shapes per
+bucket reads the whole cache under a mask built on the device from the device lengths, so the
+same kernels with the same arguments run every step -- what a CUDA graph needs. With
+`cuda_graphs` each bucket's forward is captured once and replayed; with `static_shapes` alone
+it runs eagerly, which is how a CPU checks that the path gives the tokens eager decoding gives.
+
 Tools (SPEC §9): a row that emits `<|python_start|> expr <|python_end|>` gets the calculator's
 result forced in as `<|output_start|> result <|output_end|>`; forced tokens have mask 0 and are
 fed to the model like sampled ones.
@@ -36,7 +50,9 @@ fed to the model like sampled ones.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import calculator
-from engine.common import autocast, compute_dtype
+from engine.common import autocast, autodetect_device, compute_dtype
 from engine.gpt import GPT, ROTARY_LENGTH_FACTOR
 from engine.inference import InferenceForward
 
@@ -178,6 +194,7 @@ class CacheRows:
         self._k_len = self.lengths
         self._write_at: int | None = None
         self._index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._row_ids: torch.Tensor | None = None  # (B, 1) arange, made on first use
 
     def insert(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -228,9 +245,10 @@ class CacheRows:
             self._write_at, self._index = shortest, None
         else:
             device = self.lengths.device
-            rows = torch.arange(len(host), device=device)[:, None]
+            if self._row_ids is None:
+                self._row_ids = torch.arange(len(host), device=device)[:, None]
             positions = self.lengths[:, None] + torch.arange(num_new, device=device)
-            self._write_at, self._index = None, (rows, positions)
+            self._write_at, self._index = None, (self._row_ids, positions)
 
 
 # ---- rows and sampling ----------------------------------------------------------------------
@@ -338,11 +356,9 @@ class SamplingSettings:
         self.kth_index = None
         self.unlimited_rows = None
         if limited and (len(limited) < len(ks) or min(limited) < max(limited)):
-            self.kth_index = torch.tensor(
-                [[(k or self.topk_width) - 1] for k in ks], dtype=torch.long, device=device
-            )
+            self.kth_index = _upload([[(k or self.topk_width) - 1] for k in ks], torch.long, device)
             if len(limited) < len(ks):
-                self.unlimited_rows = torch.tensor([[k is None] for k in ks], device=device)
+                self.unlimited_rows = _upload([[k is None] for k in ks], torch.bool, device)
         # float64 keeps the tail of a large vocabulary in the CDF; Apple's MPS has no float64.
         self.cdf_dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
         # Greedy rows divide by 1: their sampled token is discarded anyway. Dividing by 1 is
@@ -351,10 +367,10 @@ class SamplingSettings:
         self.temperature = (
             None
             if all(d == 1.0 for d in divisors)
-            else torch.tensor([[d] for d in divisors], dtype=torch.float32, device=device)
+            else _upload([[d] for d in divisors], torch.float32, device)
         )
         self.greedy_rows = (
-            torch.tensor([[t == 0] for t in temperatures], device=device)
+            _upload([[t == 0] for t in temperatures], torch.bool, device)
             if self.any_greedy
             else None
         )
@@ -388,7 +404,7 @@ def sample_tokens(
     """One token per row of (B, V) `logits`, each row with its own temperature, top-k and
     uniform number in [0, 1) (see `SamplingSettings`)."""
     settings = SamplingSettings(temperatures, top_ks, logits.size(-1), logits.device)
-    u = torch.tensor([[x] for x in uniforms], dtype=settings.cdf_dtype, device=logits.device)
+    u = _upload([[x] for x in uniforms], settings.cdf_dtype, logits.device)
     return settings.sample(logits, u).view(-1).tolist()
 
 
@@ -438,6 +454,10 @@ class Batch:
     model's context (`sequence_len`); a larger one (up to the rotary table) lets rows run past
     the context the model was trained on. Without a tokenizer rows stop only at max_tokens and
     tools are off (benchmarks on random weights). One thread drives a batch: it is not locked.
+
+    `cuda_graphs` (CUDA only) replays one captured CUDA graph per bucket of rows for each
+    decode step instead of launching the forward's kernels one by one; `static_shapes` runs
+    that same bucketed fixed-shape step eagerly, on any device (see the module docstring).
     """
 
     def __init__(
@@ -447,6 +467,8 @@ class Batch:
         *,
         max_rows: int = 8,
         max_len: int | None = None,
+        cuda_graphs: bool = False,
+        static_shapes: bool = False,
     ) -> None:
         if _not_int(max_rows) or max_rows < 1:
             raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
@@ -467,6 +489,18 @@ class Batch:
         self._view: CacheRows | None = None
         self._settings: SamplingSettings | None = None
         self._next_ids: torch.Tensor | None = None
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {self.device}")
+        self._static = (
+            _StaticDecoder(model, self.cache, capture=cuda_graphs)
+            if cuda_graphs or static_shapes
+            else None
+        )
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay captured CUDA graphs."""
+        return self._static is not None and self._static.capture
 
     @property
     def max_rows(self) -> int:
@@ -513,7 +547,7 @@ class Batch:
         first = len(self.rows)
         self.cache.reset(first)
         if len(prompt) > 1:
-            ids = torch.tensor([prompt[:-1]], dtype=torch.long, device=self.device)
+            ids = _upload([prompt[:-1]], torch.long, self.device)
             self._forward(ids, self.cache.rows(first, first + 1), logits=False)
         self.cache.replicate(first, first + 1, first + num_samples)
         new_rows = []
@@ -558,16 +592,20 @@ class Batch:
         rows = self.rows
         if not rows:
             return []
-        if self._view is None:
-            self._view = self.cache.rows(0, len(rows))
-        ids = self._next_ids
-        if ids is None:
-            ids = torch.tensor([row.tokens[-1:] for row in rows], device=self.device)
-        logits = self._forward(ids, self._view)
+        if self._static is not None:
+            logits = self._static_logits()
+        else:
+            if self._view is None:
+                self._view = self.cache.rows(0, len(rows))
+            ids = self._next_ids
+            if ids is None:
+                ids = _upload([row.tokens[-1:] for row in rows], torch.long, self.device)
+            logits = self._forward(ids, self._view)
         sampled = self._sample(logits)
         events = []
         finished = []
         forced_any = False
+        # The step's one wait for the device: everything below is decided from these tokens.
         for row, token in zip(rows, sampled.view(-1).tolist(), strict=True):
             mask = 1
             if row.forced:
@@ -582,6 +620,23 @@ class Batch:
         if finished:
             self._remove(finished)
         return events
+
+    def _static_logits(self) -> torch.Tensor:
+        """(B, vocab) logits of the active rows' next tokens through the static decoder."""
+        rows, static = self.rows, self._static
+        count = len(rows)
+        host = self.cache.host_lengths
+        if max(host[:count]) + 1 > self.max_len:
+            raise ValueError(f"KV cache overflow: a row already holds max_len {self.max_len}")
+        ids = static.ids[:count]
+        if self._next_ids is not None:
+            ids.copy_(self._next_ids)
+        else:
+            _upload_into(ids, [row.tokens[-1:] for row in rows])
+        logits = static.logits(count)
+        for slot in range(count):
+            host[slot] += 1
+        return logits
 
     def _forward(
         self, ids: torch.Tensor, cache: CacheRows, logits: bool = True
@@ -610,7 +665,7 @@ class Batch:
         uniforms = [
             [row.next_uniform() if row.temperature > 0 and not row.forced else 0.0] for row in rows
         ]
-        u = torch.tensor(uniforms, dtype=self._settings.cdf_dtype, device=self.device)
+        u = _upload(uniforms, self._settings.cdf_dtype, self.device)
         return self._settings.sample(logits, u)
 
     def _record(self, row: Row, token: int, mask: int) -> None:
@@ -662,15 +717,156 @@ class Batch:
         return tokens
 
 
+# ---- the static decode step (CUDA graphs) ----------------------------------------------------
+
+
+class StaticCacheRows:
+    """Rows [0, bucket) of a `KVCache` as an `engine.gpt.KVCache` whose every tensor keeps its
+    shape and address from step to step, so that a decode step through it can be captured in a
+    CUDA graph and replayed.
+
+    Unlike `CacheRows`, nothing is planned from the host: each row's new key goes in with one
+    indexed write at its device length, and attention reads all `max_len` positions, masked by
+    the device lengths (`k_len`). Rows of the bucket past the active ones (padding) decode
+    garbage that nobody reads; their positions are clamped to the last one so that they never
+    write out of bounds and always see at least one key (finite values, no NaN left in a slot
+    the next row will use).
+    """
+
+    def __init__(self, cache: KVCache, bucket: int) -> None:
+        self._stored = cache.lengths[:bucket]
+        self.max_len = cache.max_len
+        self._k_by_pos = [layer[:bucket].transpose(1, 2) for layer in cache.k]
+        self._v_by_pos = [layer[:bucket].transpose(1, 2) for layer in cache.v]
+        self._row_ids = torch.arange(bucket, device=cache.lengths.device)[:, None]
+        self.lengths = self._stored
+        self._k_len = self._stored
+        self._index = (self._row_ids, self._stored[:, None])
+
+    def begin(self) -> None:
+        """Read this step's positions from the device lengths (device ops only)."""
+        self.lengths = self._stored.clamp(max=self.max_len - 1)
+        self._k_len = self.lengths + 1
+        self._index = (self._row_ids, self.lengths[:, None])
+
+    def insert(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if k.size(1) != 1:
+            raise ValueError(f"the static decode step takes one token per row, got {k.size(1)}")
+        keys, values = self._k_by_pos[layer], self._v_by_pos[layer]
+        keys.index_put_(self._index, k)
+        values.index_put_(self._index, v)
+        return keys, values, self._k_len
+
+    def advance(self, num_tokens: int) -> None:
+        self._stored += num_tokens  # in place: the cache's own lengths, at a fixed address
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """The batch sizes a static decoder runs: powers of two below max_rows, then max_rows."""
+    buckets, size = [], 1
+    while size < max_rows:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, max_rows]
+
+
+class _StaticDecoder:
+    """One fixed-shape decode forward per bucket of rows, eager or captured as a CUDA graph.
+
+    `ids` (max_rows, 1) is the static input: the batch writes the active rows' next tokens into
+    its first rows, then `logits(count)` runs (or replays) the forward of the smallest bucket
+    holding `count` rows and returns the active rows' logits. A graph's output is overwritten
+    by the next replay, so it must be consumed (sampled) before the next step -- which the
+    batch does. Graphs are captured lazily, on a bucket's first step, and share one memory pool.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, *, capture: bool) -> None:
+        self.model = model
+        self.cache = cache
+        self.capture = capture
+        self.device = cache.k.device
+        self.buckets = row_buckets(cache.batch_size)
+        self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
+        self._views: dict[int, StaticCacheRows] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def bucket(self, count: int) -> int:
+        return next(size for size in self.buckets if size >= count)
+
+    def logits(self, count: int) -> torch.Tensor:
+        """(count, vocab) fp32 logits of rows [0, count), advancing their device lengths."""
+        size = self.bucket(count)
+        if not self.capture:
+            return self._forward(size)[:count]
+        graph = self._graphs.get(size)
+        if graph is None:
+            graph = self._graphs[size] = self._record(size)
+        graph[0].replay()
+        return graph[1][:count]
+
+    def _forward(self, size: int) -> torch.Tensor:
+        view = self._views.get(size)
+        if view is None:
+            view = self._views[size] = StaticCacheRows(self.cache, size)
+        view.begin()
+        dtype = compute_dtype(self.device)
+        # Autocast's cache of cast weights is freed when the context exits, which would leave a
+        # graph reading freed memory: graphs are recorded (and replayed) with it off.
+        context = (
+            contextlib.nullcontext()
+            if dtype == torch.float32
+            else torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)
+        )
+        with context:
+            out = self.model(self.ids[:size], kv_cache=view)
+        return out[:, -1]
+
+    def _record(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm the bucket's forward up on a side stream, then capture it.
+
+        The warm-up really runs: it writes keys at each row's next position (which the real
+        step overwrites) and advances the device lengths, which are put back afterwards.
+        """
+        lengths = self.cache.lengths
+        saved = lengths.clone()
+        with torch.cuda.device(self.device):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(size)
+                    lengths.copy_(saved)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._forward(size)
+            lengths.copy_(saved)
+        return graph, out
+
+
 # ---- the nanochat-style interface ----------------------------------------------------------
 
 
 class Engine:
-    """Generation for one prompt at a time, `num_samples` rows sharing its prefill."""
+    """Generation for one prompt at a time, `num_samples` rows sharing its prefill.
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None) -> None:
+    With `cuda_graphs` the engine keeps one batch per sample count, sized to the model's
+    context, so that its captured graphs serve every later call: one generation at a time
+    (a new call cancels what is left of the previous one).
+    """
+
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer | None, *, cuda_graphs: bool = False
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.cuda_graphs = cuda_graphs
+        self._batches: dict[int, Batch] = {}
 
     def generate(
         self,
@@ -695,13 +891,28 @@ class Engine:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed
         )
-        # Size the cache to this request: prompt minus its last token, plus one per new token.
-        cached = max(len(tokens) - 1, 0)
-        room = context - cached
-        needed = cached + (room if max_tokens is None else min(max_tokens, room))
-        batch = Batch(self.model, self.tokenizer, max_rows=num_samples, max_len=max(needed, 1))
+        batch = self._batch_for(len(tokens), num_samples, max_tokens)
         batch.add_samples(tokens, params, num_samples)
         return _columns(batch, num_samples)
+
+    def _batch_for(self, prompt_len: int, num_samples: int, max_tokens: int | None) -> Batch:
+        context = self.model.config.sequence_len
+        if self.cuda_graphs:
+            batch = self._batches.get(num_samples)
+            if batch is None:
+                batch = Batch(
+                    self.model, self.tokenizer, max_rows=num_samples, max_len=context,
+                    cuda_graphs=True,
+                )  # fmt: skip
+                self._batches[num_samples] = batch
+            for row in list(batch.rows):
+                batch.cancel(row)
+            return batch
+        # Size the cache to this request: prompt minus its last token, plus one per new token.
+        cached = max(prompt_len - 1, 0)
+        room = context - cached
+        needed = cached + (room if max_tokens is None else min(max_tokens, room))
+        return Batch(self.model, self.tokenizer, max_rows=num_samples, max_len=max(needed, 1))
 
     def generate_batch(
         self,
@@ -741,3 +952,72 @@ def _columns(batch: Batch, num_samples: int) -> Iterator[tuple[list[int], list[i
 
 def _not_int(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
+
+
+# ---- host -> device ------------------------------------------------------------------------
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`values` (nested lists) as a tensor on `device`, without waiting for the device.
+
+    `torch.tensor(values, device="cuda")` copies from pageable memory and then synchronizes the
+    stream, i.e. waits for every kernel queued before it. From pinned memory the copy is
+    asynchronous, and the pinned block is not reused before the copy has run (the caching
+    host allocator records it on the stream).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _upload_into(target: torch.Tensor, values: list) -> None:
+    """Copy `values` (nested lists shaped like `target`) into `target`, as `_upload` does."""
+    if target.device.type != "cuda":
+        target.copy_(torch.tensor(values, dtype=target.dtype))
+        return
+    target.copy_(torch.tensor(values, dtype=target.dtype, pin_memory=True), non_blocking=True)
+
+
+# ---- choosing a device ---------------------------------------------------------------------
+
+
+def resolve_device(spec: str, flag: str = "--device") -> torch.device:
+    """The device `spec` names ("auto", "cpu", "mps", "cuda" or "cuda:N"), checked to exist.
+
+    cuda:N counts within the devices this process can see: with CUDA_VISIBLE_DEVICES=4,5,
+    cuda:0 is physical GPU 4 and cuda:1 GPU 5. "cuda" is cuda:0. Errors are ValueErrors that
+    name `flag`, the option the user gave, and what is visible.
+    """
+    if spec == "auto":
+        device = autodetect_device()
+        return torch.device("cuda", 0) if device.type == "cuda" else device
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{flag} {spec!r}: not a device ({exc}); use auto, cpu, cuda:N or mps"
+        ) from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {spec}: Apple MPS is not available on this machine")
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"{flag} {spec}: unsupported device type; use auto, cpu, cuda:N or mps")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible})"
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{flag} {spec}: CUDA is not available to this process{where}: torch "
+            f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'}) sees no GPU"
+        )
+    index = 0 if device.index is None else device.index
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(
+            f"{flag} {spec}: this process sees {count} CUDA device(s){where}, cuda:0 to "
+            f"cuda:{count - 1}; N counts within the visible devices"
+        )
+    return torch.device("cuda", index)

@@ -99,6 +99,36 @@ def test_bench_json_output(capsys, restore_threads):
     assert report["config"]["n_embd"] == 64 and report["config"]["n_head"] == 2
 
 
+def test_bench_measures_the_static_decode_step_beside_eager(capsys, restore_threads):
+    assert bench.main([*TINY_BENCH, "--static-decode", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["static_decode_tok_per_s"] > 0
+    assert report["static_decode_samples_tok_per_s"] > 0
+    assert "graphs_decode_tok_per_s" not in report
+    assert "x eager" in bench.format_report(report)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cuda-graphs"], "--cuda-graphs needs a CUDA --device, not cpu"),
+        (["--device", "tpu:0"], "--device 'tpu:0': not a device"),
+    ],
+)
+def test_bench_names_the_flag_of_a_device_it_cannot_use(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*TINY_BENCH, *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is absent")
+def test_bench_refuses_cuda_n_without_cuda(capsys):
+    with pytest.raises(SystemExit):
+        bench.main([*TINY_BENCH, "--device", "cuda:1"])
+    assert "--device cuda:1: CUDA is not available" in capsys.readouterr().err
+
+
 def test_bench_rejects_a_width_that_is_not_whole_heads(capsys, restore_threads):
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*TINY_BENCH, "--n-embd", "80"])

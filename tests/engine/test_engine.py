@@ -4,13 +4,17 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+import engine.engine as engine_module
 from engine.engine import (
     FINISHED,
     Batch,
     Engine,
     FinishReason,
     SamplingParams,
+    resolve_device,
+    row_buckets,
     row_seed,
     sample_tokens,
 )
@@ -383,3 +387,207 @@ def test_forcing_into_a_finished_row_is_rejected(model, tokenizer):
     batch.step()
     with pytest.raises(ValueError, match="not active"):
         batch.force(row, [1])
+
+
+# ---- host <-> device traffic of a decode step ---------------------------------------------
+
+# Tensor methods that read a value back to the host (on a GPU: wait for the device).
+HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
+
+
+class HostTraffic(TorchFunctionMode):
+    """Records every host read and every tensor made from host data (an upload on a GPU).
+
+    Reads of a row's uniform block are left out: those tensors come from the row's own CPU
+    generator (`torch.rand(..., generator=)`) and live on the host whatever the device.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+        self.uploads = 0
+        self._host_draws = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "rand" and kwargs.get("generator") is not None:
+            self._host_draws.append(out)
+        elif name in HOST_READS and not any(args[0] is t for t in self._host_draws):
+            self.reads.append(name)
+        elif name in ("tensor", "as_tensor") or (name in ("to", "cuda") and out is not args[0]):
+            # (`.to` of a tensor already in place returns it: no copy, e.g. attention's masks.)
+            self.uploads += 1
+        return out
+
+
+@pytest.fixture
+def counted_uploads(monkeypatch):
+    """How many times the engine's one upload helper was called."""
+    calls = []
+    original = engine_module._upload
+
+    def upload(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_upload", upload)
+    return calls
+
+
+def traffic_of_steps(batch, steps, upload_calls=None):
+    batch.step()  # the first step builds the derived weights and sampling settings
+    if upload_calls is not None:
+        upload_calls.clear()
+    with HostTraffic() as traffic:
+        for _ in range(steps):
+            batch.step()
+    return traffic
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_a_greedy_step_reads_the_device_once_and_uploads_nothing(model, static):
+    batch = Batch(model, None, max_rows=4, static_shapes=static)
+    for prompt in (PROMPT, [1, 2, 3], [9]):  # three different lengths: the masked path
+        batch.add(prompt, SamplingParams(max_tokens=40, temperature=0.0))
+    traffic = traffic_of_steps(batch, 10)
+    assert traffic.reads == ["tolist"] * 10
+    assert traffic.uploads == 0
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_a_sampling_step_reads_once_and_uploads_only_its_uniforms(model, static, counted_uploads):
+    batch = Batch(model, None, max_rows=4, static_shapes=static)
+    batch.add(PROMPT, SamplingParams(max_tokens=40, temperature=0.8, top_k=20, seed=1))
+    batch.add([1, 2, 3], SamplingParams(max_tokens=40, temperature=0.0))
+    batch.add([9, 4], SamplingParams(max_tokens=40, temperature=1.3, seed=2))
+    traffic = traffic_of_steps(batch, 10, counted_uploads)
+    assert traffic.reads == ["tolist"] * 10
+    # One upload per step (the uniforms), and only through `_upload`, which copies
+    # asynchronously from pinned memory on CUDA.
+    assert traffic.uploads == 10
+    assert len(counted_uploads) == 10
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_forced_tokens_are_uploaded_through_the_async_path(
+    model, tokenizer, static, counted_uploads
+):
+    batch = Batch(model, tokenizer, max_rows=2, static_shapes=static)
+    row = batch.add(PROMPT, SamplingParams(max_tokens=20, temperature=0.0))
+    batch.step()
+    batch.force(row, [7, 8])
+    counted_uploads.clear()
+    with HostTraffic() as traffic:
+        events = [batch.step()[0] for _ in range(4)]
+    assert [(token, mask) for _, token, mask in events[:2]] == [(7, 0), (8, 0)]
+    assert traffic.reads == ["tolist"] * 4
+    # The step after a forced token feeds it from the host: one upload, then none.
+    assert traffic.uploads == 2
+    if not static:  # (the static step writes into its input buffer with `_upload_into`)
+        assert len(counted_uploads) == 2
+
+
+# ---- the static decode step --------------------------------------------------------------
+
+
+def test_row_buckets_are_powers_of_two_then_max_rows():
+    assert row_buckets(1) == [1]
+    assert row_buckets(5) == [1, 2, 4, 5]
+    assert row_buckets(8) == [1, 2, 4, 8]
+
+
+def test_static_greedy_decoding_equals_full_reforward_with_windows(model):
+    expected = list(model.generate_naive(PROMPT, 70, temperature=0.0))
+    batch = Batch(model, None, max_rows=3, static_shapes=True)
+    rows = [batch.add(PROMPT, SamplingParams(max_tokens=70, temperature=0.0)) for _ in range(3)]
+    while batch.rows:
+        batch.step()
+    assert all(row.output_tokens == expected for row in rows)
+
+
+def churn(model, tokenizer, **options):
+    """Rows joining, leaving and cancelled mid-way, in buckets of 1, 2, 4 and 5 rows."""
+    batch = Batch(model, tokenizer, max_rows=5, **options)
+    plans = [
+        (PROMPT, SamplingParams(max_tokens=12, temperature=0.0)),
+        (
+            [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12],
+            SamplingParams(max_tokens=30, temperature=0.9, top_k=40, seed=5),
+        ),  # fmt: skip
+        ([42], SamplingParams(max_tokens=25, temperature=0.0)),
+        ([60, 61, 62], SamplingParams(max_tokens=40, temperature=1.0, seed=9)),
+        ([3, 1, 4, 1, 5], SamplingParams(max_tokens=33, temperature=0.7, seed=3)),
+    ]
+    rows = [batch.add(*plans[0])]
+    for _ in range(3):
+        batch.step()
+    rows += [batch.add(*plans[1]), batch.add(*plans[2])]
+    batch.step()
+    rows += [batch.add(*plans[3]), batch.add(*plans[4])]
+    steps = 0
+    while batch.rows:
+        batch.step()
+        steps += 1
+        if steps == 5:
+            batch.cancel(rows[3])
+        if steps == 20:
+            rows.append(batch.add(*plans[0]))  # joins a slot another row left
+    return [(row.output_tokens, row.masks, row.finish_reason) for row in rows]
+
+
+def test_static_shapes_give_the_tokens_of_eager_decoding(model, tokenizer):
+    assert churn(model, tokenizer, static_shapes=True) == churn(model, tokenizer)
+
+
+def test_cuda_graphs_need_a_cuda_device(model):
+    if model.get_device().type == "cuda":
+        pytest.skip("the model is on CUDA")
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        Batch(model, None, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoding_gives_the_tokens_of_eager_decoding(tokenizer):
+    cuda_model = make_model(tokenizer.vocab_size).to("cuda")
+    eager = churn(cuda_model, tokenizer)
+    assert churn(cuda_model, tokenizer, cuda_graphs=True) == eager
+    greedy = Engine(cuda_model, None, cuda_graphs=True)
+    expected = Engine(cuda_model, None).generate_batch(PROMPT, 2, 30, temperature=0.0)
+    assert greedy.generate_batch(PROMPT, 2, 30, temperature=0.0) == expected
+    assert greedy.generate_batch(PROMPT, 2, 30, temperature=0.0) == expected  # graphs reused
+
+
+# ---- choosing a device ---------------------------------------------------------------------
+
+
+def fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_resolve_device_pins_cuda_n_within_the_visible_devices(monkeypatch):
+    fake_gpus(monkeypatch, 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    with pytest.raises(ValueError) as error:
+        resolve_device("cuda:2", flag="--device")
+    message = str(error.value)
+    assert message.startswith("--device cuda:2:")
+    assert "sees 2 CUDA device(s) (CUDA_VISIBLE_DEVICES=6,7), cuda:0 to cuda:1" in message
+
+
+def test_resolve_device_names_the_flag_when_cuda_is_absent(monkeypatch):
+    fake_gpus(monkeypatch, 0)
+    with pytest.raises(ValueError, match=r"^--engine-device cuda:0: CUDA is not available"):
+        resolve_device("cuda:0", flag="--engine-device")
+    assert resolve_device("auto").type in ("cpu", "mps")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "xla", "cuda:-1"])
+def test_resolve_device_rejects_what_is_not_a_device(spec):
+    with pytest.raises(ValueError, match=f"^--device {spec!r}|^--device {spec}"):
+        resolve_device(spec)
