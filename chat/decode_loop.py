@@ -119,8 +119,10 @@ class ModelLoop:
         device: torch.device,
         max_rows: int,
         chunk_interval: float,
+        cuda_graphs: bool = False,
     ) -> None:
         self.key = key
+        self._cuda_graphs = cuda_graphs
         self._owner = owner
         self._device = device
         self._max_rows = max_rows
@@ -265,6 +267,10 @@ class ModelLoop:
 
     def _load(self) -> None:
         started = time.monotonic()
+        if self._device.type == "cuda":
+            # The current device is per thread: make it this worker's GPU in the thread that
+            # runs every kernel, so nothing lands on GPU 0 by default.
+            torch.cuda.set_device(self._device)
         model, _ = load_model(self.key.path, self.key.step, device=self._device)
         self._tokenizer = load_tokenizer_for(self.key.path)
         self._model = model
@@ -275,7 +281,9 @@ class ModelLoop:
         )  # fmt: skip
 
     def _new_batch(self) -> None:
-        self._batch = Batch(self._model, self._tokenizer, max_rows=self._max_rows)
+        self._batch = Batch(
+            self._model, self._tokenizer, max_rows=self._max_rows, cuda_graphs=self._cuda_graphs
+        )
 
     def _advance(self, joins: list[Generation], cancels: list[Generation]) -> _Turn:
         """One turn: the cancels and joins, then decode steps -- more than one while nothing

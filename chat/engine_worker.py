@@ -76,12 +76,14 @@ class EngineWorker:
         chunk_interval: float,
         stats_interval: float,
         redis_url: str | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         self.layer = layer
         self.channel = channel
         self.device = device
+        self.cuda_graphs = cuda_graphs
         self.max_rows = max_rows
         self.chunk_interval = chunk_interval
         self.stats_interval = stats_interval
@@ -109,8 +111,10 @@ class EngineWorker:
             ttl = max(settings.CHAT_ENGINE_ALIVE_TTL, 2 * self.stats_interval)
             publisher = StatsPublisher(self._redis_url, self.channel, self.name, ttl)
         log.info(
-            "engine worker %s on %s: channel %r, %d rows, %d models",
-            self.name, self.device, self.channel, self.max_rows, self._cache.capacity,
+            "engine worker %s on %s (%s): channel %r, %d rows, %d models%s",
+            self.name, self.device, device_details(self.device).get("device_name", "host"),
+            self.channel, self.max_rows, self._cache.capacity,
+            ", CUDA graphs" if self.cuda_graphs else "",
         )  # fmt: skip
         sender = asyncio.create_task(self._send_loop(), name="send")
         listeners = [
@@ -155,6 +159,8 @@ class EngineWorker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": str(self.device),
+            **device_details(self.device),
+            "cuda_graphs": self.cuda_graphs,
             "capacity": self.max_rows,
             "in_flight": len(self._inflight),
             "active_rows": sum(m["active_rows"] for m in models),
@@ -204,7 +210,7 @@ class EngineWorker:
     def _new_loop(self, key: ModelKey) -> ModelLoop:
         loop = ModelLoop(
             key, self, device=self.device, max_rows=self.max_rows,
-            chunk_interval=self.chunk_interval,
+            chunk_interval=self.chunk_interval, cuda_graphs=self.cuda_graphs,
         )  # fmt: skip
         loop.start()
         return loop
@@ -309,3 +315,15 @@ class EngineWorker:
         if isinstance(reply_channel, str) and isinstance(request_id, str):
             with contextlib.suppress(Exception):  # best effort on the way out
                 await self.layer.send(reply_channel, error(request_id, reason))
+
+
+def device_details(device: torch.device) -> dict[str, Any]:
+    """What the stats say about a worker's device beyond its name: on CUDA the GPU's model and
+    the physical GPUs the process may see (CUDA_VISIBLE_DEVICES, which cuda:N indexes)."""
+    if device.type != "cuda":
+        return {}
+    index = 0 if device.index is None else device.index
+    return {
+        "device_name": torch.cuda.get_device_name(index),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }

@@ -855,17 +855,23 @@ class _StaticDecoder:
 class Engine:
     """Generation for one prompt at a time, `num_samples` rows sharing its prefill.
 
-    With `cuda_graphs` the engine keeps one batch per sample count, sized to the model's
-    context, so that its captured graphs serve every later call: one generation at a time
-    (a new call cancels what is left of the previous one).
+    With `cuda_graphs` (or `static_shapes`, see `Batch`) the engine keeps one batch per sample
+    count, sized to the model's context, so that its captured graphs serve every later call:
+    one generation at a time (a new call cancels what is left of the previous one).
     """
 
     def __init__(
-        self, model: GPT, tokenizer: Tokenizer | None, *, cuda_graphs: bool = False
+        self,
+        model: GPT,
+        tokenizer: Tokenizer | None,
+        *,
+        cuda_graphs: bool = False,
+        static_shapes: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cuda_graphs = cuda_graphs
+        self.static_shapes = static_shapes
         self._batches: dict[int, Batch] = {}
 
     def generate(
@@ -897,12 +903,12 @@ class Engine:
 
     def _batch_for(self, prompt_len: int, num_samples: int, max_tokens: int | None) -> Batch:
         context = self.model.config.sequence_len
-        if self.cuda_graphs:
+        if self.cuda_graphs or self.static_shapes:
             batch = self._batches.get(num_samples)
             if batch is None:
                 batch = Batch(
                     self.model, self.tokenizer, max_rows=num_samples, max_len=context,
-                    cuda_graphs=True,
+                    cuda_graphs=self.cuda_graphs, static_shapes=self.static_shapes,
                 )  # fmt: skip
                 self._batches[num_samples] = batch
             for row in list(batch.rows):

@@ -1,6 +1,7 @@
 """`manage.py engine_worker`: serve chat generation requests from the channel layer.
 
-One per GPU (pick it with --device cuda:N or CUDA_VISIBLE_DEVICES); `manage.py up` starts one.
+One per GPU: pin it with --device cuda:N, where N counts within the GPUs CUDA_VISIBLE_DEVICES
+lets the process see (with CUDA_VISIBLE_DEVICES=7, GPU 7 is cuda:0). `manage.py up` starts one.
 SIGINT/SIGTERM stop it cleanly: replies in progress get an error, its stats key is removed.
 """
 
@@ -10,13 +11,12 @@ import asyncio
 import contextlib
 import signal
 
-import torch
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chat.engine_worker import EngineWorker
-from engine.common import autodetect_device
+from engine.engine import resolve_device
 
 
 class Command(BaseCommand):
@@ -26,7 +26,13 @@ class Command(BaseCommand):
         parser.add_argument(
             "--device",
             default=settings.CHAT_ENGINE_DEVICE,
-            help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)",
+            help="auto, cpu, mps, cuda or cuda:N: the one device this worker decodes on; N counts "
+            "within CUDA_VISIBLE_DEVICES (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--cuda-graphs",
+            action="store_true",
+            help="replay each decode step from a captured CUDA graph (CUDA devices only)",
         )
         parser.add_argument(
             "--max-rows",
@@ -43,13 +49,17 @@ class Command(BaseCommand):
         parser.add_argument("--channel", default=settings.CHAT_ENGINE_CHANNEL,
                             help="channel to take requests from (default: %(default)s)")  # fmt: skip
 
-    def handle(self, *args, device, max_rows, max_models, channel, **options):
+    def handle(self, *args, device, cuda_graphs, max_rows, max_models, channel, **options):
         if max_rows < 1 or max_models < 1:
             raise CommandError("--max-rows and --max-models must be at least 1")
         try:
-            chosen = autodetect_device() if device == "auto" else torch.device(device)
-        except RuntimeError as exc:
-            raise CommandError(f"--device {device!r}: {exc}") from exc
+            chosen = resolve_device(device, "--device")
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        if cuda_graphs and chosen.type != "cuda":
+            raise CommandError(
+                f"--cuda-graphs needs a CUDA --device; this worker decodes on {chosen}"
+            )
         layer = get_channel_layer()
         if layer is None:
             raise CommandError("no channel layer is configured (CHANNEL_LAYERS)")
@@ -57,6 +67,7 @@ class Command(BaseCommand):
             layer,
             channel=channel,
             device=chosen,
+            cuda_graphs=cuda_graphs,
             max_rows=max_rows,
             max_models=max_models,
             chunk_interval=settings.CHAT_CHUNK_INTERVAL,
