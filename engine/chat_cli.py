@@ -17,11 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-import torch
-
 from engine.checkpoint import load_model, load_tokenizer_for
-from engine.common import autodetect_device
-from engine.engine import FINISHED, Engine
+from engine.engine import FINISHED, Engine, resolve_device
 from engine.streaming import StreamDecoder
 from engine.tokenizer import Tokenizer
 
@@ -40,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=50, help="0 = off")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=None, help="default: a fresh one per reply")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, mps, cuda or cuda:N (N counts within CUDA_VISIBLE_DEVICES)",
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="decode from captured CUDA graphs (CUDA only)"
+    )
     return parser
 
 
@@ -170,13 +174,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--temperature must be >= 0")
     if args.top_k < 0:
         parser.error("--top-k must be >= 0 (0 = off)")
-    device = autodetect_device() if args.device == "auto" else torch.device(args.device)
+    try:
+        device = resolve_device(args.device, "--device")
+    except ValueError as error:
+        parser.error(str(error))
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA --device, not {device}")
     try:
         model, _ = load_model(args.checkpoint, args.step, device=device)
         tokenizer = load_tokenizer_for(args.checkpoint)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, cuda_graphs=args.cuda_graphs)
     if args.prompt is None:
         interactive(engine, tokenizer, args, input, sys.stdout)
         return 0
