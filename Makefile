@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-smoke lint format clean-venv
+.PHONY: run test test-smoke lint format clean-venv gpu-check
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11"; exit 1; }
@@ -42,3 +42,22 @@ lint: $(VENV)/.installed-test
 format: $(VENV)/.installed-test
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+# The GPU check (training/gpu_check.py, <= 8 minutes on one GPU): CUDA tests, real training runs,
+# engine and attention benchmarks, one table. It runs on the host's own Python, which must
+# already hold a CUDA torch: the project's .venv where it exists, else python3. Wheels in
+# $(GPU_WHEELS) (scripts/gpu_wheels.sh fetches them where a registry is reachable) are installed
+# into a scratch folder first, for a host that cannot install packages itself.
+# GPU_CHECK_DEVICE=cpu rehearses it on a CPU with tiny shapes (the test suite does).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_WHEELS ?= .whl
+GPU_SITE ?= /tmp/nanochat-gpu-check-site
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	@if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+		echo "installing $(GPU_WHEELS)/*.whl into $(GPU_SITE)"; \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+			--upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; \
+	fi
+	PYTHONPATH=$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m training.gpu_check $(GPU_CHECK_ARGS)

@@ -443,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # this process's benches
+    if shapes.device == "cpu":
+        torch.set_num_threads(1)  # the tiny attention bench, like the children (child_env)
     check = Check(shapes, work, time.monotonic() + budget, env=child_env(work, shapes.device))
     print(f"gpu-check on {shapes.device}: work dir {work}, budget {budget:.0f}s", flush=True)
 
