@@ -396,6 +396,11 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             ve = ve.view(batch, seq, self.n_kv_head, self.head_dim)
             v = v + (gate.unsqueeze(-1) * ve).to(dtype)
+        elif torch.is_grad_enabled():
+            # Attention saves v for backward, and a view would keep the whole qkv output (q and
+            # k too, already copied by rotary) alive until then: copying v costs one pass over
+            # kv_dim and frees 2 * (q + k) bytes per token.
+            v = v.contiguous()
         if kv_cache is None:
             y = attention(q, k, v, window=window)
         else:
@@ -426,6 +431,38 @@ def relu_square(x: torch.Tensor) -> torch.Tensor:
     return _ReluSquare.apply(x)
 
 
+class _ReluSquareProject(torch.autograd.Function):
+    """relu(h)^2 @ weight.T saving only relu(h) (and the weight in the matmul dtype).
+
+    Autograd would keep both relu(h) (for the square's gradient) and relu(h)^2 (for the
+    weight's gradient): two copies of the MLP's widest activation, 8 * n_embd bytes per token
+    each in bf16, the largest thing a layer saves. The square is one cheap pass, so backward
+    recomputes it instead. Same products in the same dtypes as `c_proj(relu_square(h))` under
+    autocast or not: the matmuls run in h's dtype and the weight's gradient is cast back to
+    the weight's dtype, as autocast's own cast would do.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight):
+        # Explicit dtypes: h is already in the compute dtype (autocast made it so).
+        with torch.autocast(h.device.type, enabled=False):
+            r = torch.relu(h)
+            w = weight.to(h.dtype)
+            ctx.save_for_backward(r, w)
+            ctx.weight_dtype = weight.dtype
+            return F.linear(r * r, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, w = ctx.saved_tensors
+        grad = grad.to(r.dtype)
+        grad_rows = grad.reshape(-1, grad.size(-1))
+        r_rows = r.reshape(-1, r.size(-1))
+        grad_weight = grad_rows.t().mm(r_rows * r_rows).to(ctx.weight_dtype)
+        grad_h = (grad.matmul(w) * r).mul_(2.0)
+        return grad_h, grad_weight
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -433,7 +470,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(relu_square(self.c_fc(x)))
+        h = self.c_fc(x)
+        if torch.is_grad_enabled():
+            return _ReluSquareProject.apply(h, self.c_proj.weight)
+        return self.c_proj(relu_square(h))
 
 
 class Block(nn.Module):
