@@ -8,7 +8,8 @@ In order, each step time-bounded and each failure recorded rather than fatal:
   2. the CUDA tests (`pytest -m cuda tests/gpu`, without the Django conftest);
   3. real `python -m training.base_train` processes: d12 bf16 compiled for 50 steps, then d20
      at the automatic device batch for 10 steps;
-  4. `python -m engine.bench` at the d20 shape, decoding 1 and 8 rows;
+  4. `python -m engine.bench` at the d20 shape, decoding 1 and 8 rows, eager and with CUDA
+     graphs;
   5. every attention backend (SDPA, FlexAttention, FA3 where present) at the d20 shape.
 It prints ONE table -- tokens/s, MFU, peak memory predicted (training.memory) vs measured
 (torch.cuda.max_memory_allocated in the training process), decode tokens/s -- and writes it as
@@ -283,22 +284,39 @@ def predicted_gib(model_config: dict | None, batch: Any, shapes: Shapes) -> floa
     return estimate.total / 2**30
 
 
+# engine.bench's extra decode modes: CUDA graphs on a GPU; on a CPU the same bucketed
+# static-shape step, run eagerly (what the graphs capture).
+BENCH_MODES = {"cuda": ("graphs", "--cuda-graphs", "CUDA graphs"),
+               "cpu": ("static", "--static-decode", "static shapes")}  # fmt: skip
+
+
 def engine_bench(check: Check) -> list[Row]:
-    """engine.bench at the large run's shape: decode tok/s with 1 row and with 8 rows."""
+    """engine.bench at the large run's shape: decode tok/s with 1 and 8 rows, eager and in the
+    device's extra mode (where this engine.bench has it)."""
     vocab = check.shapes.vocab_size
     argv = [sys.executable, "-m", "engine.bench", "--json", "--device", check.shapes.device,
             "--vocab", str(vocab), "--temperature", "0", "--samples", "8"]  # fmt: skip
     for name, value in check.shapes.bench.items():
         argv += ["--" + name.replace("_", "-"), str(value)]
+    mode, flag, label = BENCH_MODES[check.shapes.device]
+    from engine.bench import build_parser
+
+    if flag in build_parser().format_help():
+        argv.append(flag)
     result = json.loads(check.run(argv, 240, "engine_bench").stdout.strip().splitlines()[-1])
     config = result["config"]
     shape = f"d{config['n_layer']} n_embd {config['n_embd']}, vocab {vocab}, {result['gen']} tokens"
-    return [
+    rows = [
         Row("engine decode, 1 row", decode_tok_s=result["decode_tok_per_s"],
             notes=f"{shape}; prefill {result['prefill_tok_per_s']:,.0f} tok/s"),
         Row("engine decode, 8 rows", decode_tok_s=result["decode_samples_tok_per_s"],
             notes=shape),
     ]  # fmt: skip
+    for key, rows_label in (("decode_tok_per_s", "1 row"), ("decode_samples_tok_per_s", "8 rows")):
+        if f"{mode}_{key}" in result:
+            rows.append(Row(f"engine decode, {rows_label}, {label}",
+                            decode_tok_s=result[f"{mode}_{key}"], notes=shape))  # fmt: skip
+    return rows
 
 
 def attention_bench(check: Check) -> list[Row]:
