@@ -83,6 +83,8 @@ class EngineWorker:
         self.layer = layer
         self.channel = channel
         self.device = device
+        # Read once, here: the stats tick must not call into CUDA beside the decode thread.
+        self.device_details = device_details(device)
         self.cuda_graphs = cuda_graphs
         self.max_rows = max_rows
         self.chunk_interval = chunk_interval
@@ -112,7 +114,7 @@ class EngineWorker:
             publisher = StatsPublisher(self._redis_url, self.channel, self.name, ttl)
         log.info(
             "engine worker %s on %s (%s): channel %r, %d rows, %d models%s",
-            self.name, self.device, device_details(self.device).get("device_name", "host"),
+            self.name, self.device, self.device_details.get("device_name", "host"),
             self.channel, self.max_rows, self._cache.capacity,
             ", CUDA graphs" if self.cuda_graphs else "",
         )  # fmt: skip
@@ -159,7 +161,7 @@ class EngineWorker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "device": str(self.device),
-            **device_details(self.device),
+            **self.device_details,
             "cuda_graphs": self.cuda_graphs,
             "capacity": self.max_rows,
             "in_flight": len(self._inflight),

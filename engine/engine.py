@@ -843,7 +843,8 @@ class _StaticDecoder:
                     lengths.copy_(saved)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: an engine worker's other threads may touch CUDA meanwhile.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self._forward(size)
             lengths.copy_(saved)
         return graph, out
