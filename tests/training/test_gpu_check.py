@@ -48,8 +48,8 @@ def test_cpu_rehearsal_trains_benchmarks_and_prints_the_table(tmp_path):
     assert list(rows) == [
         "data: corpus + tokenizer",
         "CUDA tests (pytest -m cuda tests/gpu)",
-        "train d2 fp32 eager",
         "train d3 auto batch",
+        "train d2 fp32 eager",
         "engine decode, 1 row",
         "engine decode, 8 rows",
         "engine decode, 1 row, static shapes",
