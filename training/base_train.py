@@ -17,6 +17,7 @@ import gc
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from training.checkpoints import save_tokenizer_copy
 from training.dataloader import pretrain_batches
 from training.events import EventWriter
 from training.flags import (
+    AUTO,
     MAX_ROWS,
     MAX_SEQ_LEN,
     MAX_STEPS,
@@ -50,6 +52,13 @@ from training.loop import (
     timing_summary,
 )
 from training.loss_eval import evaluate_bpb
+from training.memory import (
+    BatchChoice,
+    choose_device_batch,
+    device_batch_for,
+    planning_gpu,
+)
+from training.memory import planned_batch as planned_device_batch
 from training.optim import MAX_WEIGHT_DECAY, build_optimizer, lr_flags, set_schedule
 from training.program import cancel_on_sigterm, program_main
 from training.report import write_section
@@ -118,10 +127,13 @@ FLAGS = FlagSet(
         Flag(
             "device_batch_size",
             int,
-            32,
-            "sequences per forward pass per process",
+            AUTO,
+            "sequences per forward pass per process; auto (-1): the largest power of two up "
+            "to 32 whose predicted step fits the GPU (the machine's memory on a CPU), with "
+            "gradient accumulation keeping the total batch",
             min=1,
             max=MAX_ROWS,
+            auto=AUTO,
         ),
         Flag(
             "total_batch_size",
@@ -248,8 +260,28 @@ def scaling_params(model_config: GPTConfig) -> tuple[int, float]:
     return counts["transformer_matrices"] + counts["lm_head"], flops_per_token(model_config)
 
 
-def plan(config: dict[str, Any], vocab_size: int, world_size: int) -> Horizon:
-    """The run's horizon and batch arithmetic; raises ValueError naming the flag at fault."""
+def planned_batch(config: dict[str, Any], world_size: int) -> int:
+    """The device batch the total batch is planned with (`training.memory.planned_batch`)."""
+    return planned_device_batch(
+        config["device_batch_size"], config["total_batch_size"], config["max_seq_len"], world_size
+    )
+
+
+def plan(
+    config: dict[str, Any],
+    vocab_size: int,
+    world_size: int,
+    *,
+    device_batch_size: int | None = None,
+    check_memory: bool = True,
+) -> Horizon:
+    """The run's horizon and batch arithmetic; raises ValueError naming the flag at fault.
+
+    device_batch_size: the batch the run will use (after auto picked it); the total batch is
+    planned with `planned_batch` and the accumulation follows. check_memory: for a run that
+    will use a GPU, refuse a model that cannot fit one sequence per pass on the planning GPU
+    (`memory_choice`), so the web app refuses it before a worker loads anything.
+    """
     model_config = model_config_for(config, vocab_size)
     total_params = count_params(model_config)["total"]
     if total_params > MAX_PARAMS:
@@ -259,18 +291,59 @@ def plan(config: dict[str, Any], vocab_size: int, world_size: int) -> Horizon:
         )
     params, token_flops = scaling_params(model_config)
     reference_params, _ = scaling_params(model_config_for(config, vocab_size, depth=12))
-    return plan_horizon(
+    planned = planned_batch(config, world_size)
+    horizon = plan_horizon(
         num_iterations=config["num_iterations"],
         target_flops=config["target_flops"],
         target_param_data_ratio=config["target_param_data_ratio"],
         total_batch_size=config["total_batch_size"],
-        device_batch_size=config["device_batch_size"],
+        device_batch_size=planned,
         seq_len=config["max_seq_len"],
         world_size=world_size,
         scaling_params=params,
         flops_per_token=token_flops,
         reference_scaling_params=reference_params,
         lr_batch_scaling=config["lr_batch_scaling"],
+    )
+    if check_memory and uses_gpu(config):
+        memory_choice(config, vocab_size, world_size)
+    if device_batch_size is None or device_batch_size == planned:
+        return horizon
+    tokens_per_pass = device_batch_size * config["max_seq_len"] * world_size
+    if horizon.total_batch_size % tokens_per_pass:
+        raise ValueError(
+            f"device_batch_size: {device_batch_size} rows do not divide the total batch of "
+            f"{horizon.total_batch_size} tokens"
+        )
+    return replace(horizon, grad_accum_steps=horizon.total_batch_size // tokens_per_pass)
+
+
+def uses_gpu(config: dict[str, Any]) -> bool:
+    """Whether the run is meant for a GPU (a CPU or MPS device is checked where it runs)."""
+    return not config["device"].startswith(("cpu", "mps"))
+
+
+def memory_choice(
+    config: dict[str, Any],
+    vocab_size: int,
+    world_size: int,
+    capacity: tuple[int, str] | None = None,
+) -> BatchChoice:
+    """The device batch and predicted memory per GPU for a config, before anything runs.
+
+    capacity: (bytes, label) of the GPU; default this server's first GPU, or a reference
+    H100-80GB when it has none (`planning_gpu`). Raises ValueError naming device_batch_size
+    when one sequence per pass does not fit.
+    """
+    capacity_bytes, label = capacity or planning_gpu()
+    return choose_device_batch(
+        model_config_for(config, vocab_size),
+        config["device_batch_size"],
+        capacity_bytes=capacity_bytes,
+        where=label,
+        world_size=world_size,
+        dtype="fp32" if config["dtype"] == "fp32" else "bf16",
+        max_batch=planned_batch(config, world_size),
     )
 
 
@@ -290,8 +363,23 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
     tokenizer = Tokenizer.load(paths["tokenizer_dir"])
     token_bytes = tokenizer.token_bytes()
     model_config = model_config_for(config, tokenizer.vocab_size)
-    horizon = plan(config, tokenizer.vocab_size, runtime.world_size)
-    B, T = config["device_batch_size"], config["max_seq_len"]
+    batch = device_batch_for(
+        model_config,
+        config["device_batch_size"],
+        device=runtime.device,
+        world_size=runtime.world_size,
+        dtype=runtime.dtype,
+        max_batch=planned_batch(config, runtime.world_size),
+    )
+    runtime.print(f"memory: {batch.describe()} [{batch.estimate.breakdown()}]")
+    horizon = plan(
+        config,
+        tokenizer.vocab_size,
+        runtime.world_size,
+        device_batch_size=batch.device_batch_size,
+        check_memory=False,
+    )
+    B, T = batch.device_batch_size, config["max_seq_len"]
     total = horizon.num_iterations
 
     with torch.device("meta"):
@@ -343,6 +431,8 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         "parameters": params,
         "flops_per_token": flops_per_token,
         "num_iterations": total,
+        "device_batch_size": B,
+        "memory": batch.to_dict(),
         "horizon_source": horizon.source,
         "total_batch_size": horizon.total_batch_size,
         "grad_accum_steps": horizon.grad_accum_steps,
@@ -462,6 +552,8 @@ def report_markdown(config: dict, derived: dict, summary: dict) -> str:
         f"({derived['tokens_per_param']:.1f} per parameter)",
         f"- precision: {derived['dtype']}",
     ]
+    if derived.get("memory"):
+        lines.append(f"- memory per process (predicted): {derived['memory']['text']}")
     if summary.get("min_val_bpb") is not None:
         lines.append(f"- minimum validation bpb: {summary['min_val_bpb']:.4f}")
     lines += resource_lines(summary)

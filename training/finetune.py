@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from engine import checkpoint as ckpt
-from engine.gpt import GPT
+from engine.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
 from training.checkpoints import (
     checkpoint_flags,
@@ -52,6 +52,7 @@ from training.checkpoints import (
 from training.dataloader import sft_batches
 from training.events import EventWriter
 from training.flags import (
+    AUTO,
     MAX_EPOCHS,
     MAX_ROWS,
     MAX_SEQ_LEN,
@@ -69,6 +70,7 @@ from training.loop import (
     save_training_checkpoint,
     timing_summary,
 )
+from training.memory import BatchChoice, device_batch_for, planned_batch
 from training.optim import (
     LR_NAMES,
     MAX_LR_FRAC,
@@ -177,7 +179,15 @@ def finetune_flags(*, default_mixture: str, init_lr_frac: float, stage: Stage) -
             max=MAX_STEPS,
         ),
         Flag(
-            "device_batch_size", int, 32, "rows per forward pass per process", min=1, max=MAX_ROWS
+            "device_batch_size",
+            int,
+            AUTO,
+            "rows per forward pass per process; auto (-1): the largest power of two up to 32 "
+            "whose predicted step fits the GPU (the machine's memory on a CPU), with gradient "
+            "accumulation keeping the total batch",
+            min=1,
+            max=MAX_ROWS,
+            auto=AUTO,
         ),
         Flag(
             "total_batch_size",
@@ -628,6 +638,32 @@ def plan_steps(
     return Plan(steps, accum, total_batch, "num_epochs", epochs, epoch_tokens)
 
 
+def choose_batch(config: dict[str, Any], source: Source, T: int, runtime: Runtime) -> BatchChoice:
+    """The device batch for this device: the given one (refused only if not even one row of
+    the source model fits), or auto's pick (training/memory.py)."""
+    model_config = GPTConfig(**{**source.meta["model_config"], "sequence_len": T})
+    return device_batch_for(
+        model_config,
+        config["device_batch_size"],
+        device=runtime.device,
+        world_size=runtime.world_size,
+        dtype=runtime.dtype,
+        max_batch=planned_batch(
+            config["device_batch_size"], config["total_batch_size"], T, runtime.world_size
+        ),
+    )
+
+
+def planning_config(config: dict[str, Any], T: int, world_size: int) -> dict[str, Any]:
+    """The config `plan_steps` plans with: under auto, an automatic total batch (-1: one
+    pass per process) becomes the one pass of the batch auto starts from, so a GPU that
+    fits fewer rows accumulates more micro-batches instead of taking smaller steps."""
+    if config["device_batch_size"] > 0 or config["total_batch_size"] > 0:
+        return config
+    rows = planned_batch(config["device_batch_size"], -1, T, world_size)
+    return {**config, "total_batch_size": rows * T * world_size}
+
+
 # ---- training -------------------------------------------------------------------------------
 
 
@@ -699,10 +735,13 @@ def run_finetune(
             f"max_seq_len: {T} is longer than the model's context ({context}, "
             f"from {source.checkpoint_dir})"
         )
-    B = config["device_batch_size"]
+    batch = choose_batch(config, source, T, runtime)
+    runtime.print(f"memory: {batch.describe()} [{batch.estimate.breakdown()}]")
+    B = batch.device_batch_size
     train_set = build_mixture(config["mixture"], "train", config)
     val_set = build_val_mixture(config)
-    plan = plan_steps(config, stage, train_set, tokenizer, B, T, runtime)
+    plan = plan_steps(planning_config(config, T, runtime.world_size), stage, train_set,
+                      tokenizer, B, T, runtime)  # fmt: skip
     total = plan.num_iterations
     model = source.load_model(runtime)
     model_tag, checkpoint_dir = resolve_output(config, stage.checkpoints, source.checkpoint_dir)
@@ -723,6 +762,8 @@ def run_finetune(
         "flops_per_token": flops_per_token,
         "packing": stage.packing,
         "max_seq_len": T,
+        "device_batch_size": B,
+        "memory": batch.to_dict(),
         "train_conversations": len(train_set),
         "val_conversations": len(val_set),
         "epoch_tokens": plan.epoch_tokens,

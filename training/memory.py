@@ -401,6 +401,24 @@ def device_capacity(device: torch.device | str) -> int | None:
     return torch.cuda.get_device_properties(index).total_memory
 
 
+def planned_batch(requested: int, total_batch_size: int, seq_len: int, world_size: int) -> int:
+    """The device batch a run's total batch is planned with.
+
+    A given batch (> 0) is itself. For auto, the largest power of two up to AUTO_MAX_BATCH
+    that divides the rows per process of a given total batch (AUTO_MAX_BATCH when the total is
+    automatic): whatever smaller power of two the GPU then takes divides the total too, so
+    only the gradient accumulation changes, never the tokens per step.
+    """
+    if requested > 0:
+        return requested
+    batch = AUTO_MAX_BATCH
+    if total_batch_size > 0:
+        rows, rest = divmod(total_batch_size, seq_len * world_size)
+        while batch > 1 and (rest or rows % batch):
+            batch //= 2
+    return batch
+
+
 def host_memory() -> int | None:
     """Physical memory of this machine in bytes (what `auto` plans a CPU run against)."""
     try:
@@ -508,7 +526,7 @@ def device_batch_for(
     """
     if device.type == "cuda":
         capacity = device_capacity(device)
-        where = f"{device} ({torch.cuda.get_device_name(device)})"
+        where = f"{device} ({device_name(device)})"
         device_type = "cuda"
     elif device.type == "cpu":
         total = host_memory()
@@ -529,12 +547,20 @@ def device_batch_for(
     )
 
 
+def device_name(device: torch.device | str) -> str:
+    """The GPU's marketing name, e.g. 'NVIDIA H100 80GB HBM3' ('' off CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    return torch.cuda.get_device_name(device)
+
+
 def planning_gpu() -> tuple[int, str]:
     """(capacity, label) of the GPU a server plans runs for: its own first GPU, or a
     reference H100-80GB when it has none (labelled so)."""
-    capacity = device_capacity("cuda:0") if torch.cuda.is_available() else None
+    capacity = device_capacity("cuda:0")
     if capacity is not None:
-        return capacity, torch.cuda.get_device_name(0)
+        return capacity, device_name("cuda:0")
     return REFERENCE_GPU.capacity_bytes, f"reference {REFERENCE_GPU.name}: no GPU on this server"
 
 
