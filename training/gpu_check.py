@@ -53,7 +53,6 @@ class Shapes:
 
     device: str
     dtype: str  # base_train's --dtype
-    corpus_chars: int  # -1: the whole built-in corpus
     vocab_size: int
     small: dict[str, Any]  # base_train flags of the "d12" run
     large: dict[str, Any]  # base_train flags of the "d20" run
@@ -66,7 +65,6 @@ class Shapes:
 GPU = Shapes(
     device="cuda",
     dtype="bf16",
-    corpus_chars=-1,
     # The built-in corpus supports ~31k merges; 24k leaves room for a different Python's docs.
     vocab_size=24576,
     small={"depth": 12, "device_batch_size": 32, "total_batch_size": 131072,
@@ -82,7 +80,6 @@ GPU = Shapes(
 CPU = Shapes(
     device="cpu",
     dtype="fp32",
-    corpus_chars=300_000,
     vocab_size=512,
     small={"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 64,
            "device_batch_size": 2, "total_batch_size": 256, "num_iterations": 4,
