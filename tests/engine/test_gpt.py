@@ -158,6 +158,102 @@ def test_relu_square_equals_autograd_of_relu_then_square():
     torch.testing.assert_close(grad, expected)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_mlp_saving_only_relu_gives_the_same_numbers_as_autograd(bf16):
+    # Training runs relu^2 and c_proj as one function that recomputes the square in backward;
+    # outputs and gradients must equal plain autograd's bit for bit, with and without autocast.
+    model = tiny_model()
+    randomize(model)
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ours = mlp(x)
+        reference = mlp.c_proj(F.relu(mlp.c_fc(x)).square())
+    assert ours.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert torch.equal(ours, reference)
+    upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1)).to(ours.dtype)
+    params = (x, mlp.c_fc.weight, mlp.c_proj.weight)
+    for got, want in zip(
+        torch.autograd.grad(ours, params, upstream),
+        torch.autograd.grad(reference, params, upstream),
+        strict=True,
+    ):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want)
+
+
+def saved_bytes_per_token_by_layer(model, seq, rows=(1, 2)):
+    """Bytes autograd saves for backward per token, layer by layer, under CPU bf16 autocast.
+
+    Each distinct storage counts once (parameters and buffers not at all), for the layer that
+    was running when it was first saved; a layer runs from its block's start to the next
+    block's start, so it includes the residual mix before the next block. The figure is the
+    slope between two batch sizes, so weight casts and masks drop out.
+    """
+    blocks = list(model.transformer.h)
+    ignore = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    totals = []
+    for batch in rows:
+        current, seen, per_layer = [-1], set(), [0] * len(blocks)
+
+        def pack(tensor, current=current, seen=seen, per_layer=per_layer):
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key not in ignore and key not in seen:
+                seen.add(key)
+                if current[0] >= 0:  # not before the first block (embeddings, x0)
+                    per_layer[current[0]] += storage.nbytes()
+            return tensor
+
+        hooks = [
+            block.register_forward_pre_hook(lambda m, a, i=i, c=current: c.__setitem__(0, i))
+            for i, block in enumerate(blocks)
+        ]
+        idx = tokens(batch, seq)
+        try:
+            with (
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                torch.autocast("cpu", dtype=torch.bfloat16),
+            ):
+                loss = model(idx, idx)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        del loss
+        totals.append(per_layer)
+    tokens_added = (rows[1] - rows[0]) * seq
+    return [(b - a) / tokens_added for a, b in zip(*totals, strict=True)]
+
+
+def test_saved_bytes_per_token_per_layer_stay_within_the_formula():
+    # What a layer may keep for backward under bf16 autocast, per token (C = width,
+    # kv = kv width, H / Hkv = heads, fp32 residual stream, bf16 activations):
+    #   residual mix before the next layer: its input, fp32              4 C
+    #   attention: norm input fp32 + rstd, the matmul's bf16 input       4 C + 4 + 2 C
+    #              q/k norm input (fp32 inside rms_norm) + rstds         4 (C + kv) + 4 (H + Hkv)
+    #              normed q, k and a copy of v, bf16                     2 (C + kv) + 2 kv
+    #              attention output bf16 + log-sum-exp                   2 C + 4 H
+    #   MLP:       norm input fp32 + rstd, the matmul's bf16 input       4 C + 4 + 2 C
+    #              relu of the 4C hidden layer, bf16 (relu^2 recomputed) 8 C
+    #   value-embedding layers also: the table row fp32, the gate twice, the gate's input
+    #                                                                    4 kv + 4 Hkv + 64
+    # 40 C at d20's kv = C: 67 KB before the MLP and v stopped saving extra copies. One more
+    # fp32 copy of the residual (4 C) or a saved relu^2 (8 C) fails this.
+    config = tiny_config(
+        n_embd=128, n_head=2, n_kv_head=1, n_layer=4, sequence_len=64, window_pattern="SL"
+    )
+    torch.manual_seed(0)
+    model = GPT(config)
+    c, kv, h, hkv = config.n_embd, config.kv_dim, config.n_head, config.n_kv_head
+    base = 4 * c + (4 * c + 4 + 2 * c) + 4 * (c + kv) + 4 * (h + hkv)
+    base += 2 * (c + kv) + 2 * kv + 2 * c + 4 * h + (4 * c + 4 + 2 * c) + 8 * c
+    measured = saved_bytes_per_token_by_layer(model, seq=32)
+    # The last layer has no mix after it; every other layer is a block plus the next mix.
+    for layer, got in enumerate(measured[:-1]):
+        bound = base + (4 * kv + 4 * hkv + 64 if config.has_value_embedding(layer) else 0)
+        assert 0.9 * bound <= got <= bound, (layer, got, bound)
+
+
 def test_qkv_projection_with_and_without_autograd_equals_the_three_projections():
     model = tiny_model(n_head=4, n_kv_head=2)
     randomize(model)
