@@ -219,6 +219,7 @@ def train(check: Check, label: str, flags: dict[str, Any], cap_s: float) -> list
     """One real base_train process; its events give tok/s, MFU, batch and measured peak."""
     name = label.split()[1]  # d12, d20
     run_dir = check.work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # events.jsonl appends: start clean on a rerun
     argv = [sys.executable, "-m", "training.base_train", "--device", check.shapes.device,
             "--dtype", check.shapes.dtype, "--run-dir", str(run_dir),
             "--checkpoint-dir", str(check.work / "checkpoints" / name),
