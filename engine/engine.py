@@ -972,7 +972,8 @@ def _upload(values: list, dtype: torch.dtype, device: torch.device | str) -> tor
     asynchronous, and the pinned block is not reused before the copy has run (the caching
     host allocator records it on the stream).
     """
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
