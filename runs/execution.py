@@ -58,10 +58,12 @@ CUDA_ALLOC_CONF = "expandable_segments:True"
 def child_env() -> dict[str, str]:
     """The programs' environment: this process's, plus what every run needs.
 
-    PYTORCH_CUDA_ALLOC_CONF is only a default: a value the admin set (even empty) is kept.
+    PYTORCH_CUDA_ALLOC_CONF is only a default: a value the admin set (even empty) in it or in
+    its newer name PYTORCH_ALLOC_CONF (torch >= 2.9 reads both) is kept.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_HOME": str(settings.NANOCHAT_HOME)}
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+    if "PYTORCH_ALLOC_CONF" not in env:
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     # The admin's download allow-list, which the programs' fetches enforce (fetch_policy).
     env["NANOCHAT_FETCH_ALLOWED_HOSTS"] = ",".join(settings.FETCH_ALLOWED_HOSTS)
     env.pop("DJANGO_SETTINGS_MODULE", None)  # the programs know nothing of Django

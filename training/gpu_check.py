@@ -426,7 +426,8 @@ def child_env(work: Path, device: str) -> dict[str, str]:
     """The environment of the check's processes: this one's, the scratch data home, and the
     allocator setting training runs get (a value already set is kept)."""
     env = {**os.environ, "NANOCHAT_HOME": str(work), "PYTHONUNBUFFERED": "1"}
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
+    if "PYTORCH_ALLOC_CONF" not in env:  # the newer name of the same setting (torch >= 2.9)
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     if device == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")  # tiny shapes: threads only wait on each other
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
@@ -458,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = shapes.budget_s if args.budget_s is None else args.budget_s
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu-check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # this process's benches
+    if "PYTORCH_ALLOC_CONF" not in os.environ:  # this process's benches, like the children
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     if shapes.device == "cpu":
         torch.set_num_threads(1)  # the tiny attention bench, like the children (child_env)
     check = Check(shapes, work, time.monotonic() + budget, env=child_env(work, shapes.device))

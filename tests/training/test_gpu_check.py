@@ -109,6 +109,7 @@ def test_a_spent_budget_skips_the_step_and_a_slow_child_is_stopped(tmp_path):
 
 def test_children_get_expandable_segments_unless_the_caller_chose(monkeypatch, tmp_path):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     env = gpu_check.child_env(tmp_path, "cuda")
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert env["NANOCHAT_HOME"] == str(tmp_path)
@@ -116,3 +117,6 @@ def test_children_get_expandable_segments_unless_the_caller_chose(monkeypatch, t
     assert (
         gpu_check.child_env(tmp_path, "cuda")["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
     )
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:32")  # the newer name
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in gpu_check.child_env(tmp_path, "cuda")
