@@ -384,3 +384,19 @@ def test_sharded_optimizer_matches_single_process(tmp_path):
         # ZeRO: the state is split across ranks, not replicated.
         per_rank = [result[case]["state_numel"] for result in ranks]
         assert sum(per_rank) == state_numel(optimizer) and max(per_rank) < state_numel(optimizer)
+
+
+def test_collectives_prefer_the_newer_names_and_fall_back_to_the_stable_ones(monkeypatch):
+    from training.optim import _collectives
+
+    def newer_rs(*args, **kwargs): ...
+
+    def newer_ag(*args, **kwargs): ...
+
+    monkeypatch.setattr(dist, "reduce_scatter_single", newer_rs, raising=False)
+    monkeypatch.setattr(dist, "all_gather_single", newer_ag, raising=False)
+    assert _collectives() == (newer_rs, newer_ag)
+    monkeypatch.delattr(dist, "reduce_scatter_single")
+    monkeypatch.delattr(dist, "all_gather_single")
+    # torch 2.0-2.12: only these exist (NCCL and recent gloo implement them).
+    assert _collectives() == (dist.reduce_scatter_tensor, dist.all_gather_into_tensor)
