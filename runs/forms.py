@@ -15,6 +15,7 @@ from django import forms
 from runs import services
 from runs.artifacts import dataset_source_flags
 from runs.models import ArtifactStatus, Checkpoint, Dataset, Tokenizer
+from runs.predictions import memory_prediction
 from runs.programs import Program
 from training.flags import ConfigError, Flag
 
@@ -31,7 +32,10 @@ def flag_field(flag: Flag) -> forms.Field:
     if flag.choices:
         choices = [("", f"default ({flag.default})")] + [(c, c) for c in flag.choices]
         return forms.TypedChoiceField(choices=choices, coerce=flag.type, empty_value=None, **common)
-    attrs = {"placeholder": str(flag.default)}
+    attrs = {"placeholder": "auto" if flag.default == flag.auto else str(flag.default)}
+    if flag.auto is not None:
+        # "auto" or a number: the flag's own rules (training.flags) decide, in the services.
+        return forms.CharField(widget=forms.TextInput(attrs=attrs), max_length=12, **common)
     # The flag's declared range becomes the input's min/max (the browser shows and checks it).
     bounds = {"min_value": flag.min, "max_value": flag.max}
     if flag.type is int:
@@ -102,6 +106,22 @@ class RunForm(FieldErrorsMixin, forms.Form):
     def overrides(self) -> dict[str, Any]:
         data = self.cleaned_data
         return {n: data[n] for n in self.flag_names if data.get(n) not in (None, "")}
+
+    def memory(self) -> dict[str, Any] | None:
+        """The predicted memory per GPU of the config as filled in (runs.predictions), or
+        None when it is not a training kind, the model is not known yet or the settings do
+        not validate (their errors are then added to the form)."""
+        data = self.cleaned_data
+        try:
+            config = self.program.validate(data.get("preset") or "", self.overrides())
+        except ConfigError as error:
+            self.add_service_errors(error)
+            return None
+        return memory_prediction(
+            self.program.kind, config, tokenizer=data.get("tokenizer"),
+            parent_checkpoint=data.get("parent_checkpoint"),
+            nproc_per_node=data.get("nproc_per_node") or 1,
+        )  # fmt: skip
 
     def submit(self, user):
         """Queue the run, or add the services' errors to the form and return None."""

@@ -23,6 +23,7 @@ from runs import artifacts, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
 from runs.forms import DatasetForm, RunForm
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
+from runs.predictions import memory_prediction
 from runs.programs import PROGRAMS
 from training.flags import ConfigError
 
@@ -112,21 +113,36 @@ def run_new(request, kind: str):
     program = PROGRAMS.get(kind)
     if program is None or program.submit_via != "/api/runs/":
         raise Http404(f"no run kind {kind!r} can be started here")
+    memory = None
     if request.method == "POST":
         form = RunForm(program, request.POST)
-        if form.is_valid():
+        status = 400
+        if form.is_valid() and "preview" in request.POST:  # "Check memory": nothing is queued
+            memory = form.memory()
+            status = 200 if form.is_valid() else 400
+        elif form.is_valid():
             run = form.submit(request.user)
             if run is not None:
                 messages.success(request, f"Run {run.pk} queued.")
                 return redirect("run-detail", run_id=run.pk)
-        status = 400
     else:
         initial = {k: v for k, v in request.GET.items() if k in RunForm(program).fields}
         form = RunForm(program, initial=initial)
         status = 200
+        memory = _preset_memory(program, initial.get("preset", ""))
     presets = {name: program.flags.load_config_file(name) for name in program.flags.presets()}
-    context = {"form": form, "program": program, "kinds": submittable_kinds(), "presets": presets}
+    context = {"form": form, "program": program, "kinds": submittable_kinds(), "presets": presets,
+               "memory": memory}  # fmt: skip
     return render(request, "runs/run_new.html", context, status=status)
+
+
+def _preset_memory(program, preset: str) -> dict | None:
+    """What a preset (or the defaults) would need per GPU, before anything is filled in."""
+    try:
+        config = program.validate(preset, {})
+    except ConfigError:
+        return None
+    return memory_prediction(program.kind, config)
 
 
 def _run_context(request, run: Run) -> dict:
@@ -144,6 +160,13 @@ def _run_context(request, run: Run) -> dict:
         "follow_up": {k: k in PROGRAMS for k in ("sft", "mid", "rl", "base_eval", "chat_eval")},
         "stage_runs": run.stage_runs.order_by("id"),
         "chat_checkpoint": chat_checkpoint_of(run),
+        "memory": memory_prediction(
+            run.kind,
+            run.config or {},
+            tokenizer=run.tokenizer,
+            parent_checkpoint=run.parent_checkpoint,
+            nproc_per_node=run.nproc_per_node,
+        ),  # fmt: skip
     }
 
 

@@ -43,14 +43,17 @@ import os
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from engine import fused_loss
 from engine.gpt import ROTARY_LENGTH_FACTOR, VE_GATE_CHANNELS, GPTConfig, count_params
+from training.flags import CONFIGS_DIR
 
 GIB = 2**30
 # Fraction of the device a run may plan to use: the CUDA context, the caching allocator's
@@ -63,6 +66,9 @@ AUTO_MAX_BATCH = 32
 # 2 MiB segments): a fraction of everything, plus a fixed amount for cuBLAS workspaces.
 ALLOCATOR_MARGIN = 0.02
 FIXED_WORKSPACE = 256 * 2**20
+# The tokenizer the speedrun presets train (training/configs/pipeline/speedrun.yaml), as in
+# nanochat: what a prediction assumes when a base config alone does not say.
+DEFAULT_VOCAB = 65536
 
 
 @dataclass(frozen=True)
@@ -137,9 +143,9 @@ class MemoryEstimate:
     def fits(self, capacity_bytes: int, headroom: float = DEFAULT_HEADROOM) -> bool:
         return self.total <= capacity_bytes * headroom
 
-    def describe(self, capacity_bytes: int) -> str:
+    def describe(self, capacity_bytes: int, per: str = "GPU") -> str:
         """'≈ 61 of 80 GiB per GPU' (whole GiB; tenths below 10 GiB)."""
-        return f"≈ {_gib(self.total)} of {_gib(capacity_bytes)} GiB per GPU"
+        return f"≈ {_gib(self.total)} of {_gib(capacity_bytes)} GiB per {per}"
 
     def breakdown(self) -> str:
         """'params 2.1 + grads 2.1 + ... GiB', for logs."""
@@ -375,19 +381,21 @@ def auto_device_batch(
             break
         batch //= 2
     if not estimate.fits(capacity_bytes, headroom):
-        raise ValueError(fit_error(estimate, capacity_bytes, headroom, batch=1))
+        per = "GPU" if device_type == "cuda" else "process"
+        raise ValueError(fit_error(estimate, capacity_bytes, headroom, batch=1, per=per))
     return batch, estimate
 
 
 def fit_error(
     estimate: MemoryEstimate, capacity_bytes: int, headroom: float = DEFAULT_HEADROOM, *,
-    batch: int,
+    batch: int, per: str = "GPU",
 ) -> str:  # fmt: skip
     """The refusal message: it starts with the flag's name, so forms put it next to it."""
+    has = "this GPU has" if per == "GPU" else "each process has"
     return (
         f"device_batch_size: even {batch} sequence(s) per forward pass need "
-        f"{estimate.total / GIB:.1f} GiB per GPU ({estimate.breakdown()}), more than "
-        f"{headroom:.0%} of the {capacity_bytes / GIB:.1f} GiB this GPU has; use a smaller "
+        f"{estimate.total / GIB:.1f} GiB per {per} ({estimate.breakdown()}), more than "
+        f"{headroom:.0%} of the {capacity_bytes / GIB:.1f} GiB {has}; use a smaller "
         "model, a shorter max_seq_len or more GPUs"
     )
 
@@ -436,14 +444,15 @@ class BatchChoice:
     estimate: MemoryEstimate
     capacity_bytes: int | None  # None: nothing to compare with (the batch was not checked)
     where: str  # which memory the prediction is for, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)"
+    per: str = "GPU"  # "process" when the memory is the machine's (a CPU run)
 
     def describe(self) -> str:
         """'≈ 61 of 80 GiB per GPU (H100-80GB), device batch 32 (auto)'."""
         how = "auto" if self.auto else "given"
         if self.capacity_bytes is None:
-            text = f"≈ {_gib(self.estimate.total)} GiB per process"
+            text = f"≈ {_gib(self.estimate.total)} GiB per {self.per}"
         else:
-            text = self.estimate.describe(self.capacity_bytes)
+            text = self.estimate.describe(self.capacity_bytes, self.per)
         return f"{text} ({self.where}), device batch {self.device_batch_size} ({how})"
 
     def to_dict(self) -> dict:
@@ -480,6 +489,7 @@ def choose_device_batch(
     """
     auto = requested <= 0
     batch = max_batch if auto else requested
+    per = "GPU" if device_type == "cuda" else "process"
 
     def estimate(b: int) -> MemoryEstimate:
         return estimate_step(
@@ -491,7 +501,7 @@ def choose_device_batch(
         )
 
     if capacity_bytes is None:
-        return BatchChoice(batch, auto, estimate(batch), None, where)
+        return BatchChoice(batch, auto, estimate(batch), None, where, per)
     if auto:
         batch, chosen = auto_device_batch(
             model_config,
@@ -502,11 +512,11 @@ def choose_device_batch(
             headroom=headroom,
             device_type=device_type,
         )
-        return BatchChoice(batch, True, chosen, capacity_bytes, where)
+        return BatchChoice(batch, True, chosen, capacity_bytes, where, per)
     smallest = estimate(1)
     if not smallest.fits(capacity_bytes, headroom):
-        raise ValueError(fit_error(smallest, capacity_bytes, headroom, batch=1))
-    return BatchChoice(batch, False, estimate(batch), capacity_bytes, where)
+        raise ValueError(fit_error(smallest, capacity_bytes, headroom, batch=1, per=per))
+    return BatchChoice(batch, False, estimate(batch), capacity_bytes, where, per)
 
 
 def device_batch_for(
@@ -864,24 +874,36 @@ def profile_nanochat(path: str, config: GPTConfig, dtype: torch.dtype | str = "b
 
 # ---- the command line -----------------------------------------------------------------------
 
-# The tokenizer the speedrun presets train (training/configs/pipeline/speedrun.yaml), as in
-# nanochat; a base preset alone does not say which tokenizer it will meet.
-DEFAULT_VOCAB = 65536
+
+# The model flags of a base preset and their defaults: GPTConfig.from_depth's own, which
+# training/base_train.py's flags share (a test holds the two equal for every preset).
+_MODEL_KEYS = ("depth", "aspect_ratio", "head_dim", "n_kv_head", "max_seq_len", "window_pattern")
 
 
-def _model_from_args(args) -> tuple[GPTConfig, dict]:
-    from training import base_train
-
-    flags = base_train.FLAGS
-    config = flags.load_config_file(args.config) if args.config else {}
-    given = {
-        name: getattr(args, name)
-        for name in ("depth", "max_seq_len", "device_batch_size")
-        if getattr(args, name) is not None
-    }
-    config.update(flags.validate(given, partial=True))
-    config = flags.validate(config)
-    return base_train.model_config_for(config, args.vocab_size), config
+def preset_model(
+    preset: str | None, vocab_size: int, overrides: dict | None = None
+) -> tuple[GPTConfig, int]:
+    """(model config, requested device batch) of a base preset, read without base_train
+    (which imports this module): the preset's YAML, then `overrides`, on from_depth defaults.
+    The batch is -1 for auto."""
+    values: dict = {"depth": 20, "device_batch_size": -1}
+    if preset:
+        path = Path(preset)
+        if not path.exists():
+            path = CONFIGS_DIR / "base" / f"{preset}.yaml"
+        values.update(yaml.safe_load(path.read_text()) or {})
+    values.update(overrides or {})
+    model = {k: values[k] for k in _MODEL_KEYS if k in values}
+    n_kv_head = int(model.pop("n_kv_head", -1))
+    model_config = GPTConfig.from_depth(
+        int(model.pop("depth")),
+        vocab_size=vocab_size,
+        sequence_len=int(model.pop("max_seq_len", 2048)),
+        n_kv_head=n_kv_head if n_kv_head > 0 else None,
+        **model,
+    )
+    batch = values["device_batch_size"]
+    return model_config, -1 if str(batch).strip().lower() in ("auto", "-1") else int(batch)
 
 
 def _table(config: GPTConfig, batch: int, dtype: str) -> list[str]:
@@ -927,8 +949,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--nanochat", metavar="PATH", help="also probe nanochat's GPT from this source checkout"
     )
     args = parser.parse_args(argv)
-    model_config, config = _model_from_args(args)
-    requested = config["device_batch_size"]
+    overrides = {
+        name: getattr(args, name)
+        for name in ("depth", "max_seq_len", "device_batch_size")
+        if getattr(args, name) is not None
+    }
+    model_config, requested = preset_model(args.config, args.vocab_size, overrides)
     counts = count_params(model_config)
     c = model_config
     print(

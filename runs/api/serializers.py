@@ -27,6 +27,7 @@ from runs.models import (
     Status,
     Tokenizer,
 )
+from runs.predictions import memory_prediction
 from runs.programs import Program
 from runs.series import DEFAULT_MAX_POINTS, MAX_POINTS_LIMIT
 
@@ -145,6 +146,17 @@ class RunSummarySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class MemorySerializer(serializers.Serializer):
+    """runs.predictions.memory_prediction: the run's predicted memory per GPU."""
+
+    text = serializers.CharField(help_text="e.g. '≈ 61 of 80 GiB per GPU (...), device batch 16'")
+    fits = serializers.BooleanField()
+    device_batch_size = serializers.IntegerField(allow_null=True)
+    predicted_bytes = serializers.IntegerField(allow_null=True)
+    capacity_bytes = serializers.IntegerField(allow_null=True)
+    where = serializers.CharField(help_text="the GPU (or memory) the prediction is for")
+
+
 RUN_LINKS = ("metrics", "log", "events", "samples", "report", "cancel", "resume", "retry")
 
 
@@ -155,6 +167,9 @@ class RunDetailSerializer(RunSummarySerializer):
     counts = serializers.SerializerMethodField()
     can_manage = serializers.SerializerMethodField()
     links = serializers.SerializerMethodField()
+    memory = serializers.SerializerMethodField(
+        help_text="predicted peak memory per GPU of a training step (text: what a user reads)"
+    )
 
     class Meta(RunSummarySerializer.Meta):
         fields = [
@@ -162,7 +177,7 @@ class RunDetailSerializer(RunSummarySerializer):
             "stage_runs",
             "nproc_per_node", "overrides", "config", "resume_step", "attempts",
             "cancel_requested", "host", "worker", "pid", "heartbeat_at", "duration_seconds",
-            "exit_code", "log_tail", "run_dir", "counts", "can_manage", "links",
+            "exit_code", "log_tail", "run_dir", "counts", "can_manage", "links", "memory",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -176,6 +191,13 @@ class RunDetailSerializer(RunSummarySerializer):
 
     def get_can_manage(self, run: Run) -> bool:
         return services.can_manage(self.context["request"].user, run)
+
+    @extend_schema_field(MemorySerializer(allow_null=True))
+    def get_memory(self, run: Run) -> dict[str, Any] | None:
+        return memory_prediction(
+            run.kind, run.config or {}, tokenizer=run.tokenizer,
+            parent_checkpoint=run.parent_checkpoint, nproc_per_node=run.nproc_per_node,
+        )  # fmt: skip
 
     def get_links(self, run: Run) -> dict[str, str]:
         request = self.context["request"]

@@ -316,6 +316,17 @@ def test_web_planning_refuses_a_gpu_run_that_cannot_fit_and_skips_cpu_runs(monke
     base_train.plan({**huge, "device": "cpu"}, 65536, 1)
 
 
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_cli_reads_presets_as_base_train_does(preset):
+    config = base_train.FLAGS.validate(base_train.FLAGS.load_config_file(preset))
+    model_config, batch = memory.preset_model(preset, 65536)
+    assert model_config == base_train.model_config_for(config, 65536)
+    assert batch == config["device_batch_size"]
+    deeper, _ = memory.preset_model(preset, 512, {"depth": 6, "max_seq_len": 128})
+    given = base_train.FLAGS.validate({**config, "depth": 6, "max_seq_len": 128})
+    assert deeper == base_train.model_config_for(given, 512)
+
+
 def test_cli_prints_both_gpus_at_one_and_eight_processes(capsys):
     assert memory.main(["--config", "d20", "--no-probe"]) == 0
     out = capsys.readouterr().out
