@@ -498,6 +498,37 @@ def test_row_buckets_are_powers_of_two_then_max_rows():
     assert row_buckets(8) == [1, 2, 4, 8]
 
 
+class OpTrace(TorchFunctionMode):
+    """(op, output shape) of every tensor-valued torch call."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.ops.append((getattr(func, "__name__", str(func)), tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static", "eager"])
+def test_the_static_step_repeats_the_same_ops_on_the_same_shapes(model, static):
+    """What a CUDA graph replays: every step of a bucket, whatever the rows' lengths, must
+    launch the same ops on the same shapes (eager decoding, which slices the cache to the
+    longest row, is the counter-example)."""
+    batch = Batch(model, None, max_rows=4, static_shapes=static)
+    for prompt in (PROMPT, [1, 2, 3], [9]):
+        batch.add(prompt, SamplingParams(max_tokens=40, temperature=0.0))
+    batch.step()
+    traces = []
+    for _ in range(3):
+        with OpTrace() as trace:
+            batch.step()
+        traces.append(trace.ops)
+    assert (traces[0] == traces[1] == traces[2]) is static
+
+
 def test_static_greedy_decoding_equals_full_reforward_with_windows(model):
     expected = list(model.generate_naive(PROMPT, 70, temperature=0.0))
     batch = Batch(model, None, max_rows=3, static_shapes=True)
