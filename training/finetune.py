@@ -70,7 +70,13 @@ from training.loop import (
     save_training_checkpoint,
     timing_summary,
 )
-from training.memory import BatchChoice, device_batch_for, planned_batch
+from training.memory import (
+    BatchChoice,
+    choose_device_batch,
+    device_batch_for,
+    planned_batch,
+    planning_gpu,
+)
 from training.optim import (
     LR_NAMES,
     MAX_LR_FRAC,
@@ -650,6 +656,33 @@ def choose_batch(config: dict[str, Any], source: Source, T: int, runtime: Runtim
         dtype=runtime.dtype,
         max_batch=planned_batch(
             config["device_batch_size"], config["total_batch_size"], T, runtime.world_size
+        ),
+    )
+
+
+def memory_choice(
+    config: dict[str, Any], model_config: dict[str, Any], world_size: int
+) -> BatchChoice | None:
+    """Before anything runs (the web app's check): the device batch and predicted memory per
+    GPU of fine-tuning the model of `model_config` (a checkpoint's meta), or None for a run
+    meant for a CPU. Raises ValueError naming device_batch_size when not even one row fits
+    this server's GPU (or a reference H100-80GB where it has none)."""
+    if str(config["device"]).startswith(("cpu", "mps")):
+        return None
+    fields = dict(model_config)
+    if config["max_seq_len"] > 0:
+        fields["sequence_len"] = config["max_seq_len"]
+    T = fields["sequence_len"]
+    capacity, where = planning_gpu()
+    return choose_device_batch(
+        GPTConfig(**fields),
+        config["device_batch_size"],
+        capacity_bytes=capacity,
+        where=where,
+        world_size=world_size,
+        dtype="fp32" if config["dtype"] == "fp32" else "bf16",
+        max_batch=planned_batch(
+            config["device_batch_size"], config["total_batch_size"], T, world_size
         ),
     )
 

@@ -1,7 +1,8 @@
 """Memory of one training step: predicted from the config, measured by a probe.
 
     python -m training.memory --config d20
-    python -m training.memory --depth 26 --device-batch-size 16 --world-size 8
+    python -m training.memory --depth 26 --device-batch-size 16 --world-size 4 --dtype fp32
+    python -m training.memory --config d20 --nanochat /tmp/nanochat   # also probe nanochat
 
 Why a model of memory at all: a run that does not fit fails minutes in, after the data and the
 weights were loaded, and the only fix a user has is the device batch. So the web app and the
@@ -14,7 +15,10 @@ What the prediction counts, per GPU, at its peak (just after the forward of the 
 micro-batch of a step, or inside the optimizer step, whichever is larger):
   - params: the fp32 master weights (and the rotary tables);
   - grads: one fp32 gradient per parameter (every rank holds them whole until the optimizer
-    reduce-scatters them);
+    reduce-scatters them). They are counted as alive during the forward, which is true from
+    the second micro-batch of a step on (gradient accumulation); a step of one micro-batch
+    makes them while backward frees activations, so there the prediction errs high by up to
+    their size;
   - optimizer: this rank's shard of the state (training/optim.py): Muon keeps a momentum
     matrix and one second moment per row or column for the ceil(K / world) matrices of each
     shape it owns, AdamW two moments for its ceil(numel / world) elements of each parameter;
@@ -906,13 +910,13 @@ def preset_model(
     return model_config, -1 if str(batch).strip().lower() in ("auto", "-1") else int(batch)
 
 
-def _table(config: GPTConfig, batch: int, dtype: str) -> list[str]:
+def _table(config: GPTConfig, batch: int, dtype: str, worlds: Sequence[int]) -> list[str]:
     head = f"{'GPU':<10} {'procs':>5} " + " ".join(
         f"{name:>11}" for name in ("params", "grads", "optimizer", "activations", "logits")
     )
     lines = [head + f" {'workspace':>11} {'total':>9}   per GPU", "-" * (len(head) + 36)]
     for card in (gpu("H100-80GB"), gpu("H200")):
-        for world in (1, 8):
+        for world in worlds:
             est = estimate_step(config, device_batch_size=batch, world_size=world, dtype=dtype)
             parts = " ".join(f"{v / GIB:>11.1f}" for v in est.parts().values())
             fits = "" if est.fits(card.capacity_bytes) else "  (over 90%: does not fit)"
@@ -943,6 +947,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument(
+        "--world-size", type=int, help="also show this many processes (1 and 8 always shown)"
+    )
+    parser.add_argument(
         "--no-probe", action="store_true", help="skip the CPU measurement of activations"
     )
     parser.add_argument(
@@ -964,10 +971,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     batch = requested if requested > 0 else AUTO_MAX_BATCH
     print(f"\npredicted peak per GPU at device batch {batch} (GiB):")
-    print("\n".join(_table(model_config, batch, args.dtype)))
+    worlds = sorted({1, 8, *([args.world_size] if args.world_size else [])})
+    print("\n".join(_table(model_config, batch, args.dtype, worlds)))
     print("\ndevice batch auto (largest power of two <= 32 within 90% of the GPU):")
     for card in (gpu("H100-80GB"), gpu("H200"), gpu("24GB")):
-        for world in (1, 8):
+        for world in worlds:
             try:
                 chosen, est = auto_device_batch(
                     model_config,

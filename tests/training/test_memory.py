@@ -282,6 +282,22 @@ def test_finetune_presets_auto_keeps_the_total_batch(monkeypatch, program, base,
     assert total % (choice.device_batch_size * T * world) == 0
 
 
+def test_finetune_memory_check_refuses_what_cannot_fit_one_row(monkeypatch):
+    from training import chat_sft
+    from training.finetune import memory_choice
+
+    _fake_gpu(monkeypatch, memory.gpu("H100-80GB").capacity_bytes)
+    config = chat_sft.FLAGS.validate(chat_sft.FLAGS.load_config_file("speedrun"))
+    d20 = GPTConfig.from_depth(20, vocab_size=65536).to_dict()
+    choice = memory_choice(config, d20, 8)
+    assert choice.estimate.fits(memory.gpu("H100-80GB").capacity_bytes)
+    assert "Fake GPU" in choice.describe()
+    d48 = GPTConfig.from_depth(48, vocab_size=65536).to_dict()
+    with pytest.raises(ValueError, match=r"^device_batch_size: even 1 sequence"):
+        memory_choice(config, d48, 1)
+    assert memory_choice({**config, "device": "cpu"}, d48, 1) is None
+
+
 def test_device_batch_flag_takes_auto_numbers_and_refuses_zero():
     flags = base_train.FLAGS
     assert flags.parse(["--device-batch-size", "auto"])["device_batch_size"] == AUTO
