@@ -44,6 +44,9 @@ ROTARY_LENGTH_FACTOR = 10
 # Padding the lm_head's output dimension to a multiple of 64 keeps its matmul on fast tile sizes.
 VOCAB_PAD_MULTIPLE = 64
 LOGIT_SOFTCAP = 15.0
+# fp32 logits per chunk when evaluation computes per-token losses (`GPT._token_losses`):
+# 2048 tokens of an 8k vocabulary, 256 of a 64k one.
+EVAL_LOGITS_CHUNK_BYTES = 64 * 2**20
 # The value-embedding gate reads only the first 32 channels of the attention input.
 VE_GATE_CHANNELS = 32
 X0_LAMBDA_INIT = 0.1
@@ -654,8 +657,9 @@ class GPT(nn.Module):
                 reduction=loss_reduction,
                 compute_dtype=dtype,
             )
-        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is not None and loss_reduction == "none" and not torch.is_grad_enabled():
+            return self._token_losses(x, targets)
+        logits = self._capped_logits(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(
@@ -665,6 +669,36 @@ class GPT(nn.Module):
             reduction=loss_reduction,
         )
         return loss.view(batch, seq) if loss_reduction == "none" else loss
+
+    def _capped_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the real vocabulary, soft-capped at ±LOGIT_SOFTCAP."""
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()
+        if torch.is_grad_enabled():
+            return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        # Without autograd the cap runs in place: out of place it would hold three copies of
+        # the largest tensor evaluation makes; the numbers are the same.
+        return logits.div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)
+
+    def _token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token loss (B, T) without autograd, a few rows of logits at a time.
+
+        Evaluation needs only the loss of each token, so its (B, T, vocab) fp32 logits -- 128
+        MiB for a CPU demo batch, 17 GB for a d20 one -- never exist at once. Each row's loss
+        is the same number either way, up to how a matmul over fewer rows rounds (last bits).
+        """
+        batch, seq = targets.shape
+        hidden, flat_targets = x.reshape(batch * seq, -1), targets.reshape(-1)
+        losses = torch.empty(flat_targets.shape, dtype=torch.float32, device=x.device)
+        step = max(1, EVAL_LOGITS_CHUNK_BYTES // (4 * self.config.vocab_size))
+        for start in range(0, flat_targets.numel(), step):
+            rows = slice(start, start + step)
+            losses[rows] = F.cross_entropy(
+                self._capped_logits(hidden[rows]),
+                flat_targets[rows],
+                ignore_index=-1,
+                reduction="none",
+            )
+        return losses.view(batch, seq)
 
     def _rotary_angles(
         self, seq: int, kv_cache: KVCache | None

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine import gpt as gpt_module
 from engine.common import autocast, autodetect_device, compute_dtype
 from engine.gpt import (
     GPT,
@@ -302,6 +303,27 @@ def test_loss_reductions_agree_and_ignore_minus_one():
     valid = targets != -1
     torch.testing.assert_close(model(idx, targets, loss_reduction="sum"), per_token.sum())
     torch.testing.assert_close(model(idx, targets), per_token[valid].mean())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_per_token_loss_without_autograd_is_chunked_with_the_same_numbers(bf16, monkeypatch):
+    # Evaluation's per-token losses come a few rows of logits at a time (here 7 rows, so the
+    # 2 x 10 tokens take three chunks, the last one short); each token's loss must be what the
+    # full logits give (to the last bit or two: a matmul over fewer rows may round otherwise).
+    monkeypatch.setattr(gpt_module, "EVAL_LOGITS_CHUNK_BYTES", 7 * 4 * VOCAB)
+    model = tiny_model()
+    randomize(model)
+    idx, targets = tokens(2, 10), tokens(2, 10, seed=3)
+    targets[1, 5:] = -1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        chunked = model(idx, targets, loss_reduction="none")
+        logits = model(idx)
+    expected = F.cross_entropy(
+        logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-1, reduction="none"
+    ).view(2, 10)
+    assert chunked.shape == (2, 10) and chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, expected, rtol=1e-6, atol=1e-6)
+    assert torch.all(chunked[1, 5:] == 0)
 
 
 def test_logits_are_softcapped_at_15():
