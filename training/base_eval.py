@@ -93,8 +93,7 @@ FLAGS = FlagSet(
             "device_batch_size",
             int,
             32,
-            "sequences per batch for bpb (a forward takes fewer where their fp32 logits would "
-            "pass 1 GiB)",
+            "sequences per forward pass for bpb",
             min=1,
             max=MAX_ROWS,
         ),

@@ -11,11 +11,9 @@ from engine import checkpoint as ckpt
 from engine.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
 from tests.training.conftest import read_events
-from training import base_eval, loss_eval
+from training import base_eval
 from training.base_train import SAMPLE_PROMPTS
 from training.core_eval import SHIPPED_BUNDLE, load_bundle
-from training.loss_eval import evaluate_bpb, rows_per_forward
-from training.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(300)
 STEP = 5
@@ -167,42 +165,3 @@ def test_two_processes_give_the_same_core_as_one(checkpoint, tmp_path):
                 if e["type"] == "eval_result"]  # fmt: skip
 
     assert scores("two") == scores("one")
-
-
-def test_rows_per_forward_keeps_logits_within_the_budget():
-    # One row of 2048 tokens x 64k vocabulary is 512 MiB of fp32 logits.
-    assert rows_per_forward(32, 2048, 65536, budget=2**30) == 2
-    assert rows_per_forward(32, 2048, 65536, budget=2**28) == 1  # never fewer than one row
-    assert rows_per_forward(16, 256, 8192, budget=2**30) == 16  # the CPU demo: one forward
-    assert rows_per_forward(12, 10, 100, budget=5 * 4000) == 4  # a divisor of the rows
-    assert rows_per_forward(7, 10, 100, budget=5 * 4000) == 1
-
-
-def test_bits_per_byte_is_the_same_evaluated_a_few_rows_at_a_time(monkeypatch):
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=16, vocab_size=97, n_layer=2, n_head=2, n_kv_head=1,
-                       n_embd=32, window_pattern="SL")  # fmt: skip
-    model = GPT(config)
-    inputs = torch.randint(0, 97, (3, 6, 16))
-    targets = torch.randint(0, 97, (3, 6, 16))
-    targets[:, :, :2] = -1
-    token_bytes = torch.randint(0, 4, (97,))
-    runtime = Runtime(torch.device("cpu"), torch.float32, 0, 0, 1)
-
-    def evaluate():
-        return evaluate_bpb(model, iter(zip(inputs, targets, strict=True)), 3, token_bytes, runtime)
-
-    whole = evaluate()
-    seen = []
-    forward = GPT.forward
-
-    def spy(self, idx, *args, **kwargs):
-        seen.append(idx.size(0))
-        return forward(self, idx, *args, **kwargs)
-
-    monkeypatch.setattr(GPT, "forward", spy)
-    # Room for two rows' logits: each batch of 6 rows takes three forwards.
-    monkeypatch.setattr(loss_eval, "EVAL_LOGITS_BYTES", 2 * 16 * 97 * 4)
-    chunked = evaluate()
-    assert seen == [2] * 9
-    assert chunked == pytest.approx(whole, rel=1e-6)
