@@ -24,6 +24,7 @@ torch.autocast("cpu", bfloat16) as `training.runtime` does.
   python -m training.bench_memory saved --dtype bf16
   python -m training.bench_memory rss --dtype bf16 --runs 3
   python -m training.bench_memory rss --models old,ours --old-src /tmp/old   # a change, side by side
+  python -m training.bench_memory eval --models old,ours --old-src /tmp/old  # an eval forward
 """
 
 from __future__ import annotations
@@ -190,6 +191,19 @@ def train_steps(
     return {"peak_rss_marks": marks, "losses": losses, "step_seconds": times}
 
 
+def eval_forward(kind: str, dtype: str, *, batch: int, seq: int, vocab: int) -> dict:
+    """Peak RSS before and after one evaluation forward (per-token losses, no autograd)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model(kind, depth=4, n_embd=256, n_head=4, seq=seq, vocab=vocab)
+    rows = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    before = _peak_rss()
+    with torch.no_grad(), step_context(kind, dtype):
+        losses = model(rows, rows, loss_reduction="none")
+    return {"built": before, "after_eval": _peak_rss(), "loss_sum": losses.double().sum().item()}
+
+
 def _peak_rss() -> int:
     """This process's peak resident set so far, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -225,7 +239,9 @@ def run_child(args: list[str], env: dict[str, str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.bench_memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("what", choices=("saved", "rss", "child-saved", "child-rss"))
+    parser.add_argument(
+        "what", choices=("saved", "rss", "eval", "child-saved", "child-rss", "child-eval")
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument(
         "--models", default="ours,nanochat", help="comma-separated: ours,nanochat,old"
@@ -260,7 +276,28 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({**result, "peak_rss": _peak_rss()}))
         return
 
+    if args.what == "child-eval":
+        result = eval_forward(args.model, args.dtype, batch=args.batch, seq=args.seq or 256,
+                              vocab=args.vocab)  # fmt: skip
+        print(json.dumps({**result, "peak_rss": _peak_rss()}))
+        return
+
     common = ["--dtype", args.dtype, "--nanochat-src", args.nanochat_src]
+    if args.what == "eval":
+        seq = args.seq or 256
+        print(f"one evaluation forward (per-token losses, no autograd): depth 4, batch "
+              f"{args.batch} x {seq}, vocab {args.vocab}, {args.dtype}; peak RSS MiB")  # fmt: skip
+        shape = ["--seq", str(seq), "--batch", str(args.batch), "--vocab", str(args.vocab)]
+        for run in range(args.runs):
+            for kind in models:
+                result = run_child(
+                    ["child-eval", "--model", child_model(kind), *common, *shape],
+                    child_env(kind, args.dtype, args),
+                )
+                built, after = result["built"] / 2**20, result["after_eval"] / 2**20
+                print(f"  run {run + 1} {kind:9s} built {built:6.0f}  after eval {after:6.0f}  "
+                      f"(+{after - built:.0f})   loss sum {result['loss_sum']:.6f}")  # fmt: skip
+        return
     if args.what == "saved":
         seq = args.seq or 64
         print(f"saved for backward, bytes per token per layer: width {args.n_embd}, "
