@@ -25,6 +25,7 @@ torch.autocast("cpu", bfloat16) as `training.runtime` does.
   python -m training.bench_memory rss --dtype bf16 --runs 3
   python -m training.bench_memory rss --models old,ours --old-src /tmp/old   # a change, side by side
   python -m training.bench_memory eval --models old,ours --old-src /tmp/old  # an eval forward
+  python -m training.bench_memory step-ab --old-src /tmp/old --runs 24       # step time, A/B
 """
 
 from __future__ import annotations
@@ -204,6 +205,60 @@ def eval_forward(kind: str, dtype: str, *, batch: int, seq: int, vocab: int) -> 
     return {"built": before, "after_eval": _peak_rss(), "loss_sum": losses.double().sum().item()}
 
 
+def step_ab(old_src: str, dtype: str, rounds: int, *, batch: int, seq: int, vocab: int) -> None:
+    """Time one training forward + backward of the demo model, old engine/gpt.py against this
+    one, interleaved in one process (both use this checkout's attention and loss), so load
+    from other processes falls on both alike. Prints medians, minima and their ratios."""
+    import statistics
+
+    import torch
+
+    from engine import gpt as new_gpt
+
+    path = os.path.join(old_src, "engine", "gpt.py")
+    spec = importlib.util.spec_from_file_location("_bench_memory_old_gpt", path)
+    old_gpt = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old_gpt
+    spec.loader.exec_module(old_gpt)
+    rows = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(2))
+    inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    models = {}
+    for name, module in (("old", old_gpt), ("new", new_gpt)):
+        config = module.GPTConfig.from_depth(
+            4, vocab_size=vocab, sequence_len=seq, head_dim=64, window_pattern="L"
+        )
+        torch.manual_seed(0)
+        models[name] = module.GPT(config)
+        # Non-zero output projections, as after a few steps (at init they are zero).
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in models[name].transformer.h.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) / param.size(1) ** 0.5)
+
+    def step(model) -> tuple[float, float]:
+        started = time.perf_counter()
+        with step_context("ours", dtype):
+            loss = model(inputs, targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - started, loss.item()
+
+    for model in models.values():
+        step(model)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in models}
+    losses = {}
+    for round_ in range(rounds):
+        for name in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
+            seconds, losses[name] = step(models[name])
+            times[name].append(seconds)
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name}: median {1000 * median:.0f} ms  min {1000 * min(values):.0f} ms  "
+              f"({batch * seq / median:,.0f} tok/s)  loss {losses[name]:.6f}")  # fmt: skip
+    ratio = statistics.median(times["new"]) / statistics.median(times["old"])
+    print(f"  new/old: median {ratio:.3f}  min {min(times['new']) / min(times['old']):.3f}")
+
+
 def _peak_rss() -> int:
     """This process's peak resident set so far, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -240,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.bench_memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument(
-        "what", choices=("saved", "rss", "eval", "child-saved", "child-rss", "child-eval")
+        "what",
+        choices=("saved", "rss", "eval", "step-ab", "child-saved", "child-rss", "child-eval"),
     )
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument(
@@ -251,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-embd", type=int, default=1280, help="saved: width (d20's)")
     parser.add_argument("--n-head", type=int, default=10, help="saved: heads (d20's)")
     parser.add_argument("--seq", type=int, default=0, help="tokens per row (saved 64, rss 256)")
-    parser.add_argument("--runs", type=int, default=3, help="rss: runs per model, alternating")
+    parser.add_argument("--runs", type=int, default=3, help="runs per model (step-ab: rounds)")
     parser.add_argument("--steps", type=int, default=5, help="rss: training steps per run")
     parser.add_argument("--batch", type=int, default=16, help="rss: rows per step")
     parser.add_argument("--vocab", type=int, default=8192, help="rss: vocabulary size")
@@ -280,6 +336,16 @@ def main(argv: list[str] | None = None) -> None:
         result = eval_forward(args.model, args.dtype, batch=args.batch, seq=args.seq or 256,
                               vocab=args.vocab)  # fmt: skip
         print(json.dumps({**result, "peak_rss": _peak_rss()}))
+        return
+
+    if args.what == "step-ab":
+        if not args.old_src:
+            parser.error("step-ab needs --old-src")
+        print(f"forward + backward, old vs new engine/gpt.py interleaved: depth 4, batch "
+              f"{args.batch} x {args.seq or 256}, vocab {args.vocab}, {args.dtype}, "
+              f"{args.runs} rounds")  # fmt: skip
+        step_ab(args.old_src, args.dtype, args.runs, batch=args.batch, seq=args.seq or 256,
+                vocab=args.vocab)  # fmt: skip
         return
 
     common = ["--dtype", args.dtype, "--nanochat-src", args.nanochat_src]
