@@ -16,7 +16,9 @@ engine decodes with `engine.inference.InferenceForward`, the same math in fewer 
 
 Training on a CPU is bound by passes over activations more than by matmuls, so the forward
 takes the short ways that give the same numbers: q, k and v from one matmul, rotary on both
-halves of a head at once, relu^2 as an autograd function with a one-product backward. RMSNorm
+halves of a head at once, relu^2 and the MLP's output projection as one autograd function
+that saves relu(h) only. What a layer saves for backward is budgeted term by term in
+training/memory.py (`_layer_bytes`) and held to that by a test. RMSNorm
 keeps autograd's own backward on purpose: at init every block is the identity, the true
 gradient of the layer scalars is ~1e-19 and the fp32 one is rounding noise that AdamW turns
 into full-size first updates, so any other (equally exact) backward formula changes the loss
