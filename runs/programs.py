@@ -23,6 +23,7 @@ from training import (
     chat_rl,
     chat_sft,
     dataset,
+    finetune,
     mid_train,
     pipeline,
     tok_train,
@@ -257,6 +258,20 @@ def parent_stages(*stages: str) -> Callable[[dict[str, Any], Mapping[str, Any]],
     return check
 
 
+def check_finetune_memory(config: dict[str, Any], inputs: Mapping[str, Any]) -> None:
+    """mid / sft: a GPU run whose parent model cannot fit one row per pass is refused now, with
+    the numbers, rather than dying out of memory on the worker."""
+    parent = inputs.get("parent_checkpoint")
+    if parent is None or not parent.model_config:
+        return
+    try:
+        finetune.memory_choice(config, parent.model_config, inputs.get("nproc_per_node", 1))
+    except ValueError as exc:
+        raise ConfigError({"config.device_batch_size": str(exc)}) from None
+    except TypeError:
+        return  # a checkpoint row without a full model config: the stage itself will say
+
+
 # ---- the whole pipeline -------------------------------------------------------------------
 
 
@@ -351,13 +366,13 @@ PROGRAMS: dict[str, Program] = {
     "mid": Program(
         "mid", mid_train.FLAGS, ("parent_checkpoint",),
         finetune_commands("training.mid_train", mid_train.FLAGS), distributed=True,
-        stage="mid", check=checks(parent_stages("base"), check_mixtures),
+        stage="mid", check=checks(parent_stages("base"), check_mixtures, check_finetune_memory),
         description="Mid-train a base model on conversations (chat format, tools).",
     ),
     "sft": Program(
         "sft", chat_sft.FLAGS, ("parent_checkpoint",),
         finetune_commands("training.chat_sft", chat_sft.FLAGS), distributed=True,
-        stage="sft", check=checks(parent_stages("base", "mid"), check_mixtures),
+        stage="sft", check=checks(parent_stages("base", "mid"), check_mixtures, check_finetune_memory),
         description="Fine-tune a base or mid model into a chat model (SFT).",
     ),
     "rl": Program(

@@ -129,6 +129,11 @@ def _auto_device(world_size: int) -> torch.device:
 
 def init_runtime(device: str = "auto", dtype: str = "auto", seed: int = 42) -> Runtime:
     """Join the torchrun group if there is one, choose the device, seed every RNG."""
+    # Before CUDA's allocator starts: expandable segments keep fragmentation from turning a
+    # predicted fit into an out-of-memory error. A value the user set (even empty) wins; the site
+    # sets the same for the processes it starts (runs/execution.py), this covers plain torchrun.
+    if "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

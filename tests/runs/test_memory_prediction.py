@@ -117,3 +117,27 @@ def test_run_page_shows_the_prediction(client, alice, make_run):
     client.force_login(alice)
     html = client.get(reverse("run-detail", args=[run.pk])).content.decode()
     assert 'id="memory-prediction"' in html and "GiB per" in html
+
+
+def test_a_finetune_whose_parent_cannot_fit_one_row_is_refused(api, alice, finished_run, h200):
+    # The parent checkpoint's model decides mid/SFT memory: a depth-64 model cannot hold one
+    # 2048-token row on a 141 GB card, so the run is refused before it is queued.
+    parent = finished_run.checkpoints.first()
+    parent.model_config = base_train.model_config_for(
+        base_train.FLAGS.validate({"depth": 64}), 65536
+    ).to_dict()
+    parent.save(update_fields=["model_config"])
+    body = {"kind": "sft", "parent_checkpoint": parent.pk}
+    response = api(alice).post("/api/runs/", body, format="json")
+    assert response.status_code == 400, response.content
+    message = response.json()["config.device_batch_size"][0]
+    assert message.startswith("device_batch_size: even 1 ")
+    assert "of the 140.4 GiB this GPU has" in message
+    assert not Run.objects.filter(kind="sft").exists()
+
+    # A model that fits is accepted, at the batch the memory model picks.
+    parent.model_config = base_train.model_config_for(
+        base_train.FLAGS.validate({"depth": 4}), 65536
+    ).to_dict()
+    parent.save(update_fields=["model_config"])
+    assert api(alice).post("/api/runs/", body, format="json").status_code == 201

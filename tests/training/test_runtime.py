@@ -1,5 +1,7 @@
 """training.runtime: the compile default, and device auto under torchrun."""
 
+import os
+
 import pytest
 import torch
 
@@ -43,3 +45,22 @@ def test_device_auto_alone_on_a_cpu_is_fine(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(runtime_module, "autodetect_device", lambda: torch.device("cpu"))
     assert init_runtime("auto").device == torch.device("cpu")
+
+
+def test_training_processes_get_expandable_segments_unless_the_user_chose(monkeypatch):
+    # Plain torchrun launches (outside the site) get the allocator setting too, before CUDA
+    # starts; a value the user set, under either name, is left as it is.
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    init_runtime(device="cpu")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")
+    init_runtime(device="cpu")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ""
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
+    init_runtime(device="cpu")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
