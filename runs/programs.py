@@ -268,7 +268,7 @@ def check_finetune_memory(config: dict[str, Any], inputs: Mapping[str, Any]) -> 
         finetune.memory_choice(config, parent.model_config, inputs.get("nproc_per_node", 1))
     except ValueError as exc:
         raise ConfigError({"config.device_batch_size": str(exc)}) from None
-    except TypeError:
+    except (TypeError, KeyError):
         return  # a checkpoint row without a full model config: the stage itself will say
 
 
