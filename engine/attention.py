@@ -255,7 +255,7 @@ def sdpa(
     causal: bool = False,
 ) -> torch.Tensor:
     """PyTorch's SDPA on heads-first (B, H, T, D) tensors, unchecked: the kernel under
-    `attention`, for callers that plan masks themselves (engine/inference.py).
+    `attention`, for callers that plan masks themselves (engine/models/gpt_inference.py).
 
     mask: boolean, broadcastable to (B, 1, Tq, Tk), True where a query may see a key (see
     `visible_keys`); None with causal=False means every query sees every key.

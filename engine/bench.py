@@ -11,7 +11,7 @@ decodes exactly --gen tokens per row. Each measurement is warmed up once, then r
 median reported, because the first forward pays for allocator and kernel start-up.
 
 At this size a decode step is dominated by per-op dispatch, not matmuls, which is why decoding
-goes through the lean `engine.inference` forward (~200 ops per step instead of ~360). On a GPU
+goes through the lean `engine.models.gpt_inference` forward (~200 ops per step instead of ~360). On a GPU
 the same holds for kernel launches, which `--cuda-graphs` removes: it measures decoding again
 with each step replayed from a captured CUDA graph and reports both (`graphs_*` keys in
 --json). `--static-decode` measures that graph's bucketed fixed-shape step run eagerly, on any
@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from engine.common import autocast
-from engine.engine import Batch, KVCache, SamplingParams, resolve_device
-from engine.gpt import GPT, GPTConfig
+from engine.engine import Batch, SamplingParams, resolve_device
+from engine.models.gpt import GPT, GPTConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +117,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
 def measure_prefill(model: GPT, prompt: list[int]) -> float:
     """Seconds for one forward of the whole prompt into an empty single-row cache."""
     device = model.get_device()
-    cache = KVCache.for_model(model, 1, len(prompt))
+    cache = model.new_cache(1, len(prompt))
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     with torch.inference_mode(), autocast(device):
         _synchronize(device)

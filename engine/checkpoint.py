@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.fileio import atomic_write, remove_stale_temps
-from engine.gpt import GPT, GPTConfig
+from engine.models.registry import build_empty, config_from_dict
 
 if TYPE_CHECKING:
+    import torch.nn as nn
+
     from engine.tokenizer import Tokenizer
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -96,7 +98,7 @@ def save_checkpoint(
     step: int,
     *,
     model_state: dict[str, torch.Tensor] | None = None,
-    model_config: GPTConfig | dict | None = None,
+    model_config: Any = None,
     meta: dict[str, Any] | None = None,
     optim_state: dict[str, Any] | None = None,
     rank: int = 0,
@@ -158,15 +160,16 @@ def load_model(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> tuple[GPT, dict[str, Any]]:
-    """Rebuild the GPT saved at `step` (default: latest) on `device`, weights in `dtype`, eval mode.
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved at `step` (default: latest) on `device`, weights in `dtype`, eval
+    mode. The meta's `model_config` names the family (engine/models/registry.py).
 
     Weights saved in another dtype (e.g. bf16) are converted, so fp32 is what a CPU gets.
     """
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device=device)
     try:
-        config = GPTConfig(**meta["model_config"])
-    except (KeyError, TypeError) as error:
+        config = config_from_dict(meta["model_config"])
+    except (KeyError, TypeError, ValueError) as error:
         raise ValueError(
             f"meta of step {meta.get('step')} in {checkpoint_dir} has no usable model_config: {error}"
         ) from error
@@ -176,10 +179,7 @@ def load_model(
     }
     # Build without allocating twice: shapes on the meta device, real memory on `device`,
     # then the loaded tensors take the parameters' places (assign=True keeps their dtype).
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.reset_rotary()
+    model = build_empty(config, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model, meta
@@ -215,13 +215,13 @@ def _resolve_step(checkpoint_dir: str | Path, step: int | None) -> int:
     return step
 
 
-def _meta_json(step: int, model_config: GPTConfig | dict, meta: dict[str, Any]) -> str:
-    config = model_config.to_dict() if isinstance(model_config, GPTConfig) else dict(model_config)
+def _meta_json(step: int, model_config: Any, meta: dict[str, Any]) -> str:
+    config = dict(model_config) if isinstance(model_config, dict) else model_config.to_dict()
     # Validate the config now: a checkpoint whose model cannot be rebuilt is useless.
     try:
-        GPTConfig(**config)
-    except TypeError as error:
-        raise ValueError(f"model_config is not a GPTConfig: {error}") from error
+        config = config_from_dict(config).to_dict()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model_config is not a model config: {error}") from error
     for key, ours in (("step", step), ("model_config", config)):
         if key in meta and meta[key] != ours:
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} contradicts the saved {key} {ours!r}")

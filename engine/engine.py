@@ -4,7 +4,7 @@ Three layers, each usable on its own:
 
 * `KVCache` -- preallocated (layers, rows, kv_heads, max_len, head_dim) keys and values (heads
   first, the layout attention reads) with a length per row. A forward runs over a contiguous
-  range of rows (`KVCache.rows(start, stop)`, which implements the `engine.gpt.KVCache`
+  range of rows (`KVCache.rows(start, stop)`, which implements the `engine.models.gpt.KVCache`
   protocol), so a prompt is prefilled into one row alone, copied into as many rows as samples
   are wanted, and then decoded together with rows that started earlier and sit at other
   lengths.
@@ -16,7 +16,7 @@ Three layers, each usable on its own:
 * `Engine` -- nanochat's interface on top: `generate` (a stream of token columns) and
   `generate_batch` (whole sequences) for one prompt and `num_samples` rows sharing its prefill.
 
-Forwards go through `engine.inference.InferenceForward` (GPT's math in a third of the ops, for
+Forwards go through `engine.models.gpt_inference.InferenceForward` (GPT's math in a third of the ops, for
 devices that compute in fp32) or `GPT.forward` under autocast (mixed precision).
 
 A row's prompt is prefilled up to its last token, which becomes the row's first decode input.
@@ -64,10 +64,11 @@ import torch.nn.functional as F
 
 from engine import calculator
 from engine.common import autocast, autodetect_device, compute_dtype
-from engine.gpt import GPT, ROTARY_LENGTH_FACTOR
-from engine.inference import InferenceForward
+from engine.kv_cache import CacheRows, KVCache
+from engine.models.registry import family_of
 
 if TYPE_CHECKING:
+    from engine.models.base import LanguageModel
     from engine.tokenizer import Tokenizer
 
 # Yielded by `Engine.generate` in the column of a row that has already finished.
@@ -82,173 +83,6 @@ class FinishReason(StrEnum):
     STOP = "stop"  # the row emitted <|assistant_end|> or <|bos|>
     LENGTH = "length"  # max_tokens reached
     CANCELLED = "cancelled"  # removed by the caller
-
-
-# ---- KV cache -------------------------------------------------------------------------------
-
-
-class KVCache:
-    """Keys and values for up to `batch_size` rows, allocated once.
-
-    `lengths` (on the cache's device) is what the model reads; `host_lengths` mirrors it in
-    Python so that planning a step (where to write, how far to attend) never waits on the
-    device.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        max_len: int,
-        n_kv_head: int,
-        head_dim: int,
-        *,
-        device: torch.device | str,
-        dtype: torch.dtype,
-    ) -> None:
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if value < 1:
-                raise ValueError(f"KV cache {name} must be positive, got {value}")
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.host_lengths = [0] * batch_size
-        self.max_len = max_len
-        self.batch_size = batch_size
-
-    @classmethod
-    def for_model(cls, model: GPT, batch_size: int, max_len: int) -> KVCache:
-        """An empty cache shaped for `model`, in its device's compute dtype."""
-        config = model.config
-        table = config.sequence_len * ROTARY_LENGTH_FACTOR
-        if max_len > table:
-            raise ValueError(f"KV cache max_len {max_len} exceeds the model's rotary table {table}")
-        device = model.get_device()
-        return cls(
-            config.n_layer,
-            batch_size,
-            max_len,
-            config.n_kv_head,
-            config.head_dim,
-            device=device,
-            dtype=compute_dtype(device),
-        )
-
-    def rows(self, start: int, stop: int) -> CacheRows:
-        """Rows [start, stop) as a cache a model forward can use (views, no copy)."""
-        if not 0 <= start < stop <= self.batch_size:
-            raise ValueError(f"rows [{start}, {stop}) are outside the cache's {self.batch_size}")
-        return CacheRows(self, start, stop)
-
-    def reset(self, slot: int) -> None:
-        """Empty one row (its old keys stay in memory but are never attended to)."""
-        self.lengths[slot] = 0
-        self.host_lengths[slot] = 0
-
-    def replicate(self, src: int, dst_start: int, dst_stop: int) -> None:
-        """Copy row `src`'s cached positions into rows [dst_start, dst_stop)."""
-        length = self.host_lengths[src]
-        if dst_start >= dst_stop:
-            return
-        if length:
-            self.k[:, dst_start:dst_stop, :, :length] = self.k[:, src : src + 1, :, :length]
-            self.v[:, dst_start:dst_stop, :, :length] = self.v[:, src : src + 1, :, :length]
-        self.lengths[dst_start:dst_stop] = length
-        self.host_lengths[dst_start:dst_stop] = [length] * (dst_stop - dst_start)
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy row `src` into row `dst` (used to keep the active rows contiguous)."""
-        length = self.host_lengths[src]
-        if length:
-            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-        self.lengths[dst] = length
-        self.host_lengths[dst] = length
-
-
-class CacheRows:
-    """A contiguous range of a `KVCache`'s rows, implementing `engine.gpt.KVCache` and
-    `engine.inference.StepKVCache`.
-
-    Where a step writes and how many positions attention reads are planned once per forward,
-    on layer 0, from the host lengths: when every row has the same length (one prompt's
-    samples, a single stream) the new keys go in with one slice copy per layer, otherwise
-    with one indexed write. `insert` hands attention only the positions up to the longest row,
-    so its cost follows the real lengths rather than `max_len`.
-    """
-
-    def __init__(self, cache: KVCache, start: int, stop: int) -> None:
-        self._cache = cache
-        self._start, self._stop = start, stop
-        # Per-layer views made once, heads-first (B, H, max_len, D) for reading and
-        # (B, max_len, H, D) for writing: a decode step then costs one copy and one narrow
-        # per tensor.
-        self._k = [layer[start:stop] for layer in cache.k]
-        self._v = [layer[start:stop] for layer in cache.v]
-        self._k_by_pos = [keys.transpose(1, 2) for keys in self._k]
-        self._v_by_pos = [values.transpose(1, 2) for values in self._v]
-        self.lengths = cache.lengths[start:stop]
-        self.max_len = cache.max_len
-        self._end = 0
-        self._k_len = self.lengths
-        self._write_at: int | None = None
-        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._row_ids: torch.Tensor | None = None  # (B, 1) arange, made on first use
-
-    def insert(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.write(layer, k, v)
-        keys, values = self._k_by_pos[layer], self._v_by_pos[layer]
-        return keys.narrow(1, 0, self._end), values.narrow(1, 0, self._end), self._k_len
-
-    def write(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, T, H, D) at each row's next T positions and return the layer's
-        whole heads-first keys and values (B, H, max_len, D); positions at or past a row's
-        new length hold stale data."""
-        num_new = k.size(1)
-        if layer == 0:
-            self._plan(num_new)
-        keys, values = self._k_by_pos[layer], self._v_by_pos[layer]
-        if self._write_at is not None:
-            keys.narrow(1, self._write_at, num_new).copy_(k)
-            values.narrow(1, self._write_at, num_new).copy_(v)
-        else:
-            keys.index_put_(self._index, k)
-            values.index_put_(self._index, v)
-        return self._k[layer], self._v[layer]
-
-    def host_lengths(self) -> list[int]:
-        """The rows' cached lengths as Python ints."""
-        return self._cache.host_lengths[self._start : self._stop]
-
-    def advance(self, num_tokens: int) -> None:
-        self.lengths += num_tokens
-        host = self._cache.host_lengths
-        for slot in range(self._start, self._stop):
-            host[slot] += num_tokens
-
-    def _plan(self, num_new: int) -> None:
-        host = self._cache.host_lengths[self._start : self._stop]
-        shortest, longest = min(host), max(host)
-        if longest + num_new > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: {num_new} new tokens after {longest} cached positions "
-                f"exceed max_len {self.max_len}"
-            )
-        self._end = longest + num_new
-        self._k_len = self.lengths + num_new
-        if shortest == longest:
-            self._write_at, self._index = shortest, None
-        else:
-            device = self.lengths.device
-            if self._row_ids is None:
-                self._row_ids = torch.arange(len(host), device=device)[:, None]
-            positions = self.lengths[:, None] + torch.arange(num_new, device=device)
-            self._write_at, self._index = None, (self._row_ids, positions)
 
 
 # ---- rows and sampling ----------------------------------------------------------------------
@@ -462,7 +296,7 @@ class Batch:
 
     def __init__(
         self,
-        model: GPT,
+        model: LanguageModel,
         tokenizer: Tokenizer | None = None,
         *,
         max_rows: int = 8,
@@ -478,19 +312,22 @@ class Batch:
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.get_device()
-        self.cache = KVCache.for_model(model, max_rows, max_len)
+        self.cache = model.new_cache(max_rows, max_len)
         self.rows: list[Row] = []
         self._special = _SpecialIds.of(tokenizer)
-        # Without mixed precision (CPU, MPS) the lean forward of engine/inference.py replaces
-        # GPT.forward when the weights are in the cache's dtype; with it, GPT.forward runs
-        # under autocast.
-        lean = compute_dtype(self.device) == self.cache.k.dtype == model.lm_head.weight.dtype
-        self._lean = InferenceForward(model) if lean else None
+        # A family may offer a leaner forward for decoding (GPT's, for devices that compute in
+        # fp32: engine/models/gpt_inference.py); otherwise its forward runs under autocast.
+        self._lean = family_of(model.config).fast_decoder(model, self.cache)
         self._view: CacheRows | None = None
         self._settings: SamplingSettings | None = None
         self._next_ids: torch.Tensor | None = None
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {self.device}")
+        if (cuda_graphs or static_shapes) and not isinstance(self.cache, KVCache):
+            raise ValueError(
+                "static-shape decoding (and CUDA graphs) needs a model whose decode state is a "
+                "KV cache only; this model also keeps recurrent states"
+            )
         self._static = (
             _StaticDecoder(model, self.cache, capture=cuda_graphs)
             if cuda_graphs or static_shapes
@@ -721,7 +558,7 @@ class Batch:
 
 
 class StaticCacheRows:
-    """Rows [0, bucket) of a `KVCache` as an `engine.gpt.KVCache` whose every tensor keeps its
+    """Rows [0, bucket) of a `KVCache` as an `engine.models.gpt.KVCache` whose every tensor keeps its
     shape and address from step to step, so that a decode step through it can be captured in a
     CUDA graph and replayed.
 
@@ -782,7 +619,7 @@ class _StaticDecoder:
     batch does. Graphs are captured lazily, on a bucket's first step, and share one memory pool.
     """
 
-    def __init__(self, model: GPT, cache: KVCache, *, capture: bool) -> None:
+    def __init__(self, model: LanguageModel, cache: KVCache, *, capture: bool) -> None:
         self.model = model
         self.cache = cache
         self.capture = capture
@@ -863,7 +700,7 @@ class Engine:
 
     def __init__(
         self,
-        model: GPT,
+        model: LanguageModel,
         tokenizer: Tokenizer | None,
         *,
         cuda_graphs: bool = False,

@@ -108,6 +108,8 @@ def _forward(ctx, hidden, weight, targets, vocab_size, softcap, reduction, chunk
 
 def _chunk_grad(logits, targets, valid, row_weight, softcap, *, out):
     """Loss sum of one chunk of rows; writes d loss / d logits into `out`."""
+    if softcap is None:
+        return _plain_chunk_grad(logits, targets, valid, row_weight, out=out)
     capped = logits.float().div_(softcap).tanh_()
     probs = torch.softmax(capped * softcap, dim=-1)
     safe = targets.clamp(min=0)[:, None]
@@ -120,6 +122,19 @@ def _chunk_grad(logits, targets, valid, row_weight, softcap, *, out):
     else:
         # In place, then one cast: faster than tanh_backward writing another dtype itself.
         out.copy_(torch.ops.aten.tanh_backward.grad_input(probs, capped, grad_input=probs))
+    return torch.where(valid[:, None], nll, 0.0).sum()
+
+
+def _plain_chunk_grad(logits, targets, valid, row_weight, *, out):
+    """`_chunk_grad` without a cap: uncapped logits can be far apart, so the loss comes from
+    logsumexp - logit (a softmax probability could underflow to 0 and its log to -inf)."""
+    x = logits.float()
+    safe = targets.clamp(min=0)[:, None]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    nll = lse - x.gather(1, safe)
+    probs = x.sub_(lse).exp_()
+    probs.mul_(row_weight).scatter_add_(1, safe, -row_weight)
+    out.copy_(probs)
     return torch.where(valid[:, None], nll, 0.0).sum()
 
 
@@ -138,13 +153,14 @@ def softcap_linear_cross_entropy(
     targets: torch.Tensor,
     *,
     vocab_size: int,
-    softcap: float,
+    softcap: float | None,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
     chunk: int | None = None,
     matmul_rows: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of `softcap * tanh((hidden @ weight[:vocab].T) / softcap)` vs targets.
+    """Cross-entropy of `softcap * tanh((hidden @ weight[:vocab].T) / softcap)` vs targets
+    (of the plain logits `hidden @ weight[:vocab].T` with softcap None: GPT-2 and the hybrid).
 
     hidden (N, C), weight (V_padded, C), targets (N,) with -1 = ignore. Matmuls run in
     `compute_dtype` (default: hidden's dtype) on `matmul_rows` tokens at a time (rounded down
@@ -153,8 +169,8 @@ def softcap_linear_cross_entropy(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not 0 < softcap <= MAX_SOFTCAP:
-        raise ValueError(f"softcap must be in (0, {MAX_SOFTCAP}], got {softcap!r}")
+    if softcap is not None and not 0 < softcap <= MAX_SOFTCAP:
+        raise ValueError(f"softcap must be None or in (0, {MAX_SOFTCAP}], got {softcap!r}")
     dtype = compute_dtype or hidden.dtype
     default_chunk, default_rows = chunk_sizes(hidden.device, vocab_size)
     chunk = chunk or default_chunk

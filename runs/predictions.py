@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from engine.gpt import GPTConfig
+from engine.models.registry import config_from_dict
 from training import base_train
 from training.memory import (
     DEFAULT_VOCAB,
@@ -31,7 +31,7 @@ TRAINING_KINDS = ("base", "mid", "sft")
 
 def _model_config(
     kind: str, config: Mapping[str, Any], tokenizer, parent_checkpoint
-) -> tuple[GPTConfig, str] | None:
+) -> tuple[Any, str] | None:
     """The model the run trains and a note on what was assumed, or None when unknown."""
     if kind == "base":
         if tokenizer is not None:
@@ -45,7 +45,7 @@ def _model_config(
     if config.get("max_seq_len", -1) > 0:
         fields["sequence_len"] = config["max_seq_len"]
     try:
-        return GPTConfig(**fields), ""
+        return config_from_dict(fields), ""
     except (TypeError, ValueError):
         return None
 

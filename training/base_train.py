@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from engine import checkpoint as ckpt
-from engine.gpt import GPT, GPTConfig, count_params, flops_per_token
+from engine.models import registry
 from engine.paths import data_home
 from engine.tokenizer import Tokenizer
 from training.checkpoints import save_tokenizer_copy
@@ -46,7 +46,9 @@ from training.loop import (
     LoopState,
     StepReporter,
     due,
+    eval_mode,
     format_duration,
+    model_metrics,
     resource_lines,
     save_training_checkpoint,
     timing_summary,
@@ -59,19 +61,42 @@ from training.memory import (
     planning_gpu,
 )
 from training.memory import planned_batch as planned_device_batch
-from training.optim import MAX_WEIGHT_DECAY, build_optimizer, lr_flags, set_schedule
+from training.optim import MAX_WEIGHT_DECAY, build_for, lr_flags, recipe_flags, set_schedule
 from training.program import cancel_on_sigterm, program_main
 from training.report import write_section
 from training.runtime import Runtime, maybe_compile, runtime_flags
 from training.scaling import (
     MAX_BATCH_TOKENS,
     MAX_PARAMS,
+    SCHEDULES,
     Horizon,
-    lr_multiplier,
     muon_momentum,
     plan_horizon,
+    schedule_multiplier,
     weight_decay_at,
 )
+
+
+def family_flags() -> list[Flag]:
+    """The model flags only some families read (engine/models: each family's `flags`)."""
+    return [
+        # gpt2
+        Flag("dropout", float, 0.0, "gpt2: dropout probability", min=0, max=0.9),
+        Flag("bias", bool, True, "gpt2: biases in the linear layers and norms"),
+        # hybrid
+        Flag("layer_pattern", str, "LLLF", "hybrid: layer kinds tiled, L=linear (gated delta "
+             "rule) F=full attention", max_length=256),
+        Flag("num_experts", int, 8, "hybrid: experts per MoE layer", min=1, max=1024),
+        Flag("experts_per_token", int, 2, "hybrid: experts each token is routed to (top-k)",
+             min=1, max=64),
+        Flag("expert_dim", int, -1, "hybrid: hidden size of each expert (-1: the model width)",
+             min=-1, max=65536),
+        Flag("delta_chunk_size", int, 64, "hybrid: chunk of the chunked delta rule", min=1,
+             max=4096),
+        Flag("aux_loss_coef", float, 1e-3, "hybrid: weight of the MoE load-balancing loss",
+             min=0, max=10),
+    ]  # fmt: skip
+
 
 FLAGS = FlagSet(
     "base_train",
@@ -79,6 +104,14 @@ FLAGS = FlagSet(
     description="Pretrain a base GPT on parquet text shards.",
     flags=[
         # model
+        Flag(
+            "model",
+            str,
+            "gpt",
+            "model family: gpt (nanochat), gpt2 (GPT-2) or hybrid "
+            "(Qwen3-Next: linear + full attention, MoE)",
+            choices=registry.NAMES,
+        ),
         Flag("depth", int, 20, "number of transformer layers (sets the width too)", min=1, max=256),
         Flag(
             "aspect_ratio",
@@ -105,6 +138,7 @@ FLAGS = FlagSet(
             "attention windows per layer, L=full S=half, tiled",
             max_length=256,
         ),
+        *family_flags(),
         # horizon
         Flag(
             "num_iterations",
@@ -144,6 +178,7 @@ FLAGS = FlagSet(
             max=MAX_BATCH_TOKENS,
         ),
         # optimization
+        *recipe_flags(),
         *lr_flags(),
         Flag(
             "weight_decay",
@@ -154,7 +189,23 @@ FLAGS = FlagSet(
             max=MAX_WEIGHT_DECAY,
         ),  # fmt: skip
         Flag("lr_batch_scaling", bool, True, "scale every LR by sqrt(batch / 2^19)"),
+        Flag(
+            "lr_schedule",
+            str,
+            "linear",
+            "linear: warmup, flat, linear warmdown (nanochat); "
+            "cosine: warmup, then cosine to final_lr_frac (GPT-2)",
+            choices=SCHEDULES,
+        ),
         Flag("warmup_ratio", float, 0.0, "fraction of steps of linear LR warmup", min=0, max=1),
+        Flag(
+            "warmup_steps",
+            int,
+            -1,
+            "cosine schedule: warmup steps (-1: warmup_ratio)",
+            min=-1,
+            max=MAX_STEPS,
+        ),
         Flag("warmdown_ratio", float, 0.5, "fraction of steps of linear LR warmdown", min=0, max=1),
         Flag("final_lr_frac", float, 0.0, "LR multiplier at the end of the warmdown", min=0, max=1),
         # evaluation, samples, checkpoints
@@ -240,24 +291,21 @@ def resolve_paths(config: dict[str, Any]) -> dict[str, Path]:
 
 
 def model_config_for(config: dict[str, Any], vocab_size: int, depth: int | None = None):
-    return GPTConfig.from_depth(
-        depth or config["depth"],
-        vocab_size=vocab_size,
-        sequence_len=config["max_seq_len"],
-        aspect_ratio=config["aspect_ratio"],
-        head_dim=config["head_dim"],
-        n_kv_head=None if config["n_kv_head"] <= 0 else config["n_kv_head"],
-        window_pattern=config["window_pattern"],
-    )
+    """The model config of the run's family (`model` flag) from its flags."""
+    family = registry.family(config.get("model", registry.DEFAULT))
+    try:
+        return family.config_from_flags({**config, "depth": depth or config["depth"]}, vocab_size)
+    except ValueError as error:
+        raise ValueError(f"model: {error}") from None
 
 
-def scaling_params(model_config: GPTConfig) -> tuple[int, float]:
-    """(matrix + lm_head parameters, FLOPs per token), from the closed-form counts.
+def scaling_params(model_config) -> tuple[int, float]:
+    """(the parameters a tokens-per-parameter horizon counts, FLOPs per token), closed form.
 
     Arithmetic only, so the web app can plan any submitted config without building a model.
     """
-    counts = count_params(model_config)
-    return counts["transformer_matrices"] + counts["lm_head"], flops_per_token(model_config)
+    family = registry.family_of(model_config)
+    return family.scaling_params(model_config), family.flops_per_token(model_config)
 
 
 def planned_batch(config: dict[str, Any], world_size: int) -> int:
@@ -283,7 +331,7 @@ def plan(
     (`memory_choice`), so the web app refuses it before a worker loads anything.
     """
     model_config = model_config_for(config, vocab_size)
-    total_params = count_params(model_config)["total"]
+    total_params = registry.family_of(model_config).count_params(model_config)["total"]
     if total_params > MAX_PARAMS:
         raise ValueError(
             f"depth: a depth-{config['depth']} model of width {model_config.n_embd} has "
@@ -348,13 +396,14 @@ def memory_choice(
 
 
 @torch.no_grad()
-def greedy_samples(model: GPT, tokenizer: Tokenizer, runtime: Runtime) -> list[tuple[str, str]]:
+def greedy_samples(model, tokenizer: Tokenizer, runtime: Runtime) -> list[tuple[str, str]]:
     samples = []
-    for prompt in SAMPLE_PROMPTS:
-        ids = tokenizer.encode(prompt, prepend="<|bos|>")
-        with runtime.autocast():
-            out = list(model.generate_naive(ids, SAMPLE_TOKENS, temperature=0.0))
-        samples.append((prompt, tokenizer.decode(out)))
+    with eval_mode(model):
+        for prompt in SAMPLE_PROMPTS:
+            ids = tokenizer.encode(prompt, prepend="<|bos|>")
+            with runtime.autocast():
+                out = list(model.generate_naive(ids, SAMPLE_TOKENS, temperature=0.0))
+            samples.append((prompt, tokenizer.decode(out)))
     return samples
 
 
@@ -382,23 +431,15 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
     B, T = batch.device_batch_size, config["max_seq_len"]
     total = horizon.num_iterations
 
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model.to_empty(device=runtime.device)
-    model.init_weights()
+    model = registry.build_model(model_config, runtime.device)
+    model.train()
     flops_per_token = model.estimate_flops()
     params = model.num_scaling_params()
+    family = registry.family_of(model_config)
     # Weight decay was tuned at depth 12 and scales like 1/width^2 (width grows with depth).
     weight_decay = config["weight_decay"] * (12 / config["depth"]) ** 2
-    optimizer = build_optimizer(
-        model,
-        embedding_lr=config["embedding_lr"],
-        unembedding_lr=config["unembedding_lr"],
-        matrix_lr=config["matrix_lr"],
-        scalar_lr=config["scalar_lr"],
-        weight_decay=weight_decay,
-        lr_scale=horizon.lr_scale,
-    )
+    optimizer = build_for(model, config, weight_decay=weight_decay, lr_scale=horizon.lr_scale)
+    muon = config["optimizer"] == "muon"
 
     state = LoopState()
     loader_state = None
@@ -437,7 +478,9 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         "total_batch_size": horizon.total_batch_size,
         "grad_accum_steps": horizon.grad_accum_steps,
         "training_tokens": horizon.tokens,
-        "tokens_per_param": horizon.tokens / (params["transformer_matrices"] + params["lm_head"]),
+        "model": family.name,
+        "scaling_params": family.scaling_params(model_config),
+        "tokens_per_param": horizon.tokens / family.scaling_params(model_config),
         "lr_scale": horizon.lr_scale,
         "weight_decay_scaled": weight_decay,
         "dtype": str(runtime.dtype).removeprefix("torch."),
@@ -502,15 +545,18 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
             # The next batch's position is where a resume must start if we stop after it.
             loader_state = next_state
             inputs, targets, next_state = next(batches)
-        lr_mult = lr_multiplier(step, total, config["warmup_ratio"], config["warmdown_ratio"],
-                                config["final_lr_frac"])  # fmt: skip
-        set_schedule(optimizer, lr_mult=lr_mult, momentum=muon_momentum(step),
-                     weight_decay=weight_decay_at(step, total, weight_decay))  # fmt: skip
+        lr_mult = schedule_multiplier(config, step, total)
+        if muon:
+            set_schedule(optimizer, lr_mult=lr_mult, momentum=muon_momentum(step),
+                         weight_decay=weight_decay_at(step, total, weight_decay))  # fmt: skip
+        else:
+            set_schedule(optimizer, lr_mult=lr_mult)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         state.step += 1
         mean_loss = runtime.all_reduce_sum(loss_sum / horizon.grad_accum_steps)
         values = reporter.end_step(state, mean_loss.item() / runtime.world_size, lr_mult)
+        values.update(model_metrics(model, optimizer))
         events.metrics(state.step, values)
         if state.step % config["log_every"] == 0 or state.step == total:
             runtime.print(reporter.format(state, values))
@@ -539,12 +585,14 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
 
 def report_markdown(config: dict, derived: dict, summary: dict) -> str:
     params = derived["parameters"]
+    family = registry.family(derived.get("model", registry.DEFAULT))
+    groups = ", ".join(f"{k} {v:,}" for k, v in params.items() if k != "total" and v)
     lines = [
         "## Base model training",
+        f"- model: {family.label}",
         f"- depth: {config['depth']} (width {derived['model_config']['n_embd']}, "
-        f"{derived['model_config']['n_head']} heads)",
-        f"- parameters: {params['total']:,} (matrices {params['transformer_matrices']:,}, "
-        f"lm_head {params['lm_head']:,})",
+        f"{derived['model_config'].get('n_head', '?')} heads)",
+        f"- parameters: {params['total']:,} ({groups})",
         f"- FLOPs per token: {derived['flops_per_token']:.3e}",
         f"- steps: {summary['steps']} ({derived['horizon_source']}), "
         f"batch {derived['total_batch_size']:,} tokens, grad accum {derived['grad_accum_steps']}",

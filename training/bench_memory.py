@@ -56,7 +56,10 @@ def build_model(kind: str, *, depth: int, n_embd: int, n_head: int, seq: int, vo
     import torch
 
     if kind == "ours":
-        from engine.gpt import GPT, GPTConfig
+        try:
+            from engine.models.gpt import GPT, GPTConfig
+        except ImportError:  # an "old" checkout from before engine/models/
+            from engine.gpt import GPT, GPTConfig
 
         config = GPTConfig(
             sequence_len=seq,
@@ -117,7 +120,7 @@ def load_probe():
 def probe_per_token_per_layer(kind: str, dtype: str, args) -> dict:
     """Saved bytes per token per layer of `kind` by `training.memory`'s probe, at the CLI's
     probe shape (3 layers of the given width, d20's window pattern, rows of 64 tokens)."""
-    from engine.gpt import GPTConfig
+    from engine.models.gpt import GPTConfig
 
     probe = load_probe()
     full = GPTConfig(
@@ -213,9 +216,12 @@ def step_ab(old_src: str, dtype: str, rounds: int, *, batch: int, seq: int, voca
 
     import torch
 
-    from engine import gpt as new_gpt
+    from engine.models import gpt as new_gpt
 
-    path = os.path.join(old_src, "engine", "gpt.py")
+    # An old checkout has the model at engine/gpt.py, a newer one at engine/models/gpt.py.
+    path = os.path.join(old_src, "engine", "models", "gpt.py")
+    if not os.path.exists(path):
+        path = os.path.join(old_src, "engine", "gpt.py")
     spec = importlib.util.spec_from_file_location("_bench_memory_old_gpt", path)
     old_gpt = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = old_gpt

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from engine.engine import Batch, FinishReason, Row, SamplingParams
-from engine.gpt import GPT, ROTARY_LENGTH_FACTOR
+from engine.models.base import LanguageModel
 from engine.sandbox import SandboxUnavailable
 from engine.tokenizer import Tokenizer
 from training.checkpoints import load_evaluated
@@ -169,9 +169,9 @@ class Sample:
     finish_reason: FinishReason | None
 
 
-def prompt_limit(model: GPT, max_new_tokens: int) -> int:
+def prompt_limit(model: LanguageModel, max_new_tokens: int) -> int:
     """The longest prompt that leaves room for `max_new_tokens` in the rotary table."""
-    table = model.config.sequence_len * ROTARY_LENGTH_FACTOR
+    table = model.max_positions()
     return max(1, table - max_new_tokens)
 
 
@@ -182,7 +182,7 @@ def fit_prompt(ids: Sequence[int], limit: int) -> list[int]:
 
 
 def generate_samples(
-    model: GPT,
+    model: LanguageModel,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
     *,
@@ -207,7 +207,7 @@ def generate_samples(
     limit = prompt_limit(model, max_new_tokens)
     prompts = [fit_prompt(p, limit) for p in prompts]
     seeds = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
-    table = model.config.sequence_len * ROTARY_LENGTH_FACTOR
+    table = model.max_positions()
     max_len = min(table, max(len(p) for p in prompts) - 1 + max_new_tokens)
     batch = Batch(model, tokenizer, max_rows=max(max_rows, num_samples), max_len=max(max_len, 1))
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
@@ -251,7 +251,7 @@ def letter_ids(tokenizer: Tokenizer, letters: Iterable[str]) -> list[int]:
 
 @torch.no_grad()
 def score_categorical(
-    model: GPT,
+    model: LanguageModel,
     tokenizer: Tokenizer,
     conversations: Sequence[Mapping[str, Any]],
     runtime: Runtime,
@@ -263,7 +263,7 @@ def score_categorical(
     the padding never reaches a row's real positions, so each row's last real position gives
     the same logits as running it alone. Only the conversation's allowed letters compete.
     """
-    limit = model.config.sequence_len * ROTARY_LENGTH_FACTOR
+    limit = model.max_positions()
     pad = tokenizer.get_bos_token_id()
     chosen: list[str] = []
     for start in range(0, len(conversations), batch_size):
@@ -326,7 +326,7 @@ def has_numeric_answer(conversation: Mapping[str, Any]) -> bool:
 def evaluate_task(
     name: str,
     task: Any,
-    model: GPT,
+    model: LanguageModel,
     tokenizer: Tokenizer,
     runtime: Runtime,
     config: Mapping[str, Any],

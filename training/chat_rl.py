@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engine.gpt import GPT
+from engine.models.base import LanguageModel
 from engine.tokenizer import Tokenizer
 from training.chat_eval import (
     MAX_TEMPERATURE,
@@ -243,7 +243,7 @@ class Rollout:
 
 
 def rollouts(
-    model: GPT,
+    model: LanguageModel,
     tokenizer: Tokenizer,
     task: Any,
     conversations: Sequence[Mapping[str, Any]],
@@ -300,7 +300,11 @@ def sequence_batch(
 
 
 def pass_at_k(
-    model: GPT, tokenizer: Tokenizer, task: Any, runtime: Runtime, config: Mapping[str, Any]
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    task: Any,
+    runtime: Runtime,
+    config: Mapping[str, Any],
 ) -> dict[str, float]:
     """pass@1 (the mean fraction of correct samples) and pass@k (any of k correct) on `task`,
     k = num_samples, this rank's problems rank, rank + world, ...; all-reduced."""

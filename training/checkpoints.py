@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import checkpoint as ckpt
-from engine.gpt import GPT
+from engine.models.gpt import GPT
 from engine.paths import data_home
 from engine.tokenizer import Tokenizer
 from training.flags import Flag, join_inside

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from engine import checkpoint as ckpt
-from engine.gpt import GPT, GPTConfig
+from engine.models.registry import config_from_dict
 from engine.tokenizer import Tokenizer
 from training.checkpoints import (
     checkpoint_flags,
@@ -81,8 +81,9 @@ from training.optim import (
     LR_NAMES,
     MAX_LR_FRAC,
     MAX_WEIGHT_DECAY,
-    build_optimizer,
+    build_for,
     lr_flags,
+    recipe_flags,
     set_schedule,
 )
 from training.report import write_section
@@ -212,6 +213,7 @@ def finetune_flags(*, default_mixture: str, init_lr_frac: float, stage: Stage) -
             max=MAX_SEQ_LEN,
         ),
         # optimization
+        *recipe_flags(),
         *lr_flags(),
         Flag(
             "init_lr_frac",
@@ -277,7 +279,7 @@ class Source:
         # Base checkpoints predate the "stage" key; anything unlabelled is a base model.
         return str(self.meta.get("stage") or "base")
 
-    def load_model(self, runtime: Runtime) -> GPT:
+    def load_model(self, runtime: Runtime) -> torch.nn.Module:
         """The source weights on the run's device, in fp32 (the optimizer's master weights)."""
         model, _ = ckpt.load_model(
             self.checkpoint_dir, self.step, device=runtime.device, dtype=torch.float32
@@ -647,7 +649,7 @@ def plan_steps(
 def choose_batch(config: dict[str, Any], source: Source, T: int, runtime: Runtime) -> BatchChoice:
     """The device batch for this device: the given one (refused only if not even one row of
     the source model fits), or auto's pick (training/memory.py)."""
-    model_config = GPTConfig(**{**source.meta["model_config"], "sequence_len": T})
+    model_config = config_from_dict({**source.meta["model_config"], "sequence_len": T})
     return device_batch_for(
         model_config,
         config["device_batch_size"],
@@ -675,7 +677,7 @@ def memory_choice(
     T = fields["sequence_len"]
     capacity, where = planning_gpu()
     return choose_device_batch(
-        GPTConfig(**fields),
+        config_from_dict(fields),
         config["device_batch_size"],
         capacity_bytes=capacity,
         where=where,
@@ -781,7 +783,8 @@ def run_finetune(
 
     frac = config["init_lr_frac"]
     lrs = {name: config[name] * frac for name in LR_NAMES}
-    optimizer = build_optimizer(model, weight_decay=config["weight_decay"], **lrs)
+    optimizer = build_for(model, {**config, **lrs}, weight_decay=config["weight_decay"])
+    muon = config["optimizer"] == "muon"
     if runtime.master:
         save_tokenizer_copy(tokenizer, checkpoint_dir)
     flops_per_token = model.estimate_flops()
@@ -876,7 +879,7 @@ def run_finetune(
             if progress.get("epochs") is not None:
                 epochs_done = progress["epochs"]
         lr_mult = finetune_lr_multiplier(step, total, config["warmdown_ratio"])
-        set_schedule(optimizer, lr_mult=lr_mult, momentum=muon_momentum(step))
+        set_schedule(optimizer, lr_mult=lr_mult, momentum=muon_momentum(step) if muon else None)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         state.step += 1

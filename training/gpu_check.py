@@ -273,10 +273,10 @@ def predicted_gib(model_config: dict | None, batch: Any, shapes: Shapes) -> floa
         from training.memory import estimate_step
     except ImportError:
         return None
-    from engine.gpt import GPTConfig
+    from engine.models.registry import config_from_dict
 
     estimate = estimate_step(
-        GPTConfig(**model_config), device_batch_size=batch, world_size=1, dtype=shapes.dtype,
+        config_from_dict(model_config), device_batch_size=batch, world_size=1, dtype=shapes.dtype,
         device_type=shapes.device,
     )  # fmt: skip
     return estimate.total / 2**30

@@ -8,9 +8,10 @@ that lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,27 @@ from training.runtime import Runtime, peak_flops
 # Steps whose timing is left out of throughput and ETA: the first ones pay for allocator
 # warm-up (and compilation when enabled).
 WARMUP_STEPS_UNTIMED = 3
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then back to how it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def model_metrics(model: torch.nn.Module, optimizer: Any) -> dict[str, float]:
+    """Per-step values beyond the loss: the family's own (a MoE's expert load) and, when the
+    optimizer clips, the gradients' global norm before clipping."""
+    values = dict(model.training_metrics())
+    norm = getattr(optimizer, "last_grad_norm", None)
+    if norm is not None:
+        values["train/grad_norm"] = float(norm)
+    return values
 
 
 def due(step: int, every: int, last_step: int) -> bool:

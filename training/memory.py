@@ -48,6 +48,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -56,7 +57,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from engine import fused_loss
-from engine.gpt import ROTARY_LENGTH_FACTOR, VE_GATE_CHANNELS, GPTConfig, count_params
+from engine.models import registry
+from engine.models.base import Family
+from engine.models.gpt import ROTARY_LENGTH_FACTOR, VE_GATE_CHANNELS, GPTConfig, count_params
 from training.flags import CONFIGS_DIR
 
 GIB = 2**30
@@ -219,7 +222,7 @@ def _step_transients(config: GPTConfig, world_size: int) -> int:
 def _layer_bytes(config: GPTConfig, dtype: torch.dtype, value_embedding: bool) -> float:
     """Bytes autograd saves per token in one block, with the residual mix before it.
 
-    Term by term what engine/gpt.py keeps (`measure_saved` checks the sum), with r the
+    Term by term what engine/models/gpt.py keeps (`measure_saved` checks the sum), with r the
     residual stream's bytes per value (fp32) and a the compute dtype's:
       mix: the incoming residual (r C; for the first layer that is x0, counted in the stem);
       attention: the mixed residual and its norm's rstd (r C + 4), the normed input in the
@@ -336,6 +339,12 @@ def estimate_step(
             f"device_batch_size and world_size must be >= 1, got {device_batch_size}, {world_size}"
         )
     dt = _dtype(dtype)
+    family = registry.family_of(model_config)
+    if family.activation_bytes_per_token is not None:
+        return _estimate_family_step(
+            model_config, family, tokens=device_batch_size * model_config.sequence_len,
+            world_size=world_size, dtype=dt, device_type=device_type,
+        )  # fmt: skip
     counts = count_params(model_config)
     rotary = 2 * model_config.sequence_len * ROTARY_LENGTH_FACTOR * model_config.head_dim // 2
     params = (counts["total"] + rotary) * 4
@@ -348,6 +357,36 @@ def estimate_step(
     backward = _backward_transients(model_config, tokens, dt)
     step = _step_transients(model_config, world_size)
     transient = max(backward, step - activations - logits)
+    workspace = transient
+    if device_type == "cuda":
+        margin = ALLOCATOR_MARGIN * (params + grads + optimizer + activations + logits + transient)
+        workspace += math.ceil(margin) + FIXED_WORKSPACE
+    return MemoryEstimate(params, grads, optimizer, activations, logits, workspace)
+
+
+def _estimate_family_step(
+    model_config: Any,
+    family: Family,
+    *,
+    tokens: int,
+    world_size: int,
+    dtype: torch.dtype,
+    device_type: str,
+) -> MemoryEstimate:
+    """`estimate_step` for a family whose activations the family itself predicts (GPT-2, the
+    hybrid): the same terms with coarser constants. Weights, gradients and at most two fp32
+    optimizer values per parameter (Adam's moments, or Muon's momentum + a smaller second
+    moment) sharded over the ranks; under autocast one half-precision copy of every weight;
+    the fused loss as for GPT; the optimizer step's stacked copies of gradients and weights."""
+    total = family.count_params(model_config)["total"]
+    params = grads = total * 4
+    optimizer = 2 * 4 * math.ceil(total / world_size)
+    activations = math.ceil(family.activation_bytes_per_token(model_config, dtype) * tokens)
+    if dtype != torch.float32:
+        activations += total * dtype.itemsize
+    logits = _loss_bytes(model_config, tokens, dtype, device_type)
+    backward = _backward_transients(model_config, tokens, dtype)
+    transient = max(backward, 2 * total * 4 - activations - logits)
     workspace = transient
     if device_type == "cuda":
         margin = ALLOCATOR_MARGIN * (params + grads + optimizer + activations + logits + transient)
@@ -823,7 +862,7 @@ def probe_model_config(config: GPTConfig, *, layers: int = 3, seq: int = 64, voc
 
 def profile_ours(config: GPTConfig, dtype: torch.dtype | str = "bf16") -> LayerProfile:
     """`profile_layers` of this repo's GPT at `config` on the CPU (bf16 = CPU autocast)."""
-    from engine.gpt import GPT
+    from engine.models.gpt import GPT
 
     dt = _dtype(dtype)
     torch.manual_seed(0)
@@ -879,14 +918,10 @@ def profile_nanochat(path: str, config: GPTConfig, dtype: torch.dtype | str = "b
 # ---- the command line -----------------------------------------------------------------------
 
 
-# The model flags of a base preset and their defaults: GPTConfig.from_depth's own, which
-# training/base_train.py's flags share (a test holds the two equal for every preset).
-_MODEL_KEYS = ("depth", "aspect_ratio", "head_dim", "n_kv_head", "max_seq_len", "window_pattern")
-
 
 def preset_model(
     preset: str | None, vocab_size: int, overrides: dict | None = None
-) -> tuple[GPTConfig, int]:
+) -> tuple[Any, int]:
     """(model config, requested device batch) of a base preset, read without base_train
     (which imports this module): the preset's YAML, then `overrides`, on from_depth defaults.
     The batch is -1 for auto."""
@@ -897,15 +932,8 @@ def preset_model(
             path = CONFIGS_DIR / "base" / f"{preset}.yaml"
         values.update(yaml.safe_load(path.read_text()) or {})
     values.update(overrides or {})
-    model = {k: values[k] for k in _MODEL_KEYS if k in values}
-    n_kv_head = int(model.pop("n_kv_head", -1))
-    model_config = GPTConfig.from_depth(
-        int(model.pop("depth")),
-        vocab_size=vocab_size,
-        sequence_len=int(model.pop("max_seq_len", 2048)),
-        n_kv_head=n_kv_head if n_kv_head > 0 else None,
-        **model,
-    )
+    family = registry.family(values.get("model", registry.DEFAULT))
+    model_config = family.config_from_flags({"max_seq_len": 2048, **values}, vocab_size)
     batch = values["device_batch_size"]
     return model_config, -1 if str(batch).strip().lower() in ("auto", "-1") else int(batch)
 

@@ -49,7 +49,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from engine.gpt import GPT
+from engine.models.base import GENERIC_GROUPS
+from engine.models.gpt import GPT
 from training.flags import Flag
 
 # (a, b, c) per iteration, X <- a X + (b A + c A^2) X with A = X X^T: the Polar Express
@@ -75,13 +76,20 @@ ADAM_REFERENCE_WIDTH = 768
 # beta1 (smoother steps), as in nanochat.
 RESID_LAMBDA_LR_FRACTION = 0.01
 X0_LAMBDA_BETAS = (0.96, 0.95)
+# The other families' 1-D parameters (norm gains, biases, gates) take this fraction of the
+# scalar LR (see `build_optimizer`).
+VECTOR_LR_FRACTION = 0.02
+# The GPT-2 recipe's AdamW (SPEC §13).
+GPT2_BETAS = (0.9, 0.95)
+GPT2_EPS = 1e-8
+OPTIMIZERS = ("muon", "adamw")
 # Muon's momentum when no schedule sets it; base training ramps it up to this (SPEC §7).
 MUON_MOMENTUM = 0.95
 
 Kind = Literal["muon", "adamw"]
 GradReduction = Literal["auto", "reduce_scatter", "all_reduce"]
 _MUON_DEFAULTS = {"momentum": MUON_MOMENTUM, "beta2": NORMUON_BETA2, "weight_decay": 0.0}
-_ADAMW_DEFAULTS = {"betas": ADAMW_BETAS, "eps": ADAMW_EPS}
+_ADAMW_DEFAULTS = {"betas": ADAMW_BETAS, "eps": ADAMW_EPS, "weight_decay": 0.0}
 
 
 def polar_express(g: torch.Tensor) -> torch.Tensor:
@@ -143,8 +151,12 @@ def _muon_update(
 def _adamw_update(
     param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
 ) -> None:
-    """One bias-corrected Adam step on a flat slice (no weight decay: SPEC §5), in place."""
+    """One bias-corrected Adam step on a flat slice, in place. The GPT recipe's groups have no
+    weight decay (SPEC §5); the GPT-2 recipe decays its matrices the decoupled AdamW way
+    (p <- p (1 - lr wd) before the Adam step, as torch.optim.AdamW)."""
     beta1, beta2 = group["betas"]
+    if group["weight_decay"]:
+        param.mul_(1 - group["lr"] * group["weight_decay"])
     state["step"] += 1
     step = state["step"]
     state["exp_avg"].lerp_(grad, 1 - beta1)
@@ -170,7 +182,8 @@ class MuonAdamW(torch.optim.Optimizer):
     distributed: None = shard when torch.distributed is initialized with world_size > 1;
     True = require that; False = plain single-process optimizer. grad_reduction: how gradients
     are averaged when sharded ("auto" probes the backend for reduce-scatter once; see the
-    module docstring).
+    module docstring). max_grad_norm: clip the averaged gradients' global norm (None: off).
+    An adamw group's weight_decay (default 0) is decoupled AdamW decay.
     """
 
     def __init__(
@@ -179,7 +192,14 @@ class MuonAdamW(torch.optim.Optimizer):
         *,
         distributed: bool | None = None,
         grad_reduction: GradReduction = "auto",
+        max_grad_norm: float | None = None,
     ) -> None:
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm}")
+        # Gradient clipping (the GPT-2 recipe): the global norm of the averaged gradients is
+        # scaled to at most this before the update; `last_grad_norm` keeps the norm (a tensor).
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: torch.Tensor | None = None
         if grad_reduction not in ("auto", "reduce_scatter", "all_reduce"):
             raise ValueError(
                 "grad_reduction must be 'auto', 'reduce_scatter' or 'all_reduce', "
@@ -213,9 +233,10 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"{kind} param group {group.get('name', '')!r} has no parameters")
         if kind == "muon":
             shapes = {tuple(p.shape) for p in params}
-            if len(shapes) != 1 or params[0].dim() != 2:
+            if len(shapes) != 1 or params[0].dim() < 2:
                 raise ValueError(
-                    f"a muon param group must hold 2-D matrices of one shape, got {sorted(shapes)}"
+                    "a muon param group must hold matrices (or stacks of them, e.g. a MoE "
+                    f"layer's experts) of one shape, got {sorted(shapes)}"
                 )
         group["params"] = params
         super().add_param_group(group)
@@ -278,10 +299,34 @@ class MuonAdamW(torch.optim.Optimizer):
         # then update each group as its reduction lands (starting its gather), then finish.
         units = [u for group in self.param_groups for u in self._units(group)]
         reductions = [self._start_reduction(unit) for unit in units]
+        if self.max_grad_norm is not None:
+            # Clipping needs the norm of the whole averaged gradient before any update, so
+            # the reductions are all waited for first (no overlap with the updates).
+            landed = [wait() for wait in reductions]
+            self._clip(units, landed)
+            reductions = [lambda grads=grads: grads for grads in landed]
         gathers = [self._update(unit, grads) for unit, grads in zip(units, reductions, strict=True)]
         for finish in gathers:
             finish()
         return loss
+
+    def _clip(self, units: list[_Unit], grads: list[torch.Tensor]) -> None:
+        """Scale the averaged gradients so their global L2 norm is at most max_grad_norm.
+
+        Each rank holds its shard of every averaged gradient, so the squared norms of the
+        owned parts summed over ranks give the global norm. The norm stays on the device
+        (`last_grad_norm`): nothing here makes a GPU wait."""
+        device = grads[0].device
+        squares = torch.zeros((), dtype=torch.float32, device=device)
+        for unit, grad in zip(units, grads, strict=True):
+            squares += grad[: unit.owned].float().square().sum()
+        if self.world_size > 1:
+            dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+        norm = squares.sqrt()
+        scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
+        self.last_grad_norm = norm
 
     def _units(self, group: dict[str, Any]) -> list[_Unit]:
         """The pieces updated as one: a Muon group's whole stack, or one AdamW parameter."""
@@ -406,8 +451,8 @@ class _Unit:
                 "exp_avg": torch.zeros_like(owned),
                 "exp_avg_sq": torch.zeros_like(owned),
             }
-        n, rows, cols = owned.shape
-        stat_shape = (n, rows, 1) if rows >= cols else (n, 1, cols)
+        *lead, rows, cols = owned.shape
+        stat_shape = (*lead, rows, 1) if rows >= cols else (*lead, 1, cols)
         return {
             "momentum_buffer": torch.zeros_like(owned),
             "second_momentum_buffer": owned.new_zeros(stat_shape),
@@ -507,8 +552,15 @@ def build_optimizer(
     lr_scale: float = 1.0,
     distributed: bool | None = None,
     grad_reduction: GradReduction = "auto",
+    max_grad_norm: float | None = None,
 ) -> MuonAdamW:
     """The SPEC §5 optimizer for `model`: one Muon group per block-matrix shape, AdamW for the rest.
+
+    GPT's groups get the LRs below; the other families (whose `param_groups` use the shared
+    names of engine/models/base.py) get the same rule by kind: Muon for `matrices`, AdamW at
+    embedding_lr / unembedding_lr for `embeddings` / `lm_head`, and scalar_lr x
+    VECTOR_LR_FRACTION for `vectors` (norm gains, biases, gates: there are many of them, unlike
+    GPT's two scalar vectors, and a full scalar LR on a norm gain diverges).
 
     lr_scale multiplies every LR (the sqrt(B / B_ref) batch-size scaling). The AdamW LRs of
     lm_head, wte and value embeddings are also scaled by (n_embd / 768)^-0.5; the scalars are
@@ -523,12 +575,13 @@ def build_optimizer(
         "scalar_lr": scalar_lr,
         "weight_decay": weight_decay,
     }
-    for name, value in named.items():
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    if not math.isfinite(lr_scale) or lr_scale <= 0:
-        raise ValueError(f"lr_scale must be a finite number > 0, got {lr_scale}")
+    _check_lrs(named, lr_scale)
     by_kind = model.param_groups()
+    if set(by_kind) == set(GENERIC_GROUPS):
+        return _build_generic_muon(
+            model, by_kind, **named, lr_scale=lr_scale, distributed=distributed,
+            grad_reduction=grad_reduction, max_grad_norm=max_grad_norm,
+        )  # fmt: skip
     if {id(p) for p in by_kind["scalars"]} != {id(model.resid_lambdas), id(model.x0_lambdas)}:
         raise ValueError("expected the model's scalars to be exactly resid_lambdas and x0_lambdas")
     width_scale = (model.config.n_embd / ADAM_REFERENCE_WIDTH) ** -0.5
@@ -550,17 +603,122 @@ def build_optimizer(
         },
     ]
     groups = [dict(g, kind="adamw") for g in groups if g["params"]]
+    groups += _muon_groups(by_kind["transformer_matrices"], matrix_lr * lr_scale, weight_decay)
+    return MuonAdamW(
+        groups, distributed=distributed, grad_reduction=grad_reduction, max_grad_norm=max_grad_norm
+    )
+
+
+def _check_lrs(named: dict[str, float], lr_scale: float) -> None:
+    for name, value in named.items():
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if not math.isfinite(lr_scale) or lr_scale <= 0:
+        raise ValueError(f"lr_scale must be a finite number > 0, got {lr_scale}")
+
+
+def _muon_groups(
+    matrices: list[torch.nn.Parameter], lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """One Muon group per matrix shape (a MoE layer's expert stack is one 3-D item)."""
     shapes: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
-    for p in by_kind["transformer_matrices"]:
+    for p in matrices:
         shapes.setdefault(tuple(p.shape), []).append(p)
-    for shape, params in shapes.items():
-        groups.append(
-            {
-                "name": f"muon {shape[0]}x{shape[1]}",
-                "kind": "muon",
-                "params": params,
-                "lr": matrix_lr * lr_scale,
-                "weight_decay": weight_decay,
-            }
-        )
-    return MuonAdamW(groups, distributed=distributed, grad_reduction=grad_reduction)
+    return [
+        {"name": "muon " + "x".join(map(str, shape)), "kind": "muon", "params": params, "lr": lr,
+         "weight_decay": weight_decay}
+        for shape, params in shapes.items()
+    ]  # fmt: skip
+
+
+def _build_generic_muon(
+    model: torch.nn.Module,
+    by_kind: dict[str, list[torch.nn.Parameter]],
+    *,
+    embedding_lr: float,
+    unembedding_lr: float,
+    matrix_lr: float,
+    scalar_lr: float,
+    weight_decay: float,
+    lr_scale: float,
+    distributed: bool | None,
+    grad_reduction: GradReduction,
+    max_grad_norm: float | None,
+) -> MuonAdamW:
+    adam_lr = lr_scale * (model.config.n_embd / ADAM_REFERENCE_WIDTH) ** -0.5
+    groups = [
+        {"name": "embeddings", "params": by_kind["embeddings"], "lr": embedding_lr * adam_lr},
+        {"name": "lm_head", "params": by_kind["lm_head"], "lr": unembedding_lr * adam_lr},
+        {"name": "vectors", "params": by_kind["vectors"],
+         "lr": scalar_lr * VECTOR_LR_FRACTION * lr_scale},
+    ]  # fmt: skip
+    groups = [dict(g, kind="adamw") for g in groups if g["params"]]
+    groups += _muon_groups(by_kind["matrices"], matrix_lr * lr_scale, weight_decay)
+    return MuonAdamW(
+        groups, distributed=distributed, grad_reduction=grad_reduction, max_grad_norm=max_grad_norm
+    )
+
+
+def build_adamw(
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    lr_scale: float = 1.0,
+    distributed: bool | None = None,
+    grad_reduction: GradReduction = "auto",
+    max_grad_norm: float | None = None,
+) -> MuonAdamW:
+    """The GPT-2 recipe (SPEC §13): AdamW on every parameter, betas (0.9, 0.95), decoupled
+    weight decay on the parameters of two or more dimensions (weight matrices, embeddings)
+    and none on biases and norm gains, gradient clipping by global norm. It runs in
+    `MuonAdamW` with adamw groups only, so it shards (ZeRO-2), saves and resumes like Muon."""
+    _check_lrs({"lr": lr, "weight_decay": weight_decay}, lr_scale)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [
+        dict(g, kind="adamw", lr=lr * lr_scale, betas=GPT2_BETAS, eps=GPT2_EPS)
+        for g in groups
+        if g["params"]
+    ]
+    return MuonAdamW(
+        groups, distributed=distributed, grad_reduction=grad_reduction, max_grad_norm=max_grad_norm
+    )
+
+
+def recipe_flags() -> list[Flag]:
+    """The flags that pick the optimizer recipe of a training run (base, mid, SFT)."""
+    return [
+        Flag("optimizer", str, "muon", "muon: Muon + AdamW (nanochat); adamw: AdamW on every "
+             "parameter (the GPT-2 recipe)", choices=OPTIMIZERS),
+        Flag("adamw_lr", float, 3e-4, "adamw recipe: peak LR of every parameter", min=0,
+             max=MAX_LR),
+        Flag("adamw_weight_decay", float, 0.1, "adamw recipe: decay of the 2-D weights (biases "
+             "and norms get none)", min=0, max=MAX_WEIGHT_DECAY),
+        Flag("grad_clip", float, 0.0, "clip the gradients' global norm to this (0: off)", min=0,
+             max=1e6),
+    ]  # fmt: skip
+
+
+def build_for(
+    model: torch.nn.Module, config: dict[str, Any], *, weight_decay: float, lr_scale: float = 1.0
+) -> MuonAdamW:
+    """The optimizer a training program's flags ask for (`recipe_flags` + `lr_flags`).
+
+    weight_decay: Muon's (the program scales it); the adamw recipe uses adamw_weight_decay."""
+    clip = config.get("grad_clip", 0.0) or None
+    if config.get("optimizer", "muon") == "adamw":
+        return build_adamw(
+            model, lr=config["adamw_lr"], weight_decay=config["adamw_weight_decay"],
+            lr_scale=lr_scale, max_grad_norm=clip,
+        )  # fmt: skip
+    return build_optimizer(
+        model, embedding_lr=config["embedding_lr"], unembedding_lr=config["unembedding_lr"],
+        matrix_lr=config["matrix_lr"], scalar_lr=config["scalar_lr"], weight_decay=weight_decay,
+        lr_scale=lr_scale, max_grad_norm=clip,
+    )  # fmt: skip

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.models import registry
 from engine.paths import data_home
 from training import report
 from training.events import EVENTS_FILE, EventWriter, read_events
@@ -115,6 +116,13 @@ FLAGS = FlagSet(
             max=MAX_TOKENS,
         ),  # fmt: skip
         # the stages' own presets (training/configs/<program>/<name>.yaml)
+        Flag(
+            "model",
+            str,
+            "",
+            "model family of the base model: gpt, gpt2 or hybrid ('' = the base preset's)",
+            choices=("", *registry.NAMES),
+        ),  # fmt: skip
         Flag("base_preset", str, "d20", "base_train preset", component=True),
         Flag("base_eval_preset", str, "", "base_eval preset ('' = defaults)", component=True),
         Flag(
@@ -303,6 +311,7 @@ def plan(config: dict[str, Any]) -> list[Stage]:
         Stage(
             "base", "base",
             [[*_torchrun(config, "training.base_train"), *_preset(config["base_preset"], config["base_args"]),
+              *(["--model", config["model"]] if config["model"] else []),
               "--data-dir", str(data), "--tokenizer-dir", str(tok),
               "--checkpoint-dir", str(ckpt["base"]), *rep]],
             done=lambda: _has_checkpoint(ckpt["base"]),

@@ -3,14 +3,16 @@
 Pure arithmetic, unit-tested without a model, and shared by the training programs (to run)
 and the web app (to show a submitted run's horizon and refuse impossible batch arithmetic
 before a worker sees it). The model sizes it works from are closed-form counts
-(`engine.gpt.count_params`), and every result is bounded (`MAX_PARAMS`, `MAX_BATCH_TOKENS`,
+(`engine.models.gpt.count_params`), and every result is bounded (`MAX_PARAMS`, `MAX_BATCH_TOKENS`,
 `MAX_STEPS`), so planning costs the same for any config and never plans unbounded work.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from training.flags import MAX_STEPS
 
@@ -136,6 +138,34 @@ def lr_multiplier(step: int, total: int, warmup_ratio: float, warmdown_ratio: fl
         progress = (total - step) / warmdown
         return progress + (1 - progress) * final_lr_frac
     return 1.0
+
+
+SCHEDULES = ("linear", "cosine")
+
+
+def cosine_lr_multiplier(step: int, total: int, warmup_steps: int, min_lr_frac: float) -> float:
+    """The GPT-2 recipe's schedule (SPEC §13): linear warmup over `warmup_steps` ((step + 1) /
+    warmup, so the first step already moves), then a cosine from 1 down to `min_lr_frac` at
+    `total`, flat at the floor after it."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= total:
+        return min_lr_frac
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_multiplier(config: Mapping[str, Any], step: int, total: int) -> float:
+    """A training program's LR multiplier at `step` from its flags: `lr_schedule` linear
+    (warmup_ratio, warmdown_ratio, final_lr_frac) or cosine (warmup_steps, or warmup_ratio of
+    the steps when it is -1, down to final_lr_frac)."""
+    if config.get("lr_schedule", "linear") == "cosine":
+        warmup = config.get("warmup_steps", -1)
+        if warmup < 0:
+            warmup = round(config["warmup_ratio"] * total)
+        return cosine_lr_multiplier(step, total, warmup, config["final_lr_frac"])
+    return lr_multiplier(step, total, config["warmup_ratio"], config["warmdown_ratio"],
+                         config["final_lr_frac"])  # fmt: skip
 
 
 def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp: int = 300) -> float:

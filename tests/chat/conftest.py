@@ -22,7 +22,7 @@ from django.conf import settings
 
 from chat.stats import read_stats
 from engine.checkpoint import save_checkpoint, tokenizer_dir
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
 from nanochat_site.proctree import LoggedProcess
 from nanochat_site.routing import websocket_urlpatterns

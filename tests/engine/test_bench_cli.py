@@ -15,7 +15,7 @@ import torch
 from engine import bench, chat_cli
 from engine.chat_cli import ReplyPrinter
 from engine.checkpoint import save_checkpoint, tokenizer_dir
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from engine.checkpoint import (
     save_checkpoint,
     tokenizer_dir,
 )
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 

@@ -12,7 +12,7 @@ import torch
 
 from engine import fileio
 from engine.checkpoint import load_checkpoint, save_checkpoint, tokenizer_dir
-from engine.gpt import GPTConfig
+from engine.models.gpt import GPTConfig
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
 

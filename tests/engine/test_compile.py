@@ -10,7 +10,7 @@ exactly as inductor would see them, without inductor's minutes of C++ compilatio
 import pytest
 import torch
 
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 
 
 def small_model(seed=0):

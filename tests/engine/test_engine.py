@@ -18,7 +18,7 @@ from engine.engine import (
     row_seed,
     sample_tokens,
 )
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
 
 CORPUS = [

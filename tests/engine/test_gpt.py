@@ -1,4 +1,4 @@
-"""engine.gpt (and the precision helpers in engine.common) on tiny CPU configs."""
+"""engine.models.gpt (and the precision helpers in engine.common) on tiny CPU configs."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import gpt as gpt_module
 from engine.common import autocast, autodetect_device, compute_dtype
-from engine.gpt import (
+from engine.models import gpt as gpt_module
+from engine.models.gpt import (
     GPT,
     GPTConfig,
     ReferenceKVCache,

@@ -1,13 +1,13 @@
-"""engine.inference: the lean cached forward equals GPT.forward in every cache situation."""
+"""engine.models.gpt_inference: the lean cached forward equals GPT.forward in every cache situation."""
 
 import math
 
 import pytest
 import torch
 
-from engine.engine import KVCache
-from engine.gpt import GPT, GPTConfig
-from engine.inference import InferenceForward
+from engine.kv_cache import KVCache
+from engine.models.gpt import GPT, GPTConfig
+from engine.models.gpt_inference import InferenceForward
 
 VOCAB = 300
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
@@ -55,7 +55,7 @@ def check_equal_lengths(model):
     lean = InferenceForward(model)
     idx = tokens(2, 24)
     full = model(idx)
-    cache = KVCache.for_model(model, batch_size=2, max_len=24)
+    cache = model.new_cache(2, 24)
     rows = cache.rows(0, 2)
     # A fresh prefill (causal for the L layers, masked for the S layers whose window of 8
     # binds within 12 tokens), a chunk after cached tokens (masked), then one token at a time
@@ -77,7 +77,7 @@ def test_rows_of_different_lengths_match_gpt_forward():
     lean = InferenceForward(model)
     prompts = [tokens(1, 5, seed=10), tokens(1, 12, seed=11), tokens(1, 1, seed=12)]
     continuation = tokens(3, 10, seed=13)
-    cache = KVCache.for_model(model, batch_size=3, max_len=24)
+    cache = model.new_cache(3, 24)
     with torch.inference_mode():
         for row, prompt in enumerate(prompts):
             assert lean(prompt, cache.rows(row, row + 1), logits=False) is None
@@ -95,7 +95,7 @@ def test_greedy_decoding_reproduces_generate_naive(overrides):
     lean = InferenceForward(model)
     prompt = [7, 120, 33, 250]
     expected = list(model.generate_naive(prompt, max_tokens=18))
-    cache = KVCache.for_model(model, batch_size=1, max_len=24)
+    cache = model.new_cache(1, 24)
     rows = cache.rows(0, 1)
     generated = []
     with torch.inference_mode():
@@ -114,7 +114,7 @@ def test_derived_weights_follow_parameter_updates():
     idx = tokens(1, 6)
 
     def check():
-        cache = KVCache.for_model(model, batch_size=1, max_len=8)
+        cache = model.new_cache(1, 8)
         with torch.inference_mode():
             got, want = lean(idx, cache.rows(0, 1)), model(idx)[:, -1]
         torch.testing.assert_close(got, want, **TOLERANCE)
@@ -137,7 +137,7 @@ def test_derived_weights_follow_parameter_updates():
 def test_bad_calls_are_rejected():
     model = make_model()
     lean = InferenceForward(model)
-    cache = KVCache.for_model(model, batch_size=1, max_len=8)
+    cache = model.new_cache(1, 8)
     with pytest.raises(RuntimeError, match="inference_mode"):
         lean(tokens(1, 2), cache.rows(0, 1))
     with torch.inference_mode():

@@ -12,7 +12,7 @@ import torch
 
 from engine.common import autocast
 from engine.engine import Engine
-from engine.gpt import GPT, GPTConfig, ReferenceKVCache
+from engine.models.gpt import GPT, GPTConfig, ReferenceKVCache
 from tests.gpu.marks import CUDA_MARKS
 
 pytestmark = CUDA_MARKS

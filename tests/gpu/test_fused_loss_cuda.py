@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.fused_loss import softcap_linear_cross_entropy
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from tests.gpu.marks import CUDA_MARKS
 
 pytestmark = CUDA_MARKS

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
 from tests.training.conftest import read_events
 from training import base_eval

@@ -7,7 +7,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.engine import Engine
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
 from tests.training.conftest import read_events
 from training import chat_eval

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from training import core_eval
 from training.core_eval import (
     CoreTask,

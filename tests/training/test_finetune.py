@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from engine.tokenizer import Tokenizer
 from training import finetune
 from training.dataloader import sft_batches

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from engine.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, GPTConfig
 from training import base_train, memory
 from training.finetune import planning_config
 from training.flags import AUTO, CONFIGS_DIR, ConfigError

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from engine.gpt import GPT, GPTConfig, count_params, flops_per_token
+from engine.models.gpt import GPT, GPTConfig, count_params, flops_per_token
 from training import base_train
 from training.flags import MAX_STEPS
 from training.scaling import (

@@ -34,13 +34,22 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import sdpa, visible_keys
-from engine.gpt import GPT, LOGIT_SOFTCAP, VE_GATE_CHANNELS, rotary_halves
+from engine.common import compute_dtype
+from engine.models.gpt import GPT, LOGIT_SOFTCAP, VE_GATE_CHANNELS, rotary_halves
+
+
+def lean_decoder(model: GPT, cache) -> InferenceForward | None:
+    """`InferenceForward` for `model` where its device computes in fp32 and the weights and
+    the cache are in that dtype, else None (the engine then runs `GPT.forward` under
+    autocast, which keeps the residual stream in fp32 where this forward's addmm would not)."""
+    lean = compute_dtype(model.get_device()) == cache.dtype == model.lm_head.weight.dtype
+    return InferenceForward(model) if lean else None
 
 
 class StepKVCache(Protocol):
     """What `InferenceForward` needs from a KV cache (`engine.engine.CacheRows` has it).
 
-    Like `engine.gpt.KVCache`, but the lengths are also known as Python ints, so a step is
+    Like `engine.models.gpt.KVCache`, but the lengths are also known as Python ints, so a step is
     planned without reading the device, and `write` returns the layer's whole cache heads
     first (B, H, max_len, D), the layout attention reads, for the caller to slice.
     """

@@ -12,7 +12,7 @@ The same `forward` serves training (targets -> loss), evaluation (logits) and ca
 generation: pass an object following the `KVCache` protocol below and each row of the batch
 continues from its own cached length. `ReferenceKVCache` is the plain implementation the tests
 (and the engine's equivalence check) use; `generate_naive` is the no-cache ground truth. The
-engine decodes with `engine.inference.InferenceForward`, the same math in fewer ops.
+engine decodes with `engine.models.gpt_inference.InferenceForward`, the same math in fewer ops.
 
 Training on a CPU is bound by passes over activations more than by matmuls, so the forward
 takes the short ways that give the same numbers: q, k and v from one matmul, rotary on both
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from engine.attention import attention
 from engine.common import compute_dtype
 from engine.fused_loss import softcap_linear_cross_entropy
+from engine.kv_cache import KVCache as KVCacheRows
 
 ROTARY_BASE = 10_000
 # The rotary table covers 10x the training context so generation can run past it.
@@ -68,8 +69,12 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     window_pattern: str = "SSSL"
+    # The family (engine/models registry); checkpoints written before families existed lack it.
+    model: str = "gpt"
 
     def __post_init__(self) -> None:
+        if self.model != "gpt":
+            raise ValueError(f"model must be 'gpt' for a GPTConfig, got {self.model!r}")
         for name in _CONFIG_INTS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -560,8 +565,32 @@ class GPT(nn.Module):
         self.rotary_cos.copy_(cos)
         self.rotary_sin.copy_(sin)
 
+    def reset_buffers(self) -> None:
+        """The family interface's name for `reset_rotary` (the only derived buffers)."""
+        self.reset_rotary()
+
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device
+
+    def max_positions(self) -> int:
+        """Rotary angles exist for this many positions (10x the training context)."""
+        return self.rotary_cos.size(0)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCacheRows:
+        """The engine's decode state for `batch_size` rows of up to `max_len` positions: keys
+        and values of every layer, in the device's compute dtype."""
+        table = self.rotary_cos.size(0)
+        if max_len > table:
+            raise ValueError(f"KV cache max_len {max_len} exceeds the model's rotary table {table}")
+        config, device = self.config, self.get_device()
+        return KVCacheRows(
+            config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim,
+            device=device, dtype=compute_dtype(device),
+        )  # fmt: skip
+
+    def training_metrics(self) -> dict[str, float]:
+        """Extra per-step values a trainer may log (none for this family)."""
+        return {}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by kind, the way the optimizer treats them.
