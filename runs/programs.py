@@ -356,7 +356,7 @@ PROGRAMS: dict[str, Program] = {
     "base": Program(
         "base", base_train.FLAGS, ("dataset", "tokenizer"), base_commands, distributed=True,
         resumable=True, stage="base", check=check_base,
-        description="Pretrain a base GPT from scratch on a dataset.",
+        description="Pretrain a base model (GPT, GPT-2 or hybrid) from scratch on a dataset.",
     ),
     "base_eval": Program(
         "base_eval", base_eval.FLAGS, ("parent_checkpoint",), base_eval_commands,

@@ -1,11 +1,14 @@
-"""Base pretraining: a GPT of a given depth on parquet shards, from scratch or resumed.
+"""Base pretraining: a model of a given family and depth on parquet shards, from scratch or
+resumed.
 
     python -m training.base_train --config demo-cpu
     torchrun --standalone --nproc_per_node=8 -m training.base_train --depth 20 --run-dir runs/x
 
-One dial (`--depth`) sets the model; the horizon comes from explicit iterations, a FLOPs
-budget or a tokens-to-parameters ratio (in that order); the batch size and learning rates
-follow from the data size (training/scaling.py). Every `eval_every` steps it measures
+One dial (`--depth`) sets the model, `--model` its family (gpt: nanochat's; gpt2; hybrid:
+Qwen3-Next style, see engine/models/); `--optimizer adamw --lr-schedule cosine --grad-clip 1`
+is the GPT-2 recipe, Muon (nanochat's) the default for every family. The horizon comes from
+explicit iterations, a FLOPs budget or a tokens-to-parameters ratio (in that order); the batch
+size and learning rates follow from the data size (training/scaling.py). Every `eval_every` steps it measures
 validation bits per byte, every `sample_every` steps it writes greedy samples, and at
 `save_every` and the end it saves a checkpoint that `--resume-from-step` continues exactly
 (model, optimizer shards, data loader position and loop counters).
@@ -101,7 +104,7 @@ def family_flags() -> list[Flag]:
 FLAGS = FlagSet(
     "base_train",
     configs="base",
-    description="Pretrain a base GPT on parquet text shards.",
+    description="Pretrain a base model (GPT, GPT-2 or hybrid) on parquet text shards.",
     flags=[
         # model
         Flag(

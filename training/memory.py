@@ -374,13 +374,17 @@ def _estimate_family_step(
     device_type: str,
 ) -> MemoryEstimate:
     """`estimate_step` for a family whose activations the family itself predicts (GPT-2, the
-    hybrid): the same terms with coarser constants. Weights, gradients and at most two fp32
-    optimizer values per parameter (Adam's moments, or Muon's momentum + a smaller second
-    moment) sharded over the ranks; under autocast one half-precision copy of every weight;
+    hybrid): the same terms with coarser constants. Weights, gradients and the optimizer
+    state (Muon's momentum for the matrices, Adam's two moments for the rest) sharded over the
+    ranks; under autocast one half-precision copy of every weight;
     the fused loss as for GPT; the optimizer step's stacked copies of gradients and weights."""
-    total = family.count_params(model_config)["total"]
+    counts = family.count_params(model_config)
+    total = counts["total"]
     params = grads = total * 4
-    optimizer = 2 * 4 * math.ceil(total / world_size)
+    # Muon keeps one momentum per matrix value (its second moment is a row or column), AdamW
+    # two moments per value; the GPT-2 recipe's AdamW-everywhere costs the matrices one more.
+    matrices = counts.get("matrices", 0)
+    optimizer = 4 * math.ceil((matrices + 2 * (total - matrices)) / world_size)
     activations = math.ceil(family.activation_bytes_per_token(model_config, dtype) * tokens)
     if dtype != torch.float32:
         activations += total * dtype.itemsize

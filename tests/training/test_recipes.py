@@ -134,3 +134,17 @@ def test_build_for_reads_the_recipe_flags():
 def test_bad_clip_is_refused():
     with pytest.raises(ValueError, match="max_grad_norm"):
         build_adamw(Toy(), lr=1e-3, weight_decay=0.1, max_grad_norm=0.0)
+
+
+def test_gpt2_adamw_groups_put_biases_and_norms_at_zero_decay():
+    from engine.models.gpt2 import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    optimizer = build_adamw(model, lr=3e-4, weight_decay=0.1, distributed=False)
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2
+        assert (id(p) in decay) == is_matrix, name
+        assert is_matrix or name.endswith("bias") or ".ln" in name or "ln_" in name, name
+    assert {names[i] for i in decay} >= {"transformer.wte.weight", "transformer.wpe.weight"}
