@@ -1,13 +1,14 @@
 """The inference engine: a KV cache, a batch of independent rows decoded together, and tools.
 
-Three layers, each usable on its own:
+Three layers, each usable on its own, for every model family (engine/models/):
 
-* `KVCache` -- preallocated (layers, rows, kv_heads, max_len, head_dim) keys and values (heads
-  first, the layout attention reads) with a length per row. A forward runs over a contiguous
-  range of rows (`KVCache.rows(start, stop)`, which implements the `engine.models.gpt.KVCache`
-  protocol), so a prompt is prefilled into one row alone, copied into as many rows as samples
-  are wanted, and then decoded together with rows that started earlier and sit at other
-  lengths.
+* the model's decode cache (`model.new_cache`, engine/kv_cache.py `DecodeCache`): for GPT and
+  GPT-2 a `KVCache` -- preallocated (layers, rows, kv_heads, max_len, head_dim) keys and values
+  (heads first, the layout attention reads) with a length per row; the hybrid adds each linear
+  layer's conv window and recurrent state per row. A forward runs over a contiguous range of
+  rows (`cache.rows(start, stop)`), so a prompt is prefilled into one row alone, copied into as
+  many rows as samples are wanted, and then decoded together with rows that started earlier
+  and sit at other lengths.
 * `Batch` -- the scheduler core an engine worker drives. `add` prefills a prompt and makes its
   row(s) join; `step` runs one forward over every active row and returns one token per row;
   finished rows leave and free their slot. Active rows always occupy slots 0..n-1 (a leaving
@@ -57,14 +58,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from engine import calculator
 from engine.common import autocast, autodetect_device, compute_dtype
-from engine.kv_cache import CacheRows, KVCache
+from engine.kv_cache import DecodeCache, KVCache
 from engine.models.registry import family_of
 
 if TYPE_CHECKING:
@@ -312,13 +313,13 @@ class Batch:
         self.model = model
         self.tokenizer = tokenizer
         self.device = model.get_device()
-        self.cache = model.new_cache(max_rows, max_len)
+        self.cache: DecodeCache = model.new_cache(max_rows, max_len)
         self.rows: list[Row] = []
         self._special = _SpecialIds.of(tokenizer)
         # A family may offer a leaner forward for decoding (GPT's, for devices that compute in
         # fp32: engine/models/gpt_inference.py); otherwise its forward runs under autocast.
         self._lean = family_of(model.config).fast_decoder(model, self.cache)
-        self._view: CacheRows | None = None
+        self._view: Any = None  # the active rows' view of the cache, rebuilt when rows change
         self._settings: SamplingSettings | None = None
         self._next_ids: torch.Tensor | None = None
         if cuda_graphs and self.device.type != "cuda":
@@ -475,9 +476,7 @@ class Batch:
             host[slot] += 1
         return logits
 
-    def _forward(
-        self, ids: torch.Tensor, cache: CacheRows, logits: bool = True
-    ) -> torch.Tensor | None:
+    def _forward(self, ids: torch.Tensor, cache: Any, logits: bool = True) -> torch.Tensor | None:
         """The (B, vocab) logits of each row's last new token, or None when not wanted."""
         if self._lean is not None:
             return self._lean(ids, cache, logits=logits)

@@ -10,7 +10,38 @@ through), `reset`, `replicate`, `move`, `host_lengths`, `lengths`, `max_len`, `b
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
+
+
+class DecodeCache(Protocol):
+    """What the engine's `Batch` asks of any family's decode state (`model.new_cache`).
+
+    Rows are slots: `reset` empties one before a prompt is prefilled into it (a recurrent
+    state must not leak from the previous conversation), `replicate` copies a prefilled row to
+    its samples' rows, `move` keeps the active rows contiguous when one leaves, and `rows`
+    gives the view a forward writes through (the model decides what it needs from it).
+    `host_lengths` mirrors `lengths` on the host so a step is planned without a device read.
+    """
+
+    batch_size: int
+    max_len: int
+    host_lengths: list[int]
+
+    @property
+    def lengths(self) -> torch.Tensor: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def rows(self, start: int, stop: int) -> Any: ...
+
+    def reset(self, slot: int) -> None: ...
+
+    def replicate(self, src: int, dst_start: int, dst_stop: int) -> None: ...
+
+    def move(self, src: int, dst: int) -> None: ...
 
 
 class KVCache:
