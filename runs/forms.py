@@ -12,7 +12,8 @@ from typing import Any
 
 from django import forms
 
-from runs import services
+from engine.models import registry
+from runs import selectors, services
 from runs.artifacts import dataset_source_flags
 from runs.models import ArtifactStatus, Checkpoint, Dataset, Tokenizer
 from runs.predictions import memory_prediction
@@ -48,6 +49,38 @@ def flag_field(flag: Flag) -> forms.Field:
     )
 
 
+def is_family_flag(flag: Flag) -> bool:
+    """The `model` flag of base_train and the pipeline: a choice of model family."""
+    names = {c for c in flag.choices or () if c}
+    return flag.name == "model" and bool(names) and names <= set(registry.NAMES)
+
+
+def family_picker(flag: Flag) -> forms.Field:
+    """The model family picker: one radio button per family, each by its label; the first
+    leaves it to the preset (or, for a pipeline, to its base preset)."""
+    if "" in flag.choices:
+        empty = "the base preset's"
+    else:
+        empty = f"the preset's (default {selectors.family_label(flag.default)})"
+    labels = dict(selectors.families())
+    choices = [("", empty)] + [(c, labels[c]) for c in flag.choices if c]
+    return forms.TypedChoiceField(
+        choices=choices, coerce=str, empty_value=None, required=False, initial="",
+        widget=forms.RadioSelect(attrs={"class": "family-choice"}), label="model family",
+        help_text=flag.help,
+    )  # fmt: skip
+
+
+def family_readers() -> dict[str, list[str]]:
+    """{flag name: the families that read it} for the flags only some families read
+    (engine/models: each family's `flags`); a flag every family reads is not listed."""
+    readers: dict[str, list[str]] = {}
+    for name in registry.NAMES:
+        for flag in registry.family(name).flags:
+            readers.setdefault(flag, []).append(name)
+    return {flag: names for flag, names in readers.items() if len(names) < len(registry.NAMES)}
+
+
 def _ready(queryset):
     return queryset.filter(status=ArtifactStatus.READY)
 
@@ -77,7 +110,7 @@ class RunForm(FieldErrorsMixin, forms.Form):
         super().__init__(*args, **kwargs)
         self.program = program
         self.fields["preset"].choices = [("", "none (defaults)")] + [
-            (p, p) for p in program.flags.presets()
+            (p, _preset_label(program, p)) for p in program.flags.presets()
         ]
         if "dataset" in program.inputs:
             self.fields["dataset"] = forms.ModelChoiceField(_ready(Dataset.objects.all()))
@@ -92,12 +125,29 @@ class RunForm(FieldErrorsMixin, forms.Form):
                 min_value=1, max_value=services.MAX_NPROC, initial=1, label="processes per node"
             )
         self.flag_names = []
+        self.family_name: str | None = None  # the family picker's field, when the kind has one
+        self.family_default = ""  # the family when neither the picker nor the preset says
         for flag in program.user_flags():
-            self.fields[flag.name] = flag_field(flag)
+            if is_family_flag(flag):
+                self.fields[flag.name] = family_picker(flag)
+                self.family_name, self.family_default = flag.name, flag.default
+            else:
+                self.fields[flag.name] = flag_field(flag)
             self.flag_names.append(flag.name)
 
+    @property
+    def family_field(self):
+        return self[self.family_name] if self.family_name else None
+
     def flag_fields(self):
-        return [self[name] for name in self.flag_names]
+        """The settings fields below the family picker."""
+        return [self[name] for name in self.flag_names if name != self.family_name]
+
+    def settings(self) -> list[tuple[Any, str]]:
+        """[(field, "gpt2 hybrid")]: each settings field with the families that read it ('' when
+        every family does), so the page shows only the chosen family's own fields."""
+        readers = family_readers() if self.family_name else {}
+        return [(field, " ".join(readers.get(field.name, ()))) for field in self.flag_fields()]
 
     def input_fields(self):
         names = ("dataset", "tokenizer", "parent_checkpoint", "nproc_per_node")
@@ -141,6 +191,12 @@ class RunForm(FieldErrorsMixin, forms.Form):
         except ConfigError as error:
             self.add_service_errors(error)
             return None
+
+
+def _preset_label(program: Program, preset: str) -> str:
+    """'gpt2-small (GPT-2)' for a preset that picks a model family, else the preset's name."""
+    model = program.flags.load_config_file(preset).get("model")
+    return f"{preset} ({selectors.family_label(model)})" if model in registry.NAMES else preset
 
 
 class DatasetForm(FieldErrorsMixin, forms.Form):

@@ -30,7 +30,15 @@ from training.flags import ConfigError
 RUNS_PER_PAGE = 50
 LOG_LINES = 200
 CHART_POINTS = 1000
-DEFAULT_CHARTS = ("train/loss", "val/bpb", "train/lr_mult", "train/tok_per_sec", "train/mfu")
+DEFAULT_CHARTS = (
+    "train/loss", "val/bpb", "train/lr_mult", "train/tok_per_sec", "train/mfu",
+    "train/grad_norm", "moe/aux_loss",
+)  # fmt: skip
+# Charts of several metrics, one line each: (title, the members' common prefix + a number).
+CHART_GROUPS = (
+    # A MoE router's balance per layer: 1.0 = every expert equally loaded, E = all on one.
+    ("Expert load (max/mean per layer)", "moe/load_max/l"),
+)
 
 
 def _text_filter(request, name: str) -> str:
@@ -57,14 +65,14 @@ def submittable_kinds() -> list[str]:
 @login_required
 @require_GET
 def home(request):
-    active = selectors.active_runs()
+    active = selectors.attach_families(selectors.active_runs())
     context = {
         "running": [r for r in active if r.status == Status.RUNNING],
         "queued": [r for r in active if r.status == Status.QUEUED],
         "checkpoints": selectors.chat_checkpoints(),
         "highlights": selectors.eval_highlights(),
         "columns": list(selectors.LEADERBOARD_COLUMNS),
-        "recent": selectors.recent_finished_runs(8),
+        "recent": selectors.attach_families(selectors.recent_finished_runs(8)),
         "empty": not Run.objects.exists(),
         "kinds": submittable_kinds(),
         "quickstart_available": "pipeline" in PROGRAMS,
@@ -95,6 +103,7 @@ def run_list(request):
     params["mine"] = request.GET.get("mine") == "1"
     runs = selectors.filter_runs(selectors.run_list(), params, request.user)
     page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    page.object_list = selectors.attach_families(page.object_list)
     query = request.GET.copy()
     query.pop("page", None)
     context = {
@@ -148,6 +157,7 @@ def _preset_memory(program, preset: str) -> dict | None:
 def _run_context(request, run: Run) -> dict:
     """What the run page's panels show (also refetched alone as they change)."""
     program = PROGRAMS.get(run.kind)
+    selectors.attach_families([run])
     return {
         "run": run,
         "can_manage": services.can_manage(request.user, run),
@@ -179,6 +189,18 @@ def chat_checkpoint_of(run: Run) -> Checkpoint | None:
                default=None)  # fmt: skip
 
 
+def chart_groups(names: list[str]) -> tuple[list[dict], list[str]]:
+    """[{title, prefix, names}] per CHART_GROUPS entry (its members by number: layer 0, 1, …,
+    10), and the names charted alone (those of no group)."""
+    groups, grouped = [], set()
+    for title, prefix in CHART_GROUPS:
+        members = [n for n in names if n.startswith(prefix) and n[len(prefix) :].isdigit()]
+        members.sort(key=lambda n: int(n[len(prefix) :]))
+        groups.append({"title": title, "prefix": prefix, "names": members})
+        grouped.update(members)
+    return groups, [n for n in names if n not in grouped]
+
+
 @login_required
 @require_GET
 def run_detail(request, run_id: int):
@@ -188,11 +210,15 @@ def run_detail(request, run_id: int):
         # What the page refetches when a checkpoint, sample, eval or report arrives.
         return render(request, "runs/_run_panels.html", context)
     names = series.metric_names(run.pk)
-    context["metric_names"] = names
-    context["default_charts"] = [n for n in DEFAULT_CHARTS if n in names] or names[:4]
+    groups, single = chart_groups(names)
+    context["metric_names"] = single
+    context["chart_groups"] = [g for g in groups if g["names"]]
+    context["default_charts"] = [n for n in DEFAULT_CHARTS if n in single] or single[:4]
+    context["default_charts"] += [g["title"] for g in context["chart_groups"]]
     context["chart_config"] = {
         "run": run.pk,
         "names": names,
+        "groups": groups,
         "shown": context["default_charts"],
         "metrics_url": reverse("runs-api:run-metrics", args=[run.pk]),
         "log_url": reverse("run-log", args=[run.pk]),
@@ -252,7 +278,8 @@ def compare(request):
             ids.append(limits.to_int(item, "ids", lo=1))
         except limits.QueryParamError as exc:
             _ignored(request, exc)
-    runs = selectors.runs_by_ids(ids)
+    runs = selectors.attach_families(selectors.runs_by_ids(ids))
+    scales = selectors.training_scales(runs)
     names: list[str] = []
     for run in runs:
         names += [n for n in series.metric_names(run.pk) if n not in names]
@@ -266,16 +293,46 @@ def compare(request):
         "chosen": chosen,
         "final_rows": [(n, [finals[r.pk][n] for r in runs]) for n in chosen],
         "best_rows": [("best val bpb", [r.best_val_bpb for r in runs])],
+        "amount_rows": training_amount_rows(runs, scales),
         "diff": selectors.config_diff(runs),
         "recent": selectors.run_list().exclude(pk__in=ids)[:30],
         "chart_config": {
-            "runs": [{"id": r.pk, "label": f"#{r.pk} {r}"} for r in runs],
+            "runs": [
+                {
+                    "id": r.pk,
+                    "label": f"#{r.pk} {r}" + (f" ({r.model_label})" if r.model_label else ""),
+                    "tokens_per_step": scales[r.pk].tokens_per_step,
+                    "flops_per_step": scales[r.pk].flops_per_step,
+                }
+                for r in runs
+            ],
             "metrics": chosen,
             "metrics_url": reverse("runs-api:run-metrics", args=[0]).replace("/0/", "/{id}/"),
             "max_points": CHART_POINTS,
         },
     }
     return render(request, "runs/compare.html", context)
+
+
+def training_amount_rows(runs, scales) -> list[tuple[str, list[str]]]:
+    """The compare table's rows of how much each run trained (what the tokens and FLOPs x axes
+    multiply the steps by): [(row, [text per run])], '–' where a run did not say."""
+    return [
+        ("tokens per step", [_count(scales[r.pk].tokens_per_step) for r in runs]),
+        ("FLOPs per token", [_flops(scales[r.pk].flops_per_token) for r in runs]),
+        ("training tokens", [_count(scales[r.pk].tokens_at(r.step)) for r in runs]),
+        ("training FLOPs", [_flops(scales[r.pk].flops_at(r.step)) for r in runs]),
+    ]
+
+
+def _count(value: int | None) -> str:
+    """4,091,904; a dash when unknown."""
+    return "–" if value is None else f"{value:,}"
+
+
+def _flops(value: float | None) -> str:
+    """4.91e+12; a dash when unknown."""
+    return "–" if value is None else f"{value:.3g}"
 
 
 # ---- artifacts -----------------------------------------------------------------------------
@@ -323,8 +380,15 @@ def checkpoints(request):
     stage = _text_filter(request, "stage")
     if stage:
         rows = rows.filter(stage=stage)
+    model = _text_filter(request, "model")
+    if model:
+        rows = rows.filter(selectors.family_q(model))
     page = Paginator(rows, RUNS_PER_PAGE).get_page(request.GET.get("page"))
-    context = {"page": page, "stage": stage, "stages": Checkpoint.Stage.choices}
+    for checkpoint in page.object_list:
+        checkpoint.family = selectors.checkpoint_family(checkpoint)
+        checkpoint.family_label = selectors.family_label(checkpoint.family)
+    context = {"page": page, "stage": stage, "stages": Checkpoint.Stage.choices,
+               "model": model, "families": selectors.families()}  # fmt: skip
     return render(request, "runs/checkpoints.html", context)
 
 
@@ -332,8 +396,10 @@ def checkpoints(request):
 @require_GET
 def leaderboard(request):
     sort = request.GET.get("sort", "ChatCORE")
-    rows = selectors.leaderboard(sort)
-    context = {"rows": rows, "columns": list(selectors.LEADERBOARD_COLUMNS), "sort": sort}
+    model = _text_filter(request, "model")
+    rows = selectors.leaderboard(sort, model=model)
+    context = {"rows": rows, "columns": list(selectors.LEADERBOARD_COLUMNS), "sort": sort,
+               "model": model, "families": selectors.families()}  # fmt: skip
     return render(request, "runs/leaderboard.html", context)
 
 

@@ -6,14 +6,27 @@ admin agree on what "the runs of alice that failed" or "the best ChatCORE" means
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
+from django.db.models.fields.json import KT
 
-from runs.models import ACTIVE_STATUSES, Checkpoint, EvalResult, MetricPoint, Run, Status
+from engine.models import registry
+from runs.models import (
+    ACTIVE_STATUSES,
+    Checkpoint,
+    EvalResult,
+    Kind,
+    MetricPoint,
+    Run,
+    RunEvent,
+    Status,
+)
+from runs.programs import PROGRAMS
 
 # Leaderboard columns and the event-file task names that feed each (chat_eval writes task ids,
 # base_eval the CORE score; either spelling is accepted).
@@ -86,6 +99,14 @@ class LeaderboardRow:
     def cells(self) -> list[float | None]:
         return [self.scores.get(column) for column in LEADERBOARD_COLUMNS]
 
+    @property
+    def family(self) -> str:
+        return checkpoint_family(self.checkpoint)
+
+    @property
+    def family_label(self) -> str:
+        return family_label(self.family)
+
 
 def _column_of(task: str) -> str | None:
     for column, names in LEADERBOARD_COLUMNS.items():
@@ -94,14 +115,14 @@ def _column_of(task: str) -> str | None:
     return None
 
 
-def leaderboard(sort: str = "ChatCORE") -> list[LeaderboardRow]:
-    """One row per evaluated checkpoint with its latest score per column, best `sort` first."""
+def leaderboard(sort: str = "ChatCORE", model: str = "") -> list[LeaderboardRow]:
+    """One row per evaluated checkpoint with its latest score per column, best `sort` first;
+    with `model`, only the checkpoints of that model family."""
     rows: dict[int, LeaderboardRow] = {}
-    results = (
-        EvalResult.objects.filter(checkpoint__isnull=False)
-        .select_related("checkpoint", "checkpoint__run")
-        .order_by("created", "id")
-    )
+    results = EvalResult.objects.filter(checkpoint__isnull=False)
+    if model:
+        results = results.filter(family_q(model, "checkpoint__model_config"))
+    results = results.select_related("checkpoint", "checkpoint__run").order_by("created", "id")
     rank = {m: i for i, m in enumerate(HEADLINE_METRICS)}
     chosen: dict[tuple[int, str], int] = {}
     for result in results:
@@ -173,3 +194,170 @@ def runs_by_ids(ids: Iterable[int]) -> list[Run]:
 
 def recent_finished_runs(limit: int = 20) -> QuerySet:
     return run_list().exclude(status__in=ACTIVE_STATUSES).order_by("-created")[:limit]
+
+
+# ---- model families ------------------------------------------------------------------------
+
+# Kinds that make no model: no family to show.
+NO_MODEL_KINDS = (Kind.DATASET, Kind.TOKENIZER)
+
+
+def families() -> list[tuple[str, str]]:
+    """[(name, label)] of every model family, in the registry's order (gpt first)."""
+    return [(name, registry.family(name).label) for name in registry.NAMES]
+
+
+def family_label(name: str | None) -> str:
+    """'Hybrid (Qwen3-Next)' for 'hybrid'; an unknown name as it is; '' for None."""
+    if not name:
+        return ""
+    try:
+        return registry.family(name).label
+    except ValueError:
+        return name
+
+
+def checkpoint_family(checkpoint: Checkpoint) -> str:
+    """The family of a checkpoint's model: its model_config's `model` (rows written before
+    families existed have none: GPT)."""
+    config = checkpoint.model_config if isinstance(checkpoint.model_config, dict) else {}
+    name = config.get("model")
+    return name if isinstance(name, str) and name else registry.DEFAULT
+
+
+def family_q(name: str, field: str = "model_config") -> Q:
+    """A filter on a checkpoint model_config JSON field (`field`, e.g.
+    "checkpoint__model_config" from an eval result) for the checkpoints of family `name`."""
+    q = Q(**{f"{field}__model": name})
+    if name == registry.DEFAULT:
+        q |= ~Q(**{f"{field}__has_key": "model"})
+    return q
+
+
+def _started_families(run_ids: Iterable[int]) -> dict[int, str]:
+    """{run id: the family its latest start event says it built} (base_train's derived
+    `model`, a fine-tune's derived model_config `model`), for the runs whose start says."""
+    rows = (
+        RunEvent.objects.filter(run_id__in=list(run_ids), type="start")
+        .annotate(m=KT("data__derived__model"), cm=KT("data__derived__model_config__model"))
+        .order_by("run_id", "seq")
+        .values_list("run_id", "m", "cm")
+    )
+    found: dict[int, str] = {}
+    for run_id, model, config_model in rows:  # later starts (a resume) win
+        name = model or config_model
+        if isinstance(name, str) and name:
+            found[run_id] = name
+    return found
+
+
+_UNKNOWN = object()
+
+
+def run_family(run: Run, started: Any = _UNKNOWN) -> str | None:
+    """The model family a run trains or evaluates; None for runs that make no model.
+
+    In order: what its start event says it built, what its config asks for (a base run's
+    `model`; a pipeline's, else its base preset's), the parent checkpoint's; GPT when none
+    says (runs from before families). `started` is `_started_families(...)`'s answer for the
+    run when the caller fetched it for many runs at once (None: no start event says)."""
+    if run.kind in NO_MODEL_KINDS:
+        return None
+    if started is _UNKNOWN:
+        started = _started_families([run.pk]).get(run.pk)
+    if started:
+        return started
+    config = run.config if isinstance(run.config, dict) else {}
+    name = config.get("model")
+    if not name and run.kind == Kind.PIPELINE:
+        name = _preset_family(config.get("base_preset"))
+    if isinstance(name, str) and name:
+        return name
+    if run.parent_checkpoint_id is not None:
+        return checkpoint_family(run.parent_checkpoint)
+    return registry.DEFAULT
+
+
+def _preset_family(preset: Any) -> str | None:
+    """The `model` a base_train preset sets (a pipeline with model '' uses its base preset's)."""
+    base = PROGRAMS.get("base")
+    if base is None or not isinstance(preset, str) or preset not in base.flags.presets():
+        return None
+    return base.flags.load_config_file(preset).get("model")
+
+
+def attach_families(runs: Iterable[Run]) -> list[Run]:
+    """The runs, each with `model_family` (a family name, None for runs that make no model)
+    and `model_label` (what a user reads, '' when none) set: one query for them all."""
+    runs = list(runs)
+    started = _started_families(run.pk for run in runs)
+    for run in runs:
+        run.model_family = run_family(run, started.get(run.pk))
+        run.model_label = family_label(run.model_family)
+    return runs
+
+
+# ---- training amounts (compare's x axes) ---------------------------------------------------
+
+
+@dataclass
+class TrainingScale:
+    """How far a step takes a run, from its start event's derived data: tokens per optimizer
+    step (total_batch_size) and training FLOPs per token; None where the run did not say."""
+
+    run_id: int
+    tokens_per_step: int | None = None
+    flops_per_token: float | None = None
+
+    @property
+    def flops_per_step(self) -> float | None:
+        if self.tokens_per_step is None or self.flops_per_token is None:
+            return None
+        return float(self.tokens_per_step) * self.flops_per_token
+
+    def tokens_at(self, step: int) -> int | None:
+        """Training tokens after `step` steps: step x total_batch_size."""
+        return None if self.tokens_per_step is None else step * self.tokens_per_step
+
+    def flops_at(self, step: int) -> float | None:
+        """Training FLOPs after `step` steps: tokens x FLOPs per token."""
+        tokens = self.tokens_at(step)
+        if tokens is None or self.flops_per_token is None:
+            return None
+        return tokens * self.flops_per_token
+
+
+def _positive(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def training_scales(runs: Iterable[Run]) -> dict[int, TrainingScale]:
+    """{run id: TrainingScale} from each run's latest start event (one query for them all)."""
+    runs = list(runs)
+    scales = {run.pk: TrainingScale(run.pk) for run in runs}
+    rows = (
+        RunEvent.objects.filter(run_id__in=list(scales), type="start")
+        .annotate(batch=KT("data__derived__total_batch_size"))
+        .annotate(flops=KT("data__derived__flops_per_token"))
+        .order_by("run_id", "seq")
+        .values_list("run_id", "batch", "flops")
+    )
+    for run_id, batch, flops in rows:
+        tokens, per_token = _positive(_number(batch)), _positive(_number(flops))
+        if tokens is not None:
+            scales[run_id].tokens_per_step = int(tokens)
+        if per_token is not None:
+            scales[run_id].flops_per_token = per_token
+    return scales
+
+
+def _number(text: Any) -> float | None:
+    """A KT() value (text in the database) as a number, None when it is not one."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return text
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None

@@ -14,7 +14,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from nanochat_site.limits import BoundedJSONDecoder
-from runs import artifacts, services
+from runs import artifacts, selectors, services
 from runs.models import (
     Checkpoint,
     Dataset,
@@ -130,20 +130,31 @@ class RunCreateSerializer(serializers.Serializer):
         return _object(value, "config")
 
 
+MODEL_HELP = "model family: " + ", ".join(f"{n} ({label})" for n, label in selectors.families())
+
+
 class RunSummarySerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", allow_null=True, read_only=True)
     dataset = RefSerializer(read_only=True, allow_null=True)
     tokenizer = RefSerializer(read_only=True, allow_null=True)
     url = serializers.HyperlinkedIdentityField(view_name="runs-api:run-detail")
+    model = serializers.SerializerMethodField(
+        help_text=f"{MODEL_HELP}; null for dataset and tokenizer runs"
+    )
 
     class Meta:
         model = Run
         fields = [
             "id", "url", "name", "kind", "preset", "status", "owner", "dataset", "tokenizer",
-            "step", "total_steps", "progress", "eta_seconds", "best_val_bpb", "error",
+            "model", "step", "total_steps", "progress", "eta_seconds", "best_val_bpb", "error",
             "created", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields
+
+    def get_model(self, run: Run) -> str | None:
+        if not hasattr(run, "model_family"):  # a list's page has them all set at once
+            selectors.attach_families([run])
+        return run.model_family
 
 
 class MemorySerializer(serializers.Serializer):
@@ -363,6 +374,9 @@ class TokenizerCreateSerializer(serializers.Serializer):
 
 class CheckpointFilterSerializer(serializers.Serializer):
     stage = serializers.ChoiceField(choices=Checkpoint.Stage.choices, required=False)
+    model = serializers.ChoiceField(
+        choices=[name for name, _ in selectors.families()], required=False, help_text=MODEL_HELP
+    )
     run = serializers.IntegerField(required=False)
     tokenizer = serializers.IntegerField(required=False)
 
@@ -370,13 +384,17 @@ class CheckpointFilterSerializer(serializers.Serializer):
 class CheckpointSerializer(serializers.ModelSerializer):
     tokenizer = RefSerializer(read_only=True, allow_null=True)
     depth = serializers.IntegerField(read_only=True, allow_null=True)
+    model = serializers.SerializerMethodField(help_text=MODEL_HELP)
 
     class Meta:
         model = Checkpoint
         fields = [
-            "id", "run", "tokenizer", "stage", "step", "path", "depth", "model_config",
+            "id", "run", "tokenizer", "stage", "step", "path", "model", "depth", "model_config",
             "val_bpb", "size_bytes", "created",
         ]  # fmt: skip
+
+    def get_model(self, checkpoint: Checkpoint) -> str:
+        return selectors.checkpoint_family(checkpoint)
 
 
 class EvalFilterSerializer(serializers.Serializer):

@@ -85,6 +85,10 @@ class RunViewSet(
         params = query(self.request, s.RunFilterSerializer)
         return selectors.filter_runs(runs, params, self.request.user)
 
+    def paginate_queryset(self, queryset):
+        page = super().paginate_queryset(queryset)
+        return None if page is None else selectors.attach_families(page)
+
     def _detail(self, run: Run, code: int = status.HTTP_200_OK) -> Response:
         run = self.get_queryset().get(pk=run.pk)
         return Response(s.RunDetailSerializer(run, context={"request": self.request}).data, code)
@@ -291,7 +295,10 @@ class CheckpointViewSet(viewsets.ReadOnlyModelViewSet):
     def get_queryset(self):
         checkpoints = super().get_queryset()
         if self.action == "list":
-            checkpoints = checkpoints.filter(**query(self.request, s.CheckpointFilterSerializer))
+            params = query(self.request, s.CheckpointFilterSerializer)
+            if "model" in params:
+                checkpoints = checkpoints.filter(selectors.family_q(params.pop("model")))
+            checkpoints = checkpoints.filter(**params)
         return checkpoints
 
     @extend_schema(

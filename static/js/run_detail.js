@@ -1,4 +1,5 @@
-// The run page, live: charts of the chosen metrics (step or time axis), progress and status,
+// The run page, live: charts of the chosen metrics (step or time axis) and of metric groups
+// (one line per member: expert load per layer), progress and status,
 // new checkpoints / samples / evals / report (panels refetched), and the log tail — all from
 // the run's websocket (/ws/runs/<id>/), with no page reload.
 import { MetricChart, fetchSeries } from "./charts.js";
@@ -7,8 +8,23 @@ const config = JSON.parse(document.getElementById("chart-config").textContent);
 const container = document.getElementById("charts");
 const picker = document.getElementById("metric-picker");
 const xAxis = document.getElementById("x-axis");
-const charts = new Map();
+const charts = new Map(); // picker value (a metric name or a group's title) -> chart
 let names = new Set(config.names);
+// {title, prefix, names}: metrics charted together, e.g. moe/load_max/l0, l1, … one line each.
+const groups = new Map(config.groups.map((g) => [g.title, g]));
+
+function groupOf(name) {
+  for (const group of groups.values()) {
+    const rest = name.slice(group.prefix.length);
+    if (name.startsWith(group.prefix) && /^\d+$/.test(rest)) return group;
+  }
+  return null;
+}
+
+function memberLabel(group, name) { return "layer " + name.slice(group.prefix.length); }
+
+// The metric names a chart draws, in line order.
+function membersOf(key) { return charts.get(key).members; }
 let active = config.active;
 
 function fmtDuration(seconds) {
@@ -23,14 +39,27 @@ function shownNames() {
   return [...picker.querySelectorAll("input:checked")].map((i) => i.value);
 }
 
+function newChart(key) {
+  const group = groups.get(key);
+  const members = group ? [...group.names] : [key];
+  const lines = group ? members.map((n) => ({ label: memberLabel(group, n) })) : [{ label: key }];
+  const chart = new MetricChart(container, key, lines, xAxis.value);
+  chart.members = members;
+  charts.set(key, chart);
+}
+
 async function addCharts(list) {
   const wanted = list.filter((n) => !charts.has(n));
   if (!wanted.length) return;
-  wanted.forEach((name) => charts.set(name, new MetricChart(container, name, [{ label: name }], xAxis.value)));
+  wanted.forEach(newChart);
   charts.forEach((chart) => chart.resize()); // widths once every chart has its grid cell
   document.getElementById("charts-empty").hidden = true;
-  const series = await fetchSeries(config.metrics_url, wanted, config.max_points);
-  wanted.forEach((name) => { if (series[name] && charts.has(name)) charts.get(name).set(0, series[name]); });
+  const needed = wanted.flatMap((key) => charts.get(key).members);
+  const series = await fetchSeries(config.metrics_url, needed, config.max_points);
+  wanted.forEach((key) => {
+    if (!charts.has(key)) return;
+    membersOf(key).forEach((name, i) => { if (series[name]) charts.get(key).set(i, series[name]); });
+  });
 }
 
 function syncCharts() {
@@ -39,18 +68,42 @@ function syncCharts() {
   addCharts(shown);
 }
 
-function addMetricName(name) {
-  if (names.has(name)) return;
-  names.add(name);
+function addPickerEntry(value, checked) {
   const label = document.createElement("label");
   label.className = "check";
   const input = document.createElement("input");
-  input.type = "checkbox"; input.value = name;
-  // A run's first metrics are shown as they appear, up to the usual number of charts.
-  input.checked = charts.size < 5;
-  label.append(input, " " + name);
+  input.type = "checkbox"; input.value = value; input.checked = checked;
+  label.append(input, " " + value);
   picker.appendChild(label);
-  if (input.checked) addCharts([name]);
+  if (checked) addCharts([value]);
+}
+
+function addMetricName(name) {
+  if (names.has(name)) return;
+  names.add(name);
+  const group = groupOf(name);
+  if (!group) {
+    // A run's first metrics are shown as they appear, up to the usual number of charts.
+    addPickerEntry(name, charts.size < 5);
+    return;
+  }
+  const first = group.names.length === 0;
+  group.names.push(name);
+  if (first) addPickerEntry(group.title, true); // a group is shown from its first member on
+  else if (charts.has(group.title)) {
+    const chart = charts.get(group.title);
+    chart.members.push(name);
+    chart.addLine({ label: memberLabel(group, name) });
+  }
+}
+
+// Where a metric's live points go: [chart, line index], or null when it is not shown.
+function lineOf(name) {
+  const group = groupOf(name);
+  const chart = charts.get(group ? group.title : name);
+  if (!chart) return null;
+  const i = chart.members.indexOf(name);
+  return i < 0 ? null : [chart, i];
 }
 
 function showRun(run) {
@@ -98,7 +151,8 @@ function onFrame(msg) {
   if (msg.run) showRun(msg.run);
   for (const [name, rows] of Object.entries(msg.metrics || {})) {
     addMetricName(name);
-    if (charts.has(name)) charts.get(name).append(0, rows);
+    const line = lineOf(name);
+    if (line) line[0].append(line[1], rows);
   }
   if ((msg.events || []).some((e) => PANEL_EVENTS.has(e.type)) || msg.refetch) refreshPanels();
 }
@@ -111,7 +165,10 @@ function connect() {
     retry = 1000;
     document.body.dataset.runSocket = "open";
     // Points that arrived while disconnected: refetch what is shown (duplicates are skipped).
-    for (const [name, chart] of charts) fetchSeries(config.metrics_url, [name], config.max_points).then((s) => s[name] && chart.set(0, s[name]));
+    for (const chart of charts.values()) {
+      fetchSeries(config.metrics_url, chart.members, config.max_points)
+        .then((s) => chart.members.forEach((name, i) => { if (s[name]) chart.set(i, s[name]); }));
+    }
   };
   socket.onmessage = (event) => onFrame(JSON.parse(event.data));
   socket.onclose = () => {
