@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 
-from runs import services
+from runs import selectors, services
 from runs.files import SERVED_FILES
 from runs.models import (
     Checkpoint,
@@ -228,7 +228,7 @@ class RunAdmin(admin.ModelAdmin):
     the admin's list of every metric point it would cascade to.
     """
 
-    list_display = ("id", "__str__", "kind", "status", "owner", "progress_pct", "steps",
+    list_display = ("id", "__str__", "kind", "family", "status", "owner", "progress_pct", "steps",
                     "best_bpb", "duration", "created")  # fmt: skip
     list_display_links = ("id", "__str__")
     list_filter = (
@@ -276,6 +276,10 @@ class RunAdmin(admin.ModelAdmin):
         if search_term.strip().isdigit():
             found |= queryset.filter(pk=int(search_term.strip()))
         return found, may_have_duplicates
+
+    @admin.display(description="model")
+    def family(self, obj: Run) -> str:
+        return selectors.family_label(selectors.run_family(obj)) or "-"
 
     @admin.display(description="progress", ordering="progress")
     def progress_pct(self, obj: Run) -> str:
@@ -340,8 +344,8 @@ class RunAdmin(admin.ModelAdmin):
 class CheckpointAdmin(admin.ModelAdmin):
     """Checkpoints are recorded from a run's checkpoint events; their files stay where saved."""
 
-    list_display = ("__str__", "stage", "run_ref", "step", "val", "depth", "size", "tokenizer",
-                    "created")  # fmt: skip
+    list_display = ("__str__", "stage", "family", "run_ref", "step", "val", "depth", "size",
+                    "tokenizer", "created")  # fmt: skip
     list_filter = ("stage",)
     search_fields = ("path", "run__name", "tokenizer__name")
     list_select_related = ("tokenizer",)
@@ -357,6 +361,10 @@ class CheckpointAdmin(admin.ModelAdmin):
     @admin.display(description="run", ordering="run")
     def run_ref(self, obj: Checkpoint) -> str:
         return run_link(obj.run_id)
+
+    @admin.display(description="model")
+    def family(self, obj: Checkpoint) -> str:
+        return selectors.family_label(selectors.checkpoint_family(obj))
 
     @admin.display(description="val bpb", ordering="val_bpb")
     def val(self, obj: Checkpoint) -> str:

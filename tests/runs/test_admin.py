@@ -104,6 +104,18 @@ def test_run_list_shows_summary_columns(staff_client, data):
     assert "1h 02m" in html
 
 
+def test_run_and_checkpoint_lists_show_the_model_family(staff_client, data):
+    checkpoint = data[Checkpoint]
+    # A checkpoint from before families (no `model` in its config) is a nanochat GPT.
+    assert "nanochat GPT" in staff_client.get(changelist(Checkpoint)).content.decode()
+    checkpoint.model_config = {**(checkpoint.model_config or {}), "model": "hybrid"}
+    checkpoint.save(update_fields=["model_config"])
+    assert "Hybrid (Qwen3-Next)" in staff_client.get(changelist(Checkpoint)).content.decode()
+    data[Run].config = {**data[Run].config, "model": "gpt2"}
+    data[Run].save(update_fields=["config"])
+    assert "GPT-2" in staff_client.get(changelist(Run)).content.decode()
+
+
 def test_run_page_links_its_files_and_rows(staff_client, data):
     run = data[Run]
     html = staff_client.get(change(run)).content.decode()
