@@ -4,6 +4,7 @@
         --threads 2 --device cpu
     python -m engine.bench --checkpoint ~/.cache/nanochat/sft_checkpoints/d20 --json
     python -m engine.bench --depth 20 --device cuda:0 --samples 8 --cuda-graphs   # eager vs graphs
+    python -m engine.bench --model hybrid --depth 4 --vocab 4096 --device cpu   # another family
 
 Without a checkpoint the model has random weights: speed depends on shapes, not values. Rows run
 through `engine.engine.Batch` without a tokenizer, so they never stop early and every run
@@ -31,7 +32,8 @@ import torch
 
 from engine.common import autocast
 from engine.engine import Batch, SamplingParams, resolve_device
-from engine.models.gpt import GPT, GPTConfig
+from engine.models import registry
+from engine.models.base import LanguageModel
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,15 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("model (a checkpoint, or a random one of this shape)")
     source.add_argument("--checkpoint", help="checkpoint directory (model_*.pt + meta_*.json)")
     source.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    source.add_argument(
+        "--model",
+        choices=registry.NAMES,
+        default=registry.DEFAULT,
+        help="family of the random model (a checkpoint names its own)",
+    )
     source.add_argument("--depth", type=int, default=4)
     source.add_argument("--head-dim", type=int, default=64)
     source.add_argument(
         "--n-embd", type=int, default=None, help="model width (default depth * 64, whole heads)"
     )
-    source.add_argument("--n-kv-head", type=int, default=None, help="default: n_head (no GQA)")
+    source.add_argument(
+        "--n-kv-head", type=int, default=None, help="default: n_head (no GQA; hybrid: its own)"
+    )
     source.add_argument("--vocab", type=int, default=4096)
     source.add_argument("--sequence-len", type=int, default=256)
-    source.add_argument("--window-pattern", default="SSSL")
+    source.add_argument("--window-pattern", default="SSSL", help="GPT only")
     run = parser.add_argument_group("measurement")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run.add_argument("--prompt-len", type=int, default=64)
@@ -78,43 +88,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> GPT:
+def build_model(args: argparse.Namespace, device: torch.device) -> LanguageModel:
+    """The checkpoint's model, or a random one of the family --model configured as base_train
+    configures it from the same flags: width depth x 64 unless --n-embd, whole heads of
+    --head-dim (--window-pattern and --n-kv-head where the family has them)."""
     if args.checkpoint:
         from engine.checkpoint import load_model
 
         model, _ = load_model(args.checkpoint, args.step, device=device)
         return model
-    if args.n_embd is None:
-        config = GPTConfig.from_depth(
-            args.depth,
-            vocab_size=args.vocab,
-            sequence_len=args.sequence_len,
-            head_dim=args.head_dim,
-            n_kv_head=args.n_kv_head,
-            window_pattern=args.window_pattern,
-        )
-    else:
+    if args.n_embd is not None:
         if args.n_embd % args.head_dim != 0:
             raise ValueError(
                 f"--n-embd {args.n_embd} must be a multiple of --head-dim {args.head_dim}"
             )
-        n_head = args.n_embd // args.head_dim
-        config = GPTConfig(
-            sequence_len=args.sequence_len,
-            vocab_size=args.vocab,
-            n_layer=args.depth,
-            n_head=n_head,
-            n_kv_head=n_head if args.n_kv_head is None else args.n_kv_head,
-            n_embd=args.n_embd,
-            window_pattern=args.window_pattern,
-        )
+        if args.n_embd % args.depth != 0:
+            raise ValueError(
+                f"--n-embd {args.n_embd} must be a multiple of --depth {args.depth} (the width "
+                f"is depth x aspect ratio)"
+            )
+    flags = {
+        "depth": args.depth,
+        "aspect_ratio": 64 if args.n_embd is None else args.n_embd // args.depth,
+        "head_dim": args.head_dim,
+        "max_seq_len": args.sequence_len,
+        "window_pattern": args.window_pattern,
+        "n_kv_head": -1 if args.n_kv_head is None else args.n_kv_head,
+    }
+    family = registry.family(getattr(args, "model", registry.DEFAULT))
+    config = family.config_from_flags(flags, args.vocab)
     torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = GPT(config)
-    return model.eval()
+    return registry.build_model(config, device).eval()
 
 
-def measure_prefill(model: GPT, prompt: list[int]) -> float:
+def measure_prefill(model: LanguageModel, prompt: list[int]) -> float:
     """Seconds for one forward of the whole prompt into an empty single-row cache."""
     device = model.get_device()
     cache = model.new_cache(1, len(prompt))
@@ -128,7 +135,7 @@ def measure_prefill(model: GPT, prompt: list[int]) -> float:
 
 
 def measure_decode(
-    model: GPT,
+    model: LanguageModel,
     prompt: list[int],
     gen: int,
     samples: int,
@@ -215,13 +222,23 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def describe_config(config: dict) -> str:
+    """'GPT-2, 2 layers, n_embd 64, 2 heads, ...': what every family's config has."""
+    heads = f"{config['n_head']} heads"
+    if "n_kv_head" in config:
+        heads += f" ({config['n_kv_head']} kv)"
+    label = registry.family_of(config).label
+    return (
+        f"{label}, {config['n_layer']} layers, n_embd {config['n_embd']}, {heads}, "
+        f"vocab {config['vocab_size']}, context {config['sequence_len']}"
+    )
+
+
 def format_report(result: dict) -> str:
     config = result["config"]
     return "\n".join(
         [
-            f"model: {config['n_layer']} layers, n_embd {config['n_embd']}, "
-            f"{config['n_head']} heads ({config['n_kv_head']} kv), vocab {config['vocab_size']}, "
-            f"context {config['sequence_len']}; device {result['device']}, "
+            f"model: {describe_config(config)}; device {result['device']}, "
             f"{result['threads']} threads; temperature {result['temperature']}, "
             f"top-k {result['top_k']}; median of {result['repeats']}",
             f"prefill: {result['prefill_tok_per_s']:.1f} tok/s "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from training.flags import (
 from training.loop import format_duration
 from training.loss_eval import evaluate_bpb
 from training.program import cancel_on_sigterm, program_main
-from training.report import write_section
+from training.report import model_lines, write_section
 from training.runtime import Runtime, runtime_flags
 
 FLAGS = FlagSet(
@@ -170,13 +171,16 @@ def report_markdown(
     bpb: dict[str, float],
     notes: list[str],
     samples: list[tuple[str, str]],
+    model: Sequence[str] = (),
 ) -> str:
+    """The section; `model`: lines describing the model (training.report.model_lines)."""
     by_label = {t.label: t for t in tasks}
     lines = [
         f"## {REPORT_TITLE}",
         f"timestamp: {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "",
         f"- checkpoint: {directory} (step {step})",
+        *model,
         f"- CORE bundle: {'offline (shipped)' if bundle == SHIPPED_BUNDLE else bundle} "
         f"({len(tasks)} tasks)",
     ]
@@ -212,7 +216,8 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
         program="base_eval", step=step, checkpoint=str(directory), bundle=str(bundle),
         tasks=[t.label for t in tasks],
     )  # fmt: skip
-    runtime.print(f"checkpoint {directory} step {step}: {model.config.n_layer} layers, "
+    described = model_lines(model.config.to_dict(), model.num_scaling_params())
+    runtime.print(f"checkpoint {directory} step {step}: {described[0].removeprefix('- model: ')}, "
                   f"vocab {tokenizer.vocab_size:,}; CORE bundle {bundle}")  # fmt: skip
 
     notes: list[str] = []
@@ -241,7 +246,8 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
             runtime.print(f"sample: {prompt!r} -> {completion!r}")
             events.sample(step, prompt, completion)
 
-    markdown = report_markdown(directory, step, bundle, tasks, core, bpb, notes, samples)
+    markdown = report_markdown(directory, step, bundle, tasks, core, bpb, notes, samples,
+                               model=described)  # fmt: skip
     events.report(REPORT_TITLE, markdown)
     if runtime.master:
         write_section(config["report_dir"], REPORT_KEY, markdown, summary={"CORE": core.core},

@@ -43,7 +43,7 @@ from training.flags import (
     output_flags,
 )
 from training.program import cancel_on_sigterm, program_main
-from training.report import write_section
+from training.report import model_lines, write_section
 from training.runtime import Runtime, runtime_flags
 from training.tasks.gsm8k import extract_answer
 from training.tasks.humaneval import HumanEval
@@ -417,11 +417,18 @@ def parse_tasks(spec: str) -> list[str]:
 
 
 def report_markdown(
-    column: str, checkpoint: str, step: int, results: Sequence[TaskResult], score: float | None
+    column: str,
+    checkpoint: str,
+    step: int,
+    results: Sequence[TaskResult],
+    score: float | None,
+    model: Sequence[str] = (),
 ) -> str:
+    """The section; `model`: lines describing the model (training.report.model_lines)."""
     lines = [
         f"## Chat evaluation ({column})",
         f"- checkpoint: {checkpoint} (step {step})",
+        *model,
         "",
         "| Task | Accuracy | Correct | Problems | Format |",
         "|---|---|---|---|---|",
@@ -503,7 +510,8 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
     else:
         runtime.print("ChatCORE: not computed (needs all six chat tasks)")
     events.eval(step, values)
-    markdown = report_markdown(column, str(directory), step, results, score)
+    markdown = report_markdown(column, str(directory), step, results, score,
+                               model=model_lines(derived["model_config"]))  # fmt: skip
     summary = {SUMMARY_NAMES[n]: a for n, a in accuracies.items() if n in SUMMARY_NAMES}
     if score is not None:
         summary["ChatCORE"] = score

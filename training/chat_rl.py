@@ -58,16 +58,17 @@ from training.flags import (
     format_config,
     output_flags,
 )
-from training.loop import due, format_duration, save_training_checkpoint
+from training.loop import due, format_duration, model_metrics, save_training_checkpoint
 from training.optim import (
     MAX_LR_FRAC,
     MAX_WEIGHT_DECAY,
-    build_optimizer,
+    build_for,
     lr_flags,
+    recipe_flags,
     set_schedule,
 )
 from training.program import cancel_on_sigterm, program_main
-from training.report import write_section
+from training.report import model_lines, write_section
 from training.runtime import Runtime, runtime_flags
 from training.tasks.registry import build_task
 
@@ -143,6 +144,7 @@ FLAGS = FlagSet(
             max=MAX_ROWS,
         ),
         # optimization
+        *recipe_flags(),
         *lr_flags(embedding_lr=0.2),
         Flag("weight_decay", float, 0.0, "Muon cautious weight decay", min=0, max=MAX_WEIGHT_DECAY),
         Flag(
@@ -390,16 +392,17 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
     total = plan_steps(config, len(train_task), runtime.world_size)
     per_rank = config["examples_per_step"] // runtime.world_size
 
-    optimizer = build_optimizer(
-        model, embedding_lr=config["embedding_lr"], unembedding_lr=config["unembedding_lr"],
-        matrix_lr=config["matrix_lr"], scalar_lr=config["scalar_lr"],
-        weight_decay=config["weight_decay"], lr_scale=config["init_lr_frac"],
-    )  # fmt: skip
-    matrix_group = next((g for g in optimizer.param_groups if g["kind"] == "muon"), None)
+    # The recipe the model was trained with (--optimizer): any family's parameter groups.
+    optimizer = build_for(model, config, weight_decay=config["weight_decay"],
+                          lr_scale=config["init_lr_frac"])  # fmt: skip
+    # The LR logged: the matrices' (Muon's), else the first group's (the adamw recipe).
+    lr_group = next((g for g in optimizer.param_groups if g["kind"] == "muon"),
+                    optimizer.param_groups[0])  # fmt: skip
     if runtime.master:
         save_tokenizer_copy(tokenizer, paths["checkpoint_dir"])
     derived = {
         "model_config": model.config.to_dict(),
+        "parameters": model.num_scaling_params(),
         "source_step": source_meta.get("step"),
         "num_iterations": total,
         "train_examples": len(train_task),
@@ -498,13 +501,15 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         values = {
             "train/reward": mean_reward,
             "train/loss": loss_sum.item() / runtime.world_size,
-            "train/lr": (matrix_group["initial_lr"] * lr_mult) if matrix_group else lr_mult,
+            "train/lr": lr_group["initial_lr"] * lr_mult,
             "train/lr_mult": lr_mult,
             "train/seq_len": generated / max(count, 1),
             "train/informative_frac": informative / max(count, 1),
             "train/step_ms": dt * 1000,
             "train/progress": step / total,
         }
+        if informative > 0:  # the family's own values (a MoE's load) of this step's update
+            values.update(model_metrics(model, optimizer))
         events.metrics(step, values)
         if step % config["log_every"] == 0 or step == total:
             runtime.print(
@@ -522,17 +527,23 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         "wall_time_sec": time.time() - started,
     }
     runtime.print(f"done: {total} steps in {format_duration(summary['wall_time_sec'])}")
-    markdown = report_markdown(config, paths, summary)
+    markdown = report_markdown(config, paths, summary, derived)
     events.report("Chat RL", markdown)
     if runtime.master:
         write_section(config["report_dir"] or None, "chat_rl", markdown)
     return summary
 
 
-def report_markdown(config: Mapping[str, Any], paths: Mapping[str, Path], summary: dict) -> str:
+def report_markdown(
+    config: Mapping[str, Any],
+    paths: Mapping[str, Path],
+    summary: dict,
+    derived: Mapping[str, Any] | None = None,
+) -> str:
     lines = [
         "## Chat RL",
         f"- source: {paths['source_dir']}",
+        *(model_lines(derived["model_config"], derived.get("parameters")) if derived else []),
         f"- task: {config['task']} ({config['task_source']})",
         f"- steps: {summary['steps']}, {config['examples_per_step']} examples x "
         f"{config['num_samples']} samples per step",

@@ -1,4 +1,4 @@
-"""Fine-tuning a trained GPT on conversations: the loop mid-training and SFT share.
+"""Fine-tuning a trained model (any family) on conversations: the loop mid-training and SFT share.
 
 Both stages start from a saved checkpoint rather than from random weights, read conversations
 from a task mixture instead of text shards, and differ only in how they turn conversations
@@ -23,7 +23,9 @@ report section and the events.
 Loss normalisation: a masked batch holds a varying number of supervised tokens, so each
 micro-batch's summed loss is divided by the number of supervised tokens of the whole step
 (every micro-batch of every rank). The gradient is then that of the mean loss per supervised
-token of the step, however the tokens happen to fall into micro-batches and ranks.
+token of the step, however the tokens happen to fall into micro-batches and ranks. (The summed
+loss is taken as the micro-batch's mean times its supervised tokens, so that an auxiliary loss
+a family adds in training -- the hybrid's MoE load balancing -- counts per token too.)
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from training.loop import (
     StepReporter,
     due,
     format_duration,
+    model_metrics,
     resource_lines,
     save_training_checkpoint,
     timing_summary,
@@ -86,7 +89,7 @@ from training.optim import (
     recipe_flags,
     set_schedule,
 )
-from training.report import write_section
+from training.report import model_lines, write_section
 from training.runtime import Runtime, maybe_compile, runtime_flags
 from training.scaling import MAX_BATCH_TOKENS, lr_multiplier, muon_momentum
 from training.tasks.registry import parse_mixture
@@ -782,7 +785,8 @@ def run_finetune(
     model_tag, checkpoint_dir = resolve_output(config, stage.checkpoints, source.checkpoint_dir)
 
     frac = config["init_lr_frac"]
-    lrs = {name: config[name] * frac for name in LR_NAMES}
+    # Every LR of the recipe the flags pick, Muon's groups' or the adamw recipe's, times frac.
+    lrs = {name: config[name] * frac for name in (*LR_NAMES, "adamw_lr")}
     optimizer = build_for(model, {**config, **lrs}, weight_decay=config["weight_decay"])
     muon = config["optimizer"] == "muon"
     if runtime.master:
@@ -872,8 +876,12 @@ def run_finetune(
         scale = runtime.world_size / max(step_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
         for inputs, targets, progress in micro:
+            # The mean times the micro-batch's supervised tokens is their summed loss, plus any
+            # auxiliary loss the family adds when training (a MoE's load balancing, which the
+            # 'sum' reduction leaves out) weighted by those tokens, as each token's mean is.
+            supervised = (targets >= 0).sum()
             with runtime.autocast():
-                loss = train_model(inputs, targets, loss_reduction="sum")
+                loss = train_model(inputs, targets) * supervised
             loss_sum += loss.detach().double()
             (loss * scale).backward()
             if progress.get("epochs") is not None:
@@ -886,9 +894,10 @@ def run_finetune(
         trained_tokens += int(step_tokens)
         mean_loss = runtime.all_reduce_sum(loss_sum).item() / max(step_tokens, 1.0)
         values = reporter.end_step(state, mean_loss, lr_mult)
-        values["train/lr"] = lrs["matrix_lr"] * lr_mult
+        values["train/lr"] = lrs["matrix_lr" if muon else "adamw_lr"] * lr_mult
         values["train/trained_tokens"] = step_tokens
         values["train/epoch"] = epochs_done
+        values.update(model_metrics(model, optimizer))
         events.metrics(state.step, values)
         if state.step % config["log_every"] == 0 or state.step == total:
             runtime.print(reporter.format(state, values) + f" | epoch {epochs_done:.2f}")
@@ -924,6 +933,7 @@ def report_markdown(
     lines = [
         f"## {stage.title}",
         f"- source: {source['stage']} checkpoint {source['checkpoint_dir']} (step {source['step']})",
+        *model_lines(derived["model_config"], derived.get("parameters")),
         f"- mixture: {config['mixture']} ({derived['train_conversations']:,} conversations)",
         f"- trained on: {what}",
         f"- steps: {summary['steps']} ({derived['horizon_source']}), batch "

@@ -558,8 +558,8 @@ def build_optimizer(
 
     GPT's groups get the LRs below; the other families (whose `param_groups` use the shared
     names of engine/models/base.py) get the same rule by kind: Muon for `matrices`, AdamW at
-    embedding_lr / unembedding_lr for `embeddings` / `lm_head`, and scalar_lr x
-    VECTOR_LR_FRACTION for `vectors` (norm gains, biases, gates: there are many of them, unlike
+    embedding_lr / unembedding_lr for `embeddings` / `lm_head` (a tied head: the smaller of
+    the two for the shared table), and scalar_lr x VECTOR_LR_FRACTION for `vectors` (norm gains, biases, gates: there are many of them, unlike
     GPT's two scalar vectors, and a full scalar LR on a norm gain diverges).
 
     lr_scale multiplies every LR (the sqrt(B / B_ref) batch-size scaling). The AdamW LRs of
@@ -646,8 +646,12 @@ def _build_generic_muon(
     max_grad_norm: float | None,
 ) -> MuonAdamW:
     adam_lr = lr_scale * (model.config.n_embd / ADAM_REFERENCE_WIDTH) ** -0.5
+    # A tied head (GPT-2: the token embedding is also the output layer, lm_head is empty) takes
+    # the smaller of the two LRs: the embedding LR moves every logit at once and diverges.
+    tied = not by_kind["lm_head"]
+    embeddings_lr = min(embedding_lr, unembedding_lr) if tied else embedding_lr
     groups = [
-        {"name": "embeddings", "params": by_kind["embeddings"], "lr": embedding_lr * adam_lr},
+        {"name": "embeddings", "params": by_kind["embeddings"], "lr": embeddings_lr * adam_lr},
         {"name": "lm_head", "params": by_kind["lm_head"], "lr": unembedding_lr * adam_lr},
         {"name": "vectors", "params": by_kind["vectors"],
          "lr": scalar_lr * VECTOR_LR_FRACTION * lr_scale},

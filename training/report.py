@@ -142,6 +142,31 @@ def write_section(
     return path
 
 
+def model_lines(
+    model_config: Mapping[str, Any], parameters: Mapping[str, int] | None = None
+) -> list[str]:
+    """Report lines describing a model: its family and shape, and its parameters by group.
+
+    `model_config` is a checkpoint's config dict (no `model` key: a GPT's); `parameters` is
+    `num_scaling_params()` ({group: count, ..., "total": n}), left out when None."""
+    from engine.models.registry import family_of
+
+    try:
+        label = family_of(model_config).label
+    except ValueError:
+        label = str(model_config.get("model"))
+    parts = (("n_layer", "{} layers"), ("n_embd", "width {}"), ("n_head", "{} heads"),
+             ("sequence_len", "context {}"))  # fmt: skip
+    shape = [text.format(model_config[key]) for key, text in parts if key in model_config]
+    lines = [f"- model: {label}" + (f" ({', '.join(shape)})" if shape else "")]
+    if parameters and "total" in parameters:
+        groups = ", ".join(
+            f"{name} {count:,}" for name, count in parameters.items() if name != "total" and count
+        )
+        lines.append(f"- parameters: {parameters['total']:,}" + (f" ({groups})" if groups else ""))
+    return lines
+
+
 def _number(value: Any) -> float | None:
     if value is None:
         return None
