@@ -922,7 +922,6 @@ def profile_nanochat(path: str, config: GPTConfig, dtype: torch.dtype | str = "b
 # ---- the command line -----------------------------------------------------------------------
 
 
-
 def preset_model(
     preset: str | None, vocab_size: int, overrides: dict | None = None
 ) -> tuple[Any, int]:
