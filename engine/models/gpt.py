@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from engine.attention import attention
 from engine.common import compute_dtype
-from engine.fused_loss import softcap_linear_cross_entropy
 from engine.kv_cache import KVCache as KVCacheRows
+from engine.models.heads import check_forward_args, generate_naive, head_output
 
 ROTARY_BASE = 10_000
 # The rotary table covers 10x the training context so generation can run past it.
@@ -47,14 +47,10 @@ ROTARY_LENGTH_FACTOR = 10
 # Padding the lm_head's output dimension to a multiple of 64 keeps its matmul on fast tile sizes.
 VOCAB_PAD_MULTIPLE = 64
 LOGIT_SOFTCAP = 15.0
-# fp32 logits per chunk when evaluation computes per-token losses (`GPT._token_losses`):
-# 2048 tokens of an 8k vocabulary, 256 of a 64k one.
-EVAL_LOGITS_CHUNK_BYTES = 64 * 2**20
 # The value-embedding gate reads only the first 32 channels of the attention input.
 VE_GATE_CHANNELS = 32
 X0_LAMBDA_INIT = 0.1
 LossReduction = Literal["mean", "none", "sum"]
-_LOSS_REDUCTIONS = ("mean", "none", "sum")
 _CONFIG_INTS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
 
 
@@ -648,18 +644,7 @@ class GPT(nn.Module):
         Targets equal to -1 are ignored. loss_reduction 'none' returns a (B, T) loss.
         With `kv_cache`, idx holds the next T tokens of every row (see `KVCache`).
         """
-        if idx.dim() != 2 or idx.is_floating_point():
-            raise ValueError(
-                f"idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}"
-            )
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(
-                f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
-            )
-        if loss_reduction not in _LOSS_REDUCTIONS:
-            raise ValueError(
-                f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}"
-            )
+        check_forward_args(idx, targets, loss_reduction)
         batch, seq = idx.shape
         cos2, sin2 = rotary_halves(*self._rotary_angles(seq, kv_cache))
         x = rms_norm(self.transformer.wte(idx))
@@ -670,36 +655,10 @@ class GPT(nn.Module):
             x = block(x, ve, cos2, sin2, self.window_sizes[i], kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        x = rms_norm(x)
-        if targets is not None and loss_reduction != "none" and torch.is_grad_enabled():
-            # Training: head + cap + loss fused and chunked (see engine/fused_loss.py).
-            device_type = x.device.type
-            dtype = (
-                torch.get_autocast_dtype(device_type)
-                if torch.is_autocast_enabled(device_type)
-                else x.dtype
-            )
-            return softcap_linear_cross_entropy(
-                x.reshape(-1, x.size(-1)),
-                self.lm_head.weight,
-                targets.reshape(-1),
-                vocab_size=self.config.vocab_size,
-                softcap=LOGIT_SOFTCAP,
-                reduction=loss_reduction,
-                compute_dtype=dtype,
-            )
-        if targets is not None and loss_reduction == "none" and not torch.is_grad_enabled():
-            return self._token_losses(x, targets)
-        logits = self._capped_logits(x)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=-1,
-            reduction=loss_reduction,
-        )
-        return loss.view(batch, seq) if loss_reduction == "none" else loss
+        return head_output(
+            rms_norm(x), targets, loss_reduction, weight=self.lm_head.weight,
+            vocab_size=self.config.vocab_size, softcap=LOGIT_SOFTCAP, logits=self._capped_logits,
+        )  # fmt: skip
 
     def _capped_logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the real vocabulary, soft-capped at ±LOGIT_SOFTCAP."""
@@ -709,27 +668,6 @@ class GPT(nn.Module):
         # Without autograd the cap runs in place: out of place it would hold three copies of
         # the largest tensor evaluation makes; the numbers are the same.
         return logits.div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)
-
-    def _token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token loss (B, T) without autograd, a few rows of logits at a time.
-
-        Evaluation needs only the loss of each token, so its (B, T, vocab) fp32 logits -- 128
-        MiB for a CPU demo batch, 17 GB for a d20 one -- never exist at once. Each row's loss
-        is the same number either way, up to how a matmul over fewer rows rounds (last bits).
-        """
-        batch, seq = targets.shape
-        hidden, flat_targets = x.reshape(batch * seq, -1), targets.reshape(-1)
-        losses = torch.empty(flat_targets.shape, dtype=torch.float32, device=x.device)
-        step = max(1, EVAL_LOGITS_CHUNK_BYTES // (4 * self.config.vocab_size))
-        for start in range(0, flat_targets.numel(), step):
-            rows = slice(start, start + step)
-            losses[rows] = F.cross_entropy(
-                self._capped_logits(hidden[rows]),
-                flat_targets[rows],
-                ignore_index=-1,
-                reduction="none",
-            )
-        return losses.view(batch, seq)
 
     def _rotary_angles(
         self, seq: int, kv_cache: KVCache | None
@@ -747,7 +685,6 @@ class GPT(nn.Module):
         positions = kv_cache.lengths[:, None] + torch.arange(seq, device=kv_cache.lengths.device)
         return self.rotary_cos[positions][:, :, None], self.rotary_sin[positions][:, :, None]
 
-    @torch.inference_mode()
     def generate_naive(
         self,
         tokens: Sequence[int],
@@ -760,34 +697,7 @@ class GPT(nn.Module):
 
         Slow on purpose: the ground truth the cached engine must reproduce (SPEC §9).
         """
-        if not tokens:
-            raise ValueError("generate_naive needs at least one prompt token")
-        device = self.get_device()
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-        rng = torch.Generator(device=device).manual_seed(seed)
-        for _ in range(max_tokens):
-            logits = self.forward(ids)[:, -1, :]
-            next_id = sample_next_token(logits, rng, temperature, top_k)
-            ids = torch.cat((ids, next_id), dim=1)
-            yield int(next_id.item())
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    rng: torch.Generator,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-) -> torch.Tensor:
-    """(B, V) logits -> (B, 1) token ids: argmax at temperature 0, else sampled (top-k optional)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be positive or None, got {top_k}")
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    if top_k is not None:
-        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        probs = F.softmax(values / temperature, dim=-1)
-        return indices.gather(-1, torch.multinomial(probs, 1, generator=rng))
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng)
+        return generate_naive(
+            lambda ids: self.forward(ids)[:, -1, :], self.get_device(), tokens, max_tokens,
+            temperature, top_k, seed,
+        )  # fmt: skip

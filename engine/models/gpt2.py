@@ -44,16 +44,12 @@ import torch.nn.functional as F
 
 from engine.attention import attention
 from engine.common import compute_dtype
-from engine.fused_loss import softcap_linear_cross_entropy
 from engine.kv_cache import KVCache
 from engine.models.base import Family
-from engine.models.gpt import LossReduction, sample_next_token
+from engine.models.gpt import LossReduction
+from engine.models.heads import check_forward_args, generate_naive, head_output
 
 INIT_STD = 0.02
-# fp32 logits per chunk when evaluation computes per-token losses (as GPT._token_losses):
-# 256 tokens of GPT-2's 50k vocabulary.
-EVAL_LOGITS_CHUNK_BYTES = 64 * 2**20
-_LOSS_REDUCTIONS = ("mean", "none", "sum")
 _CONFIG_INTS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_embd", "d_ff")
 # Bytes of one saved LayerNorm's per-token statistics (fp32 mean and rstd).
 _LN_STATS_BYTES = 8
@@ -408,18 +404,7 @@ class GPT2(nn.Module):
         loss_reduction: str,
         dropout: float,
     ) -> torch.Tensor:
-        if idx.dim() != 2 or idx.is_floating_point():
-            raise ValueError(
-                f"idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}"
-            )
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(
-                f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
-            )
-        if loss_reduction not in _LOSS_REDUCTIONS:
-            raise ValueError(
-                f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}"
-            )
+        check_forward_args(idx, targets, loss_reduction)
         batch, seq = idx.shape
         x = self.transformer.wte(idx) + self.transformer.wpe(self._positions(seq, kv_cache))
         x = _dropout(x, dropout)
@@ -427,36 +412,10 @@ class GPT2(nn.Module):
             x = block(x, kv_cache, dropout)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        x = self.transformer.ln_f(x)
-        if targets is not None and loss_reduction != "none" and torch.is_grad_enabled():
-            # Training: head + loss fused and chunked (engine/fused_loss.py), no logits kept.
-            device_type = x.device.type
-            dtype = (
-                torch.get_autocast_dtype(device_type)
-                if torch.is_autocast_enabled(device_type)
-                else x.dtype
-            )
-            return softcap_linear_cross_entropy(
-                x.reshape(-1, x.size(-1)),
-                self.transformer.wte.weight,
-                targets.reshape(-1),
-                vocab_size=self.config.vocab_size,
-                softcap=None,
-                reduction=loss_reduction,
-                compute_dtype=dtype,
-            )
-        if targets is not None and loss_reduction == "none" and not torch.is_grad_enabled():
-            return self._token_losses(x, targets)
-        logits = self._logits(x)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=-1,
-            reduction=loss_reduction,
-        )
-        return loss.view(batch, seq) if loss_reduction == "none" else loss
+        return head_output(
+            self.transformer.ln_f(x), targets, loss_reduction, weight=self.transformer.wte.weight,
+            vocab_size=self.config.vocab_size, softcap=None, logits=self._logits,
+        )  # fmt: skip
 
     def _positions(self, seq: int, kv_cache: Any) -> torch.Tensor:
         """This step's positions: (T,) from 0 without a cache, (B, T) from each row's cached
@@ -484,21 +443,6 @@ class GPT2(nn.Module):
         """fp32 logits of the tied head."""
         return F.linear(x, self.transformer.wte.weight).float()
 
-    def _token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token loss (B, T) without autograd, a few rows of logits at a time (the full
-        (B, T, vocab) fp32 logits never exist at once; see GPT._token_losses)."""
-        batch, seq = targets.shape
-        hidden, flat_targets = x.reshape(batch * seq, -1), targets.reshape(-1)
-        losses = torch.empty(flat_targets.shape, dtype=torch.float32, device=x.device)
-        step = max(1, EVAL_LOGITS_CHUNK_BYTES // (4 * self.config.vocab_size))
-        for start in range(0, flat_targets.numel(), step):
-            rows = slice(start, start + step)
-            losses[rows] = F.cross_entropy(
-                self._logits(hidden[rows]), flat_targets[rows], ignore_index=-1, reduction="none"
-            )
-        return losses.view(batch, seq)
-
-    @torch.inference_mode()
     def generate_naive(
         self,
         tokens: Sequence[int],
@@ -511,17 +455,10 @@ class GPT2(nn.Module):
         (no dropout, whatever the module's mode): the ground truth the cached engine must
         reproduce. Past `sequence_len` tokens it conditions on the last `sequence_len` only,
         as nanoGPT does (the engine never goes there: its cache ends at the context)."""
-        if not tokens:
-            raise ValueError("generate_naive needs at least one prompt token")
-        device = self.get_device()
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-        rng = torch.Generator(device=device).manual_seed(seed)
-        context = self.config.sequence_len
-        for _ in range(max_tokens):
-            logits = self._forward(ids[:, -context:], None, None, "mean", 0.0)[:, -1, :]
-            next_id = sample_next_token(logits, rng, temperature, top_k)
-            ids = torch.cat((ids, next_id), dim=1)
-            yield int(next_id.item())
+        return generate_naive(
+            lambda ids: self._forward(ids, None, None, "mean", 0.0)[:, -1, :], self.get_device(),
+            tokens, max_tokens, temperature, top_k, seed, context=self.config.sequence_len,
+        )  # fmt: skip
 
 
 FAMILY = Family(

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.common import autocast, autodetect_device, compute_dtype
-from engine.models import gpt as gpt_module
+from engine.models import heads
 from engine.models.gpt import (
     GPT,
     GPTConfig,
@@ -16,8 +16,8 @@ from engine.models.gpt import (
     relu_square,
     rms_norm,
     rotary_tables,
-    sample_next_token,
 )
+from engine.models.heads import sample_next_token
 
 VOCAB = 300  # deliberately not a multiple of 64, so the lm_head is padded to 320
 
@@ -310,7 +310,7 @@ def test_per_token_loss_without_autograd_is_chunked_with_the_same_numbers(bf16, 
     # Evaluation's per-token losses come a few rows of logits at a time (here 7 rows, so the
     # 2 x 10 tokens take three chunks, the last one short); each token's loss must be what the
     # full logits give (to the last bit or two: a matmul over fewer rows may round otherwise).
-    monkeypatch.setattr(gpt_module, "EVAL_LOGITS_CHUNK_BYTES", 7 * 4 * VOCAB)
+    monkeypatch.setattr(heads, "EVAL_LOGITS_CHUNK_BYTES", 7 * 4 * VOCAB)
     model = tiny_model()
     randomize(model)
     idx, targets = tokens(2, 10), tokens(2, 10, seed=3)
