@@ -302,6 +302,16 @@ def model_config_for(config: dict[str, Any], vocab_size: int, depth: int | None 
         raise ValueError(f"model: {error}") from None
 
 
+def ignored_family_flags(config: dict[str, Any]) -> list[str]:
+    """The model flags set away from their defaults that the chosen family does not read
+    (e.g. a preset's --window-pattern under --model hybrid): said in the log, not an error,
+    so one preset can serve several families."""
+    own = set(registry.family(config.get("model", registry.DEFAULT)).flags)
+    others = {name for fam in registry.NAMES for name in registry.family(fam).flags} - own
+    defaults = {flag.name: flag.default for flag in FLAGS.flags}
+    return sorted(name for name in others if config.get(name, defaults[name]) != defaults[name])
+
+
 def scaling_params(model_config) -> tuple[int, float]:
     """(the parameters a tokens-per-parameter horizon counts, FLOPs per token), closed form.
 
@@ -424,6 +434,8 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         max_batch=planned_batch(config, runtime.world_size),
     )
     runtime.print(f"memory: {batch.describe()} [{batch.estimate.breakdown()}]")
+    for name in ignored_family_flags(config):
+        runtime.print(f"note: --{name.replace('_', '-')} is not read by model {config['model']}")
     horizon = plan(
         config,
         tokenizer.vocab_size,

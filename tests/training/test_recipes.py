@@ -148,3 +148,12 @@ def test_gpt2_adamw_groups_put_biases_and_norms_at_zero_decay():
         assert (id(p) in decay) == is_matrix, name
         assert is_matrix or name.endswith("bias") or ".ln" in name or "ln_" in name, name
     assert {names[i] for i in decay} >= {"transformer.wte.weight", "transformer.wpe.weight"}
+
+
+def test_flags_of_other_families_are_named_when_set():
+    from training import base_train
+
+    config = base_train.FLAGS.validate({"model": "hybrid", "window_pattern": "L", "dropout": 0.1})
+    assert base_train.ignored_family_flags(config) == ["dropout", "window_pattern"]
+    config = base_train.FLAGS.validate({"model": "gpt", "window_pattern": "L"})
+    assert base_train.ignored_family_flags(config) == []
