@@ -134,6 +134,62 @@ def delta_rule_naive(
 # --------------------------------------------------------------------------------------------
 
 
+def _unit_lower_inverse(A: Tensor, block: int = 16) -> Tensor:
+    """(I + strict_lower(A))⁻¹ for a batch of (C, C) matrices; A's diagonal and upper triangle
+    are not read.
+
+    Forward substitution in blocks, every op batched over all matrices: the (block x block)
+    diagonal blocks of every matrix are inverted together one row at a time (row i from rows
+    < i: a (1 x i) @ (i x i) product), then each block row from the ones above it,
+    X_I = -X_II (A_I,<I X_<I). That is block - 1 + 2 (C / block - 1) small matmuls instead of
+    LAPACK's triangular solve, which on CPU loops over the batch one matrix at a time (and
+    threads poorly at these sizes). Rows are built from already-inverted rows only, never from
+    powers of A, so entries stay as bounded as the inverse's own (a Neumann series passes
+    through A^j, whose entries grow like binomial coefficients when keys repeat)."""
+    C = A.shape[-1]
+    b = block if C % block == 0 else C
+    nb = C // b
+    inv = torch.zeros_like(A)
+    # The diagonal blocks as one (..., nb, b, b) view of each tensor (no copy).
+    lead = A.shape[:-2]
+    diag_A = A.unflatten(-1, (nb, b)).unflatten(-3, (nb, b)).diagonal(dim1=-4, dim2=-2)
+    diag_inv = inv.unflatten(-1, (nb, b)).unflatten(-3, (nb, b)).diagonal(dim1=-4, dim2=-2)
+    diag_A, diag_inv = (x.permute(*range(len(lead)), -1, -3, -2) for x in (diag_A, diag_inv))
+    diag_inv.diagonal(dim1=-2, dim2=-1).fill_(1)
+    for i in range(1, b):
+        row = diag_inv[..., i : i + 1, :i]
+        row.copy_(diag_A[..., i : i + 1, :i] @ diag_inv[..., :i, :i]).neg_()
+    for s in range(b, C, b):
+        e = s + b
+        inv[..., s:e, :s] = (inv[..., s:e, s:e] @ (A[..., s:e, :s] @ inv[..., :s, :s])).neg_()
+    return inv
+
+
+class _SolveUnitLower(torch.autograd.Function):
+    """X = (I + strict_lower(A))⁻¹ B, with the inverse kept for backward.
+
+    Backward is two batched matmuls with the saved inverse instead of a second triangular
+    solve: dB = L⁻ᵀ dX and dA = -strict_lower(dB Xᵀ) (the diagonal is fixed at 1, so it
+    gets no gradient, as with `solve_triangular(..., unitriangular=True)`)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, B: Tensor) -> Tensor:
+        inv = _unit_lower_inverse(A)
+        X = inv @ B
+        ctx.save_for_backward(inv, X)
+        return X
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_X: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        inv, X = ctx.saved_tensors
+        grad_B = inv.transpose(-1, -2) @ grad_X
+        grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_A = (grad_B @ X.transpose(-1, -2)).tril_(-1).neg_()
+        return grad_A, grad_B
+
+
 def delta_rule_chunked(
     q: Tensor,
     k: Tensor,
@@ -155,12 +211,23 @@ def delta_rule_chunked(
     batched triangular solve over all chunks gives U' = (I+A)⁻¹ diag(beta) V and
     W = (I+A)⁻¹ diag(beta Γ) K, both independent of S0, so U = U' - W S0. Then
 
-        O   = (Q Kᵀ ⊙ D) U + diag(Γ) Q S0                 (D_tj = exp(G_t - G_j), j ≤ t)
-        S_C = Γ_C S0 + (K ⊙ exp(G_C - G))ᵀ U
+        O   = diag(Γ) Q S0 + (Q Kᵀ ⊙ D) U        (D_tj = exp(G_t - G_j) for j ≤ t, else 0)
+        S_C = Γ_C S0 + K̃ᵀ U                      (K̃ = K ⊙ exp(G_C - G), k decayed to the end)
 
-    which leaves three small matmuls per chunk in the sequential loop. T not divisible by
-    `chunk_size` is zero-padded at the end (k = v = q = 0, g = 0, beta = 0: padded tokens leave
-    the state untouched and their outputs are dropped).
+    Everything but S0 -- D, the solve, Q Kᵀ ⊙ D, diag(Γ) Q, K̃ -- is computed once, batched
+    over every chunk of every row and head; the loop over chunks is what needs S0: U, then the
+    chunk's output and the next state, three (batched) matmul-adds per chunk.
+
+    Why it is shaped this way (measured on CPU, engine/bench_hybrid.py, docs/benchmarks.md):
+    heads are folded into the batch, (B·H, N, C, D), so every op is one batched call; the
+    solve is `_SolveUnitLower` (block forward substitution, not LAPACK's per-matrix loop)
+    and reads A's strict lower triangle only, so neither I + A nor tril(A) is formed; the
+    loop computes O from U directly rather than O = (Q Kᵀ ⊙ D) U' + (diag(Γ) Q -
+    (Q Kᵀ ⊙ D) W) S0, which costs two extra C x C x D products per chunk; and the loop's
+    slices come from one `unbind` (a `select` per chunk would make backward zero-fill and
+    add a full-size gradient per chunk). T not divisible by `chunk_size` is zero-padded at
+    the end (k = v = q = 0, g = 0, beta = 0: padded tokens leave the state untouched and
+    their outputs are dropped).
     """
     B, T, H, Dk, Dv = _check_inputs(q, k, v, g, beta, initial_state)
     if chunk_size < 1:
@@ -173,49 +240,48 @@ def delta_rule_chunked(
     C = min(chunk_size, T)
     pad = (-T) % C
     N = (T + pad) // C
+    BH = B * H
 
     def to_chunks(x: Tensor) -> Tensor:
-        # (B, T, H, D) -> (B, H, N, C, D) in the compute dtype, zero-padded in T.
+        # (B, T, H, ...) -> (B*H, N, C, ...) in the compute dtype, zero-padded in T: one copy.
         x = x.to(dt)
         if pad:
-            x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.transpose(1, 2).reshape(B, H, N, C, x.shape[-1])
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        return x.transpose(1, 2).reshape(BH, N, C, *x.shape[3:])
 
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
-    gc = to_chunks(g.unsqueeze(-1)).squeeze(-1)  # (B, H, N, C)
-    bc = to_chunks(beta.unsqueeze(-1)).squeeze(-1)
+    gc, bc = to_chunks(g), to_chunks(beta)  # (BH, N, C)
 
     G = gc.cumsum(dim=-1)  # within-chunk cumulative log decay
     gamma = G.exp()  # decay from the chunk start to position t (inclusive)
     # D_tj = exp(G_t - G_j) for j <= t, 0 above the diagonal (masked before exp: no overflow).
-    lower_incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = (G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill(~lower_incl, float("-inf"))
-    decay = diff.exp()  # (B, H, N, C, C)
+    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    decay = (G.unsqueeze(-1) - G.unsqueeze(-2)).masked_fill_(upper, float("-inf")).exp_()
 
-    # I + A with A_tj = beta_t exp(G_t - G_j) (k_t·k_j) for j < t.
-    kk = kc @ kc.transpose(-1, -2)
-    A = (bc.unsqueeze(-1) * kk * decay).tril(-1)
-    eye = torch.eye(C, dtype=dt, device=q.device)
-    rhs = torch.cat([bc.unsqueeze(-1) * vc, (bc * gamma).unsqueeze(-1) * kc], dim=-1)
-    sol = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-    u_free, W = sol[..., :Dv], sol[..., Dv:]  # U' (B,H,N,C,Dv), W (B,H,N,C,Dk)
+    # A_tj = beta_t exp(G_t - G_j) (k_t·k_j); only j < t is read by the solve.
+    kb = kc * bc.unsqueeze(-1)  # beta_t k_t
+    A = (kb @ kc.transpose(-1, -2)) * decay
+    rhs = torch.cat([vc * bc.unsqueeze(-1), kb * gamma.unsqueeze(-1)], dim=-1)
+    u_free, W = _SolveUnitLower.apply(A, rhs).split([Dv, Dk], dim=-1)  # U', W
 
     P = (qc @ kc.transpose(-1, -2)) * decay  # causal, decayed q·k within the chunk
-    o_free = P @ u_free  # intra-chunk output when S0 = 0
-    # What multiplies S0: rows 0..C-1 give the output's share, rows C..2C-1 minus U's share;
-    # stacked so the loop does one (2C x Dk) @ (Dk x Dv) product instead of two.
-    reads_state = torch.cat([gamma.unsqueeze(-1) * qc - P @ W, W], dim=-2)
-    k_to_end = (G[..., -1:] - G).exp().unsqueeze(-1) * kc  # k_j decayed to the chunk end
-    gamma_end = gamma[..., -1, None, None]  # (B, H, N, 1, 1)
+    q_decayed = qc * gamma.unsqueeze(-1)  # Γ_t q_t: reads the entering state
+    k_to_end = (kc * (G[..., -1:] - G).exp().unsqueeze(-1)).transpose(-1, -2)  # K̃ᵀ
+    gamma_end = gamma[..., -1:].unsqueeze(-1)  # (BH, N, 1, 1)
 
+    # The hand-over: U = U' - W S0 (the chunk's corrections), S_C = Γ_C S0 + K̃ᵀ U.
+    S = S.reshape(BH, Dk, Dv)
     outs = []
-    for n in range(N):
-        o_state, u_state = (reads_state[:, :, n] @ S).split(C, dim=-2)
-        outs.append(o_free[:, :, n] + o_state)
-        u = u_free[:, :, n] - u_state
-        S = gamma_end[:, :, n] * S + k_to_end[:, :, n].transpose(-1, -2) @ u
-    o = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T].transpose(1, 2)
-    return o.to(v.dtype), S
+    chunks = zip(
+        *(x.unbind(1) for x in (u_free, W, P, q_decayed, k_to_end, gamma_end)), strict=True
+    )
+    for u_n, W_n, P_n, q_n, k_n, gamma_n in chunks:
+        u = torch.baddbmm(u_n, W_n, S, alpha=-1)  # U = U' - W S0
+        outs.append(torch.baddbmm(q_n @ S, P_n, u))  # O = diag(Γ) Q S0 + P U
+        S = torch.baddbmm(gamma_n * S, k_n, u)  # S_C = Γ_C S0 + K̃ᵀ U
+    o = torch.stack(outs, dim=1)
+    o = o.reshape(B, H, N * C, Dv)[:, :, :T].transpose(1, 2)
+    return o.to(v.dtype), S.reshape(B, H, Dk, Dv)
 
 
 # --------------------------------------------------------------------------------------------
