@@ -29,23 +29,15 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.common import compute_dtype
-from engine.fused_loss import softcap_linear_cross_entropy
 from engine.models.base import Family
-from engine.models.gpt import (
-    EVAL_LOGITS_CHUNK_BYTES,
-    ROTARY_LENGTH_FACTOR,
-    rotary_halves,
-    rotary_tables,
-    sample_next_token,
-)
+from engine.models.gpt import ROTARY_LENGTH_FACTOR, rotary_halves, rotary_tables
+from engine.models.heads import check_forward_args, generate_naive, head_output
 from engine.models.hybrid_cache import HybridCache, HybridCacheRows
 from engine.models.hybrid_config import HybridConfig
 from engine.models.hybrid_layers import GatedAttention, GatedDeltaNet, RMSNorm, SparseMoE
 
-_LOSS_REDUCTIONS = ("mean", "none", "sum")
 ROUTER_INIT_STD_SCALE = 1.0  # router ~ N(0, 1/C): diverse routing from the first step
 
 
@@ -155,11 +147,12 @@ def _activation_terms(config: HybridConfig, dtype: torch.dtype) -> dict[str, flo
       linear mixer: the conv's padded input, its output and the SiLU output (a conv_dim each;
         the padding adds K-1 positions per row), the q/k L2 norms (4 a H_k), the gates (a + dt,
         softplus, sigmoid: 12 H_v); the delta rule computes in fp32 and autograd keeps, per
-        value head and token, six C-wide rows of the chunk's matrices (decay, K Kᵀ, the
-        masked system, its left side, Q Kᵀ, decayed scores), nine Dk-wide and three Dv-wide
-        copies of the chunked q/k/v and solution, three scalars and the chunk's entering state
-        (Dk Dv / C); the gated norm keeps o and its normalised form (fp32), one rstd per head,
-        z, SiLU(z) and the product (a each);
+        value head and token, five C-wide rows of the chunk's matrices (decay, beta K Kᵀ,
+        Q Kᵀ, decayed scores, the system's inverse), six Dk-wide rows (chunked q and k,
+        beta k, decayed q, k decayed to the chunk end, W), three Dv-wide ones (chunked v,
+        U', the corrections U), three scalars (beta, Γ, decay to the chunk end) and the
+        chunk's entering state (Dk Dv / C); the gated norm keeps o and its normalised form
+        (fp32), one rstd per head, z, SiLU(z) and the product (a each);
       full mixer: the projected queries (with the gate rows in fp32, whose q is a view of
         them; a fp32 copy of q alone under autocast) and keys, both q/k norms' normalised
         output (fp32) and rstds, attention's q, k, v, output and log-sum-exp, sigmoid(gate),
@@ -172,7 +165,7 @@ def _activation_terms(config: HybridConfig, dtype: torch.dtype) -> dict[str, flo
       stem: the token ids, the final norm (input, normalised, rstd) and the fused loss's
         gradient of the hidden states (a C, as GPT's planner counts it).
     The delta-rule term is what autograd keeps through engine/ops/delta_rule.py's chunked form
-    today -- the largest part of a linear layer (6 C per head and token is 1.5 KiB per head at
+    today -- the largest part of a linear layer (5 C per head and token is 1.25 KiB per head at
     C = 64). flash-linear-attention's kernel (CUDA) has its own backward and saves far less;
     re-derive this term if the kernel that trains changes.
     """
@@ -184,7 +177,7 @@ def _activation_terms(config: HybridConfig, dtype: torch.dtype) -> dict[str, flo
     chunk = min(config.chunk_size, seq)
     norms = 2 * (2 * f * c + f + a * c)
     conv = 3 * a * config.conv_dim + a * config.conv_dim * (config.conv_kernel - 1) / seq
-    delta = f * hv * (6 * chunk + 9 * dk + 3 * dv + 3 + dk * dv / chunk)
+    delta = f * hv * (5 * chunk + 6 * dk + 3 * dv + 3 + dk * dv / chunk)
     gated_norm = 2 * f * vd + f * hv + 3 * a * vd
     linear = conv + 4 * a * hk + 3 * f * hv + delta + gated_norm
     q_dim, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
@@ -486,23 +479,13 @@ class Hybrid(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) in fp32, or the loss when `targets` is given.
 
-        Targets equal to -1 are ignored. Training (gradients on, reduction 'mean') adds
-        aux_loss_coef x the mean load-balancing loss of the MoE layers; 'none' gives (B, T)
+        Targets equal to -1 are ignored. Training (gradients on, reduction 'mean' or 'sum') adds
+        aux_loss_coef x the mean load-balancing loss of the MoE layers (per target token for
+        'sum'); 'none' gives (B, T)
         token losses without it. With `kv_cache` (`new_cache(...).rows(a, b)`) idx holds each
         row's next T tokens; the rows continue from their own lengths and states.
         """
-        if idx.dim() != 2 or idx.is_floating_point():
-            raise ValueError(
-                f"idx must be a (B, T) integer tensor, got {idx.dtype} {tuple(idx.shape)}"
-            )
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(
-                f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}"
-            )
-        if loss_reduction not in _LOSS_REDUCTIONS:
-            raise ValueError(
-                f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {loss_reduction!r}"
-            )
+        check_forward_args(idx, targets, loss_reduction)
         batch, seq = idx.shape
         if kv_cache is not None:
             kv_cache.check_room(seq)
@@ -514,56 +497,21 @@ class Hybrid(nn.Module):
             aux_losses.append(aux)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        x = self.norm_f(x)
-        training = torch.is_grad_enabled()
-        if targets is not None and loss_reduction != "none" and training:
-            device_type = x.device.type
-            dtype = (
-                torch.get_autocast_dtype(device_type)
-                if torch.is_autocast_enabled(device_type)
-                else x.dtype
-            )
-            loss = softcap_linear_cross_entropy(
-                x.reshape(-1, x.size(-1)),
-                self.lm_head.weight,
-                targets.reshape(-1),
-                vocab_size=self.config.vocab_size,
-                softcap=None,
-                reduction=loss_reduction,
-                compute_dtype=dtype,
-            )
-            if loss_reduction == "mean" and self.config.aux_loss_coef > 0:
-                loss = loss + self.config.aux_loss_coef * torch.stack(aux_losses).mean()
-            return loss
-        if targets is not None and loss_reduction == "none" and not training:
-            return self._token_losses(x, targets)
-        logits = self._logits(x)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=-1,
-            reduction=loss_reduction,
-        )
-        return loss.view(batch, seq) if loss_reduction == "none" else loss
+        out = head_output(
+            self.norm_f(x), targets, loss_reduction, weight=self.lm_head.weight,
+            vocab_size=self.config.vocab_size, softcap=None, logits=self._logits,
+        )  # fmt: skip
+        training = targets is not None and loss_reduction != "none" and torch.is_grad_enabled()
+        if training and self.config.aux_loss_coef > 0:
+            # The balancing loss is a mean over the MoE layers, added per target token: a 'sum'
+            # (what fine-tuning accumulates) carries it as many times as 'mean' divides it out.
+            aux = self.config.aux_loss_coef * torch.stack(aux_losses).mean()
+            out = out + (aux if loss_reduction == "mean" else aux * (targets >= 0).sum())
+        return out
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the real vocabulary (no soft-cap in this family)."""
         return self.lm_head(x)[..., : self.config.vocab_size].float()
-
-    def _token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token loss (B, T) without autograd, a few rows of logits at a time (as GPT's)."""
-        batch, seq = targets.shape
-        hidden, flat_targets = x.reshape(batch * seq, -1), targets.reshape(-1)
-        losses = torch.empty(flat_targets.shape, dtype=torch.float32, device=x.device)
-        step = max(1, EVAL_LOGITS_CHUNK_BYTES // (4 * self.config.vocab_size))
-        for start in range(0, flat_targets.numel(), step):
-            rows = slice(start, start + step)
-            losses[rows] = F.cross_entropy(
-                self._logits(hidden[rows]), flat_targets[rows], ignore_index=-1, reduction="none"
-            )
-        return losses.view(batch, seq)
 
     def _rotary_angles(
         self, seq: int, kv_cache: HybridCacheRows | None
@@ -579,7 +527,6 @@ class Hybrid(nn.Module):
         positions = kv_cache.lengths[:, None] + torch.arange(seq, device=kv_cache.lengths.device)
         return self.rotary_cos[positions][:, :, None], self.rotary_sin[positions][:, :, None]
 
-    @torch.inference_mode()
     def generate_naive(
         self,
         tokens: Sequence[int],
@@ -590,16 +537,10 @@ class Hybrid(nn.Module):
     ) -> Iterator[int]:
         """Yield up to `max_tokens` tokens, re-running the whole sequence each step: the
         ground truth cached decoding must reproduce (SPEC §9)."""
-        if not tokens:
-            raise ValueError("generate_naive needs at least one prompt token")
-        device = self.get_device()
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-        rng = torch.Generator(device=device).manual_seed(seed)
-        for _ in range(max_tokens):
-            logits = self.forward(ids)[:, -1, :]
-            next_id = sample_next_token(logits, rng, temperature, top_k)
-            ids = torch.cat((ids, next_id), dim=1)
-            yield int(next_id.item())
+        return generate_naive(
+            lambda ids: self.forward(ids)[:, -1, :], self.get_device(), tokens, max_tokens,
+            temperature, top_k, seed,
+        )  # fmt: skip
 
 
 def _uniform_fan_in(weight: torch.Tensor) -> None:
