@@ -268,6 +268,15 @@ def run_action(request, run_id: int, action: str):
         return redirect("run-detail", run_id=run_id)
 
 
+# The compare page's x axes (value: what the picker says).
+COMPARE_AXES = {
+    "step": "step",
+    "tokens": "training tokens",
+    "flops": "training FLOPs",
+    "elapsed": "time since start",
+}
+
+
 @login_required
 @require_GET
 def compare(request):
@@ -286,7 +295,11 @@ def compare(request):
     chosen = [n for n in request.GET.getlist("metrics") if n in names]
     chosen = chosen or [n for n in ("train/loss", "val/bpb") if n in names] or names[:2]
     finals = selectors.final_metrics(runs, chosen)
+    # ?x=flops (or tokens, elapsed) opens the charts on that axis, so a comparison is a link.
+    x_axis = request.GET.get("x", "step")
     context = {
+        "x_axis": x_axis if x_axis in COMPARE_AXES else "step",
+        "axes": COMPARE_AXES,
         "runs": runs,
         "ids": ",".join(str(r.pk) for r in runs),
         "names": names,

@@ -32,6 +32,14 @@ async function load() {
   document.body.dataset.compareLoaded = "1";
 }
 
-xAxis.addEventListener("change", () => setMode(xAxis.value));
+xAxis.addEventListener("change", () => {
+  setMode(xAxis.value);
+  // The axis travels with the form and the address, so a comparison can be shared as a link.
+  const field = document.querySelector('#compare-pick input[name="x"]');
+  if (field) field.value = xAxis.value;
+  const url = new URL(window.location.href);
+  url.searchParams.set("x", xAxis.value);
+  window.history.replaceState(null, "", url);
+});
 window.addEventListener("resize", () => charts.forEach((c) => c.resize()));
 load();

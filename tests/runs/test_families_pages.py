@@ -258,8 +258,15 @@ def test_compare_puts_runs_of_different_families_on_tokens_and_flops(signed_in, 
         r'</td><td><span class="family family-hybrid">Hybrid \(Qwen3-Next\)</span>',
         html,
     )
-    for axis in ("step", "tokens", "flops", "elapsed"):
+    assert '<option value="step" selected>step</option>' in html
+    for axis in ("tokens", "flops", "elapsed"):
         assert f'<option value="{axis}">' in html
+    # ?x= opens the charts on that axis (a comparison is a link); anything else is the step.
+    linked = signed_in.get(reverse("run-compare"), {"ids": ids, "x": "flops"}).content.decode()
+    assert '<option value="flops" selected>training FLOPs</option>' in linked
+    assert '<input type="hidden" name="x" value="flops">' in linked
+    odd = signed_in.get(reverse("run-compare"), {"ids": ids, "x": "<b>"}).content.decode()
+    assert '<option value="step" selected>' in odd and "<b>" not in odd
     config = json.loads(re.search(r'id="compare-config"[^>]*>(.*?)</script>', html).group(1))
     lines = {r["id"]: r for r in config["runs"]}
     assert lines[gpt2.pk]["label"] == f"#{gpt2.pk} g2 (GPT-2)"
