@@ -6,6 +6,11 @@ replies that were stopped, (2) prefills waiting requests into free rows (`Batch.
 So a request that arrives while others are mid-reply joins them at the next step instead of
 waiting for them to finish, every row with its own prompt, sampling settings and seed.
 
+A request for `n` choices is one `Generation` per choice, grouped: the group waits in the
+queue until n rows are free, then joins with one prefill (`Batch.add_samples`: n rows, each
+seeded differently). Each choice streams and finishes on its own; a choice whose text reaches
+one of the request's stop strings (chat/stop.py) has its row cancelled at once.
+
 All torch work -- loading, prefill, step -- runs in one thread the loop owns (a Batch is
 driven by a single thread), so the worker's event loop keeps taking requests and stop
 messages and sending text while the model computes. The two never overlap on shared state:
@@ -30,6 +35,7 @@ from chat.protocol import Final, GenerationRequest
 from chat.protocol import chunk as chunk_message
 from chat.protocol import error as error_message
 from chat.reply import ReplyBuilder
+from chat.stop import StopMatcher
 from engine.checkpoint import load_model, load_tokenizer_for
 from engine.engine import Batch, FinishReason, Row, SamplingParams
 
@@ -56,10 +62,16 @@ class Generation:
 
     request: GenerationRequest
     reply_channel: str
+    choice: int = 0
+    # The request's choices in order, this one among them (the first one stands for them all).
+    group: list[Generation] = field(default_factory=list, repr=False)
     accepted_at: float = field(default_factory=time.monotonic)
     loop: ModelLoop | None = None
     row: Row | None = None
     builder: ReplyBuilder | None = None
+    stopper: StopMatcher | None = None  # when the request has stop strings
+    done: bool = False  # its final (or error) is sent
+    slots: int = 0  # the first choice: worker slots its request holds (one per live choice)
     stop_requested: bool = False
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -68,6 +80,21 @@ class Generation:
     chunks_sent: int = 0
     last_chunk_at: float = 0.0
     last_sent_at: float = field(default_factory=time.monotonic)  # any message (keepalive)
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            self.group = [self]
+
+    @classmethod
+    def for_request(cls, request: GenerationRequest, reply_channel: str) -> Generation:
+        """The first choice of a request, with its n - 1 siblings in `group`."""
+        first = cls(request, reply_channel)
+        first.group += [
+            cls(request, reply_channel, choice=i, group=first.group) for i in range(1, request.n)
+        ]
+        for gen in first.group:
+            gen.accepted_at = first.accepted_at
+        return first
 
     @property
     def key(self) -> ModelKey:
@@ -80,8 +107,11 @@ class Generation:
         if completion > 1 and self.last_token_at and self.last_token_at > self.first_token_at:
             speed = (completion - 1) / (self.last_token_at - self.first_token_at)
         ttft = None if self.first_token_at is None else self.first_token_at - self.accepted_at
+        content = builder.content if builder else ""
+        if self.stopper is not None:
+            content = self.stopper.text
         return Final(
-            content=builder.content if builder else "",
+            content=content,
             parts=builder.parts if builder else [],
             finish_reason=finish_reason,
             prompt_tokens=row.prompt_len if row is not None else 0,
@@ -89,6 +119,7 @@ class Generation:
             time_to_first_token=None if ttft is None else round(ttft, 4),
             tokens_per_second=None if speed is None else round(speed, 2),
             batch_rows=self.batch_rows,
+            choice=self.choice,
         )
 
 
@@ -143,17 +174,20 @@ class ModelLoop:
         self._task = asyncio.create_task(self._run(), name=f"decode {self.key.path}")
 
     def submit(self, gen: Generation) -> None:
-        gen.loop = self
+        for member in gen.group:
+            member.loop = self
         self._queue.append(gen)
         self._wake.set()
 
     def stop(self, gen: Generation) -> None:
         """End `gen` early: at once if it has no row yet, else at the next step (also when it
         is joining the batch in the thread right now)."""
-        gen.stop_requested = True
+        for member in gen.group:
+            member.stop_requested = True
         if gen in self._queue:
             self._queue.remove(gen)
-            self._finish(gen, "stopped")
+            for member in gen.group:
+                self._finish(member, "stopped")
             self._became_idle_maybe()
         else:
             self._wake.set()
@@ -183,7 +217,7 @@ class ModelLoop:
 
     def fail_all(self, message: str) -> None:
         """Answer every reply of this loop with an error (shutdown, crash)."""
-        for gen in [*self._queue, *self._active]:
+        for gen in [*(member for first in self._queue for member in first.group), *self._active]:
             self._owner.emit(gen, error_message(gen.request.id, message))
             self._owner.finished(gen, None)
         self._queue.clear()
@@ -210,12 +244,20 @@ class ModelLoop:
                 continue
             cancels = [gen for gen in self._active if gen.stop_requested]
             room = self._batch.free_rows + len(cancels)
-            joins = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            joins = []
+            # In order: a request for n choices waits for n free rows (later ones wait behind).
+            while self._queue and len(self._queue[0].group) <= room:
+                room -= len(self._queue[0].group)
+                joins.append(self._queue.popleft())
+            if not joins and not self._active and self._queue:
+                first = self._queue.popleft()  # more choices than the batch has rows at all
+                self._report(_Turn(rejected=[(first, self._too_many(first))]))
+                continue
             try:
                 turn = await self._in_thread(self._advance, joins, cancels)
             except Exception as exc:
                 log.exception("decode step failed on %s step %s", self.key.path, self.key.step)
-                self._queue.extend(gen for gen in joins if gen not in self._active)
+                self._queue.extend(gen for gen in joins if gen.row is None)
                 self.fail_all(f"the engine failed: {exc}")
                 await self._in_thread(self._new_batch)
                 continue
@@ -230,9 +272,10 @@ class ModelLoop:
             self._owner.loop_idle(self)
 
     def _report(self, turn: _Turn) -> None:
-        for gen, message in turn.rejected:
-            self._owner.emit(gen, error_message(gen.request.id, message))
-            self._owner.finished(gen, None)
+        for first, message in turn.rejected:
+            for gen in first.group:
+                self._owner.emit(gen, error_message(gen.request.id, message))
+                self._owner.finished(gen, None)
         now = time.monotonic()
         # The worker's messages per second stay bounded however many rows decode together:
         # each one costs CPU in this process, in Redis and in the web process.
@@ -261,7 +304,13 @@ class ModelLoop:
         gen.pending = []
         gen.chunks_sent += 1
         gen.last_chunk_at = now
-        self._owner.emit(gen, chunk_message(gen.request.id, merged))
+        self._owner.emit(gen, chunk_message(gen.request.id, merged, gen.choice))
+
+    def _too_many(self, first: Generation) -> str:
+        return (
+            f"n={len(first.group)} asks for more choices than this engine worker decodes "
+            f"together (at most {self._max_rows} rows)"
+        )
 
     # ---- in the loop's thread -----------------------------------------------------------
 
@@ -328,31 +377,62 @@ class ModelLoop:
                 gen.first_token_at = now
             gen.last_token_at = now
             gen.batch_rows = max(gen.batch_rows, rows)
-            gen.pending.extend(gen.builder.feed(token))
-            if row.done:
+            self._add_text(gen, gen.builder.feed(token))
+            if gen.stopper is not None and gen.stopper.matched is not None:
+                if not row.done:
+                    batch.cancel(row)  # its stop string: no more compute for this choice
+                self._leave(gen, turn, "stop")
+            elif row.done:
                 self._leave(gen, turn, _FINISH[row.finish_reason])
         return turn
 
     def _join(self, gen: Generation) -> None:
         request = gen.request
-        prompt = self._tokenizer.render_for_completion({"messages": request.messages})
+        if request.prompt is not None:  # a raw continuation: the text as is, after BOS
+            bos = self._tokenizer.get_bos_token_id()
+            prompt = self._tokenizer.encode(request.prompt, prepend=bos)
+        else:
+            prompt = self._tokenizer.render_for_completion({"messages": request.messages})
         limit = self._batch.max_len
         if len(prompt) >= limit:
+            what = "conversation" if request.prompt is None else "prompt"
             raise ValueError(
-                f"the conversation is {len(prompt)} tokens long and this model reads at most "
+                f"the {what} is {len(prompt)} tokens long and this model reads at most "
                 f"{limit}: start a new conversation or shorten it"
             )
+        if len(gen.group) > self._batch.max_rows:
+            raise ValueError(self._too_many(gen))
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             top_k=request.top_k or None,
             seed=request.seed,
         )
-        gen.row = self._batch.add(prompt, params)
-        gen.builder = ReplyBuilder(self._tokenizer)
-        self._active.append(gen)
+        rows = self._batch.add_samples(prompt, params, len(gen.group))
+        for member, row in zip(gen.group, rows, strict=True):
+            member.row = row
+            member.builder = ReplyBuilder(self._tokenizer)
+            if request.stop:
+                member.stopper = StopMatcher(request.stop)
+            self._active.append(member)
+
+    def _add_text(self, gen: Generation, pieces: list[tuple[str, str]]) -> None:
+        """Queue `pieces` to send, the text through the stop matcher when there is one."""
+        stopper = gen.stopper
+        for part, text in pieces:
+            if stopper is not None and stopper.matched is not None:
+                return
+            if stopper is not None and part == "text":
+                text = stopper.feed(text)
+            if text:
+                gen.pending.append((part, text))
 
     def _leave(self, gen: Generation, turn: _Turn, reason: str) -> None:
-        gen.pending.extend(gen.builder.finish())
+        self._add_text(gen, gen.builder.finish())
+        if gen.stopper is not None and gen.stopper.matched is None:
+            gen.pending.append(("text", gen.stopper.flush()))
+        gen.pending = [(part, text) for part, text in gen.pending if text]
+        if gen.stopper is not None and gen.stopper.matched is not None:
+            reason = "stop"  # the stop string came with the row's last token
         self._active.remove(gen)
         turn.finished.append((gen, reason))

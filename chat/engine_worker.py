@@ -9,13 +9,16 @@ Redis for a free row is exactly SPEC §12's "requests wait for a free replica".
 
 Per request the worker answers on the request's reply channel (see chat/protocol.py): first
 `engine.accepted` with the worker's own channel, where the front end sends `engine.stop`; then
-chunks, then done. Models are loaded on demand into a small LRU (chat/models_cache.py), each
-with its decode loop (chat/decode_loop.py); requests for a model that cannot be loaded yet
-(every cached model busy) wait in the worker until one goes idle. Every second the worker
-publishes its stats to Redis (chat/stats.py) and sends a keepalive to replies that have had
-no message for a while, so a front end can tell a slow reply from a dead worker. The stats key
-expires CHAT_ENGINE_ALIVE_TTL seconds after the last write: a front end whose worker's key is
-gone knows the worker died (chat/protocol.py) and says so within seconds.
+chunks, then done (one per choice). A request for n choices holds n of the `max_rows` slots:
+the worker takes it and then waits for n - 1 more free slots before taking anything else (more
+than `max_rows` choices is refused at once). Models are loaded on demand into a small LRU
+(chat/models_cache.py), each with its decode loop (chat/decode_loop.py); requests for a
+model that cannot be loaded yet (every cached model busy) wait in the worker until one goes
+idle. Every second the worker publishes its stats to Redis (chat/stats.py) and sends a
+keepalive to replies that have had no message for a while, so a front end can tell a slow
+reply from a dead worker. The stats key expires CHAT_ENGINE_ALIVE_TTL seconds after the last
+write: a front end whose worker's key is gone knows the worker died (chat/protocol.py) and
+says so within seconds.
 
 Redis going away (restarted, a network blip) does not stop the worker: every receive and send
 waits and retries with backoff until Redis answers again, and requests still queued there are
@@ -94,7 +97,7 @@ class EngineWorker:
         self._cache: ModelCache[ModelKey, ModelLoop] = ModelCache(
             max_models, is_idle=lambda loop: loop.idle, evict=self._evict
         )
-        self._inflight: dict[str, Generation] = {}
+        self._inflight: dict[str, Generation] = {}  # request id -> its first choice
         self._waiting: deque[Generation] = deque()  # taken, no model slot yet
         # (reply channel, message, request id to stop if that channel is abandoned)
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any], str | None]] = asyncio.Queue()
@@ -138,11 +141,17 @@ class EngineWorker:
         self._outbox.put_nowait((gen.reply_channel, message, gen.request.id))
 
     def finished(self, gen: Generation, final: Final | None) -> None:
-        if self._inflight.pop(gen.request.id, None) is None:
+        if gen.done or gen.request.id not in self._inflight:
             return
-        self._slots.release()
-        if final is not None:
-            self.requests_served += 1
+        gen.done = True
+        first = gen.group[0]
+        if first.slots:
+            first.slots -= 1
+            self._slots.release()
+        if all(member.done for member in gen.group):
+            del self._inflight[gen.request.id]
+            if final is not None:
+                self.requests_served += 1
 
     def loop_idle(self, loop: ModelLoop) -> None:
         waiting, self._waiting = self._waiting, deque()
@@ -164,7 +173,7 @@ class EngineWorker:
             **self.device_details,
             "cuda_graphs": self.cuda_graphs,
             "capacity": self.max_rows,
-            "in_flight": len(self._inflight),
+            "in_flight": sum(len(gen.group) for gen in self._inflight.values()),
             "active_rows": sum(m["active_rows"] for m in models),
             "queued": sum(m["queued"] for m in models) + len(self._waiting),
             "models": models,
@@ -184,9 +193,28 @@ class EngineWorker:
                 self._slots.release()
                 await self._refuse(message, "the engine worker is stopping; try again")
                 return
-            self._take(message)
+            gen = self._take(message)
+            if gen is None:
+                continue
+            gen.slots = 1
+            if len(gen.group) > self.max_rows:
+                reason = (f"n={len(gen.group)} asks for more choices than this engine worker "
+                          f"decodes together (at most {self.max_rows} rows)")  # fmt: skip
+                for member in gen.group:
+                    self.emit(member, error(member.request.id, reason))
+                    self.finished(member, None)
+                continue
+            # The other choices' rows: wait for them here, taking nothing else meanwhile.
+            while gen.slots < len(gen.group) and gen.request.id in self._inflight:
+                await self._slots.acquire()
+                if gen.request.id in self._inflight:
+                    gen.slots += 1
+                else:  # stopped while waiting
+                    self._slots.release()
+            if gen.request.id in self._inflight:
+                self._place(gen)
 
-    def _take(self, message: dict[str, Any]) -> None:
+    def _take(self, message: dict[str, Any]) -> Generation | None:
         try:
             request, reply_channel = GenerationRequest.from_message(message)
         except ProtocolError as exc:
@@ -196,11 +224,11 @@ class EngineWorker:
             if isinstance(reply_channel, str) and isinstance(request_id, str):
                 answer = error(request_id, f"malformed request: {exc}")
                 self._outbox.put_nowait((reply_channel, answer, None))
-            return
-        gen = Generation(request, reply_channel)
+            return None
+        gen = Generation.for_request(request, reply_channel)
         self._inflight[request.id] = gen
         self.emit(gen, accepted(request.id, self.name, heartbeat=bool(self._redis_url)))
-        self._place(gen)
+        return gen
 
     def _place(self, gen: Generation) -> None:
         loop = self._cache.get_or_create(gen.key, lambda: self._new_loop(gen.key))
@@ -232,13 +260,16 @@ class EngineWorker:
         gen = self._inflight.get(request_id) if isinstance(request_id, str) else None
         if gen is None:
             return  # already finished: nothing to stop
+        if gen.loop is not None:
+            gen.loop.stop(gen)
+            return
         if gen in self._waiting:
             self._waiting.remove(gen)
-            final = gen.final("stopped")
-            self.emit(gen, final.as_message(gen.request.id))
-            self.finished(gen, final)
-        elif gen.loop is not None:
-            gen.loop.stop(gen)
+        for member in gen.group:  # waiting for a model, or still for its rows
+            member.stop_requested = True
+            final = member.final("stopped")
+            self.emit(member, final.as_message(member.request.id))
+            self.finished(member, final)
 
     async def _send_loop(self) -> None:
         while (item := await self._outbox.get()) is not None:  # None: shutdown, all sent
@@ -276,7 +307,7 @@ class EngineWorker:
         while not self._closing:
             now = time.monotonic()
             for gen in list(self._inflight.values()):
-                if now - gen.last_sent_at >= KEEPALIVE_SECONDS:
+                if now - max(member.last_sent_at for member in gen.group) >= KEEPALIVE_SECONDS:
                     self.emit(gen, alive(gen.request.id))
             if publisher is not None:
                 try:

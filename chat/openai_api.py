@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API: `GET /v1/models` and `POST /v1/chat/completions`.
+"""The OpenAI-compatible API: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`.
 
 Point an OpenAI client at `http://host:8000/v1` with a DRF API token as its key
 (`OpenAI(base_url=..., api_key=token)`: it sends `Authorization: Bearer <token>`); a signed-in
@@ -16,11 +16,18 @@ stops the generation on the worker. The first event is awaited before any answer
 so a missing engine is a plain 503 (after CHAT_ENGINE_ACCEPT_TIMEOUT), not a broken stream.
 
 Models are checkpoints, named `ckpt-<id>` (listed chat-tuned first, newest first); the
-aliases `latest` (the first of that list) and `latest-<stage>` (`latest-sft`, ...) work too.
+aliases `latest` (the first of that list) and `latest-<stage>` (`latest-sft`, ...) work too,
+and are listed after the checkpoints with `alias_of` naming the checkpoint they stand for.
+
+`n` choices are one engine request of n rows (one prefill); `/v1/completions` with a list of
+prompts sends one request per prompt, all at once, and numbers the choices prompt by prompt.
+Stop strings are matched by the worker (chat/stop.py), which cancels a choice's row there.
+Any other path under /v1/ answers 404 in the same error shape (`unknown_path`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -38,7 +45,7 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework.authtoken.models import Token
 
 from chat import openai_format as fmt
-from chat.openai_format import ApiError
+from chat.openai_format import ApiError, CompletionParams, TextCompletionParams
 from chat.protocol import Chunk, EngineError, Final, GenerationRequest, Reply
 from chat.services import chat_limits, checkpoints_for_picker
 from nanochat_site import limits
@@ -77,14 +84,20 @@ def api_view(method: str) -> Callable[[View], View]:
 @api_view("GET")
 async def models(request: HttpRequest) -> HttpResponse:
     await authenticate(request)
-    data = [model_object(checkpoint) async for checkpoint in checkpoints_for_picker()]
+    data, aliases = [], {}
+    async for checkpoint in checkpoints_for_picker():
+        data.append(model_object(checkpoint))
+        aliases.setdefault("latest", checkpoint)
+        aliases.setdefault(f"latest-{checkpoint.stage}", checkpoint)
+    data += [model_object(checkpoint, alias) for alias, checkpoint in aliases.items()]
     return JsonResponse({"object": "list", "data": data})
 
 
 @api_view("GET")
 async def model_detail(request: HttpRequest, name: str) -> HttpResponse:
     await authenticate(request)
-    return JsonResponse(model_object(await find_checkpoint(name)))
+    checkpoint = await find_checkpoint(name)
+    return JsonResponse(model_object(checkpoint, None if MODEL_ID.fullmatch(name) else name))
 
 
 @api_view("POST")
@@ -92,77 +105,196 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     await authenticate(request)
     params = fmt.parse_completion(_json_body(request), chat_limits())
     checkpoint = await find_checkpoint(params.model)
+    generation = _request(checkpoint, params, messages=params.messages)
+    reply = ChatAnswer(f"chatcmpl-{generation.id}", model_id(checkpoint), params.n)
+    return await _answer(reply, [generation], params, "messages")
+
+
+@api_view("POST")
+async def completions(request: HttpRequest) -> HttpResponse:
+    """Legacy completions: raw text continued, without the chat template (any checkpoint)."""
+    await authenticate(request)
+    params = fmt.parse_text_completion(_json_body(request), chat_limits())
+    checkpoint = await find_checkpoint(params.model)
+    generations = [_request(checkpoint, params, prompt=prompt) for prompt in params.prompts]
+    answer = TextAnswer(
+        f"cmpl-{generations[0].id}", model_id(checkpoint), params.n, params.prompts, params.echo
+    )
+    return await _answer(answer, generations, params, "prompt")
+
+
+@csrf_exempt
+async def unknown(request: HttpRequest, rest: str = "") -> HttpResponse:
+    """Any other path under /v1/: a 404 in OpenAI's error shape, not an HTML page."""
+    if rest.strip("/") == "embeddings":
+        message = "embeddings are not offered by this server (nanochat serves text generation)"
+    else:
+        message = (
+            f"unknown path {request.method} {request.path}: this server offers /v1/models, "
+            f"/v1/chat/completions and /v1/completions"
+        )
+    return JsonResponse(ApiError(404, message, code="unknown_path").body(), status=404)
+
+
+def _request(
+    checkpoint: Checkpoint,
+    params: CompletionParams | TextCompletionParams,
+    *,
+    messages: list | None = None,
+    prompt: str | None = None,
+) -> GenerationRequest:
     seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
-    generation = GenerationRequest(
+    return GenerationRequest(
         checkpoint_path=checkpoint.path,
         step=checkpoint.step,
-        messages=params.messages,
+        messages=messages or [],
         temperature=params.sampling.temperature,
         top_k=params.sampling.top_k,
         max_tokens=params.sampling.max_tokens,
         seed=seed,
+        n=params.n,
+        stop=list(params.stop),
+        prompt=prompt,
     )
-    reply = Completion(f"chatcmpl-{generation.id}", int(time.time()), model_id(checkpoint))
-    events = _generate(generation)
+
+
+async def _answer(
+    answer: Answer,
+    generations: list[GenerationRequest],
+    params: CompletionParams | TextCompletionParams,
+    prompt_param: str,
+) -> HttpResponse:
+    """Run the generations; the whole answer, or a stream of server-sent events."""
+    events = _merged(generations)
     try:
         first = await anext(events)
     except EngineError as exc:
-        raise engine_error(exc) from None
+        raise engine_error(exc, prompt_param) from None
     if params.stream:
-        stream = reply.stream(first, events, include_usage=params.include_usage)
+        stream = answer.stream(first, events, include_usage=params.include_usage)
         response = StreamingHttpResponse(stream, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # a proxy must pass each event on at once
         return response
+    finals: dict[int, Final] = {}
     async with contextlib.aclosing(events):
-        final = first
         try:
-            async for event in events:
-                final = event
+            async for index, event in _prepend(first, events):
+                if isinstance(event, Final):
+                    finals[index] = event
         except EngineError as exc:
-            raise engine_error(exc) from None
-    return JsonResponse(reply.whole(final))
+            raise engine_error(exc, prompt_param) from None
+    return JsonResponse(answer.whole(finals))
 
 
-class Completion:
-    """One reply's identity, and its events rendered as OpenAI objects."""
+class Answer:
+    """One answer's identity, and its events rendered as OpenAI objects (a subclass each)."""
 
-    def __init__(self, completion_id: str, created: int, model: str) -> None:
-        self.id, self.created, self.model = completion_id, created, model
+    chunk_object = "chat.completion.chunk"
 
-    def whole(self, final: Final) -> dict:
-        counts = fmt.usage(final.prompt_tokens, final.completion_tokens)
-        return fmt.completion(
-            self.id, self.created, self.model, final.content, final.finish_reason, counts
-        )
+    def __init__(self, completion_id: str, model: str, n: int, prompts: int = 1) -> None:
+        self.id, self.created, self.model = completion_id, int(time.time()), model
+        self.per_prompt = n
+        self.choices = n * prompts  # how many, all prompts together
+
+    def usage(self, finals: dict[int, Final]) -> dict[str, int]:
+        """Token counts: each prompt once (its choices share the prefill), every choice's
+        generated tokens."""
+        prompt = sum(f.prompt_tokens for i, f in finals.items() if i % self.per_prompt == 0)
+        return fmt.usage(prompt, sum(final.completion_tokens for final in finals.values()))
+
+    def whole(self, finals: dict[int, Final]) -> dict:
+        raise NotImplementedError
+
+    def opening(self, index: int) -> dict | None:
+        return None
+
+    def piece(self, index: int, text: str) -> dict:
+        raise NotImplementedError
+
+    def closing(self, index: int, finish_reason: str) -> dict:
+        raise NotImplementedError
 
     async def stream(
-        self, first: Chunk | Final, events: AsyncIterator[Chunk | Final], *, include_usage: bool
+        self,
+        first: tuple[int, Chunk | Final],
+        events: AsyncIterator[tuple[int, Chunk | Final]],
+        *,
+        include_usage: bool,
     ) -> AsyncIterator[bytes]:
-        """Server-sent events: the role, the text as it comes, the finish reason, [DONE].
+        """Server-sent events: an opening per choice, the text as it comes (each chunk naming
+        its choice's index), each choice's finish reason, the usage if asked, [DONE].
 
         Only the reply's text is streamed (not a calculator call's expression or output), so
         the streamed text adds up to the non-streaming reply's content.
         """
+        finals: dict[int, Final] = {}
         async with contextlib.aclosing(events):
-            yield self._chunk({"role": "assistant", "content": ""})
+            for index in range(self.choices):
+                if (opening := self.opening(index)) is not None:
+                    yield _sse(opening)
             try:
-                async for event in _prepend(first, events):
+                async for index, event in _prepend(first, events):
                     if isinstance(event, Final):
-                        yield self._chunk({}, event.finish_reason)
-                        if include_usage:
-                            counts = fmt.usage(event.prompt_tokens, event.completion_tokens)
-                            yield _sse(fmt.usage_chunk(self.id, self.created, self.model, counts))
+                        finals[index] = event
+                        yield _sse(self.closing(index, event.finish_reason))
                     elif text := "".join(text for part, text in event.pieces if part == "text"):
-                        yield self._chunk({"content": text})
+                        yield _sse(self.piece(index, text))
             except EngineError as exc:
                 # Too late for a status code: an error event, which OpenAI clients raise.
                 yield _sse(engine_error(exc).body())
                 return
+            if include_usage:
+                counts = self.usage(finals)
+                yield _sse(fmt.usage_chunk(self.id, self.created, self.model, counts,
+                                           self.chunk_object))  # fmt: skip
         yield b"data: [DONE]\n\n"
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
-        return _sse(fmt.chunk(self.id, self.created, self.model, delta, finish_reason))
+
+class ChatAnswer(Answer):
+    def whole(self, finals: dict[int, Final]) -> dict:
+        contents = [(finals[i].content, finals[i].finish_reason) for i in sorted(finals)]
+        return fmt.completion(self.id, self.created, self.model, contents, self.usage(finals))
+
+    def opening(self, index: int) -> dict:
+        return self._chunk(index, {"role": "assistant", "content": ""})
+
+    def piece(self, index: int, text: str) -> dict:
+        return self._chunk(index, {"content": text})
+
+    def closing(self, index: int, finish_reason: str) -> dict:
+        return self._chunk(index, {}, finish_reason)
+
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> dict:
+        return fmt.chunk(self.id, self.created, self.model, delta, finish_reason, index)
+
+
+class TextAnswer(Answer):
+    chunk_object = "text_completion"
+
+    def __init__(self, completion_id: str, model: str, n: int, prompts: list[str], echo: bool):
+        super().__init__(completion_id, model, n, len(prompts))
+        # Per choice, the prompt to show first (echo: true).
+        self.echoes = [prompt for prompt in prompts for _ in range(n)] if echo else None
+
+    def whole(self, finals: dict[int, Final]) -> dict:
+        texts = [(self._echo(i) + finals[i].content, finals[i].finish_reason)
+                 for i in sorted(finals)]  # fmt: skip
+        return fmt.text_completion(self.id, self.created, self.model, texts, self.usage(finals))
+
+    def opening(self, index: int) -> dict | None:
+        if not self.echoes:
+            return None
+        return fmt.text_chunk(self.id, self.created, self.model, self._echo(index), None, index)
+
+    def piece(self, index: int, text: str) -> dict:
+        return fmt.text_chunk(self.id, self.created, self.model, text, None, index)
+
+    def closing(self, index: int, finish_reason: str) -> dict:
+        return fmt.text_chunk(self.id, self.created, self.model, "", finish_reason, index)
+
+    def _echo(self, index: int) -> str:
+        return self.echoes[index] if self.echoes else ""
 
 
 def _sse(payload: dict) -> bytes:
@@ -174,6 +306,43 @@ async def _generate(request: GenerationRequest) -> AsyncIterator[Chunk | Final]:
     async with Reply(request) as reply:
         async for event in reply:
             yield event
+
+
+async def _merged(requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Chunk | Final]]:
+    """(choice index, event) of all the requests, as they come; request k's choices are
+    numbered from k * n. Closing this early stops every generation still running."""
+    if len(requests) == 1:
+        async with contextlib.aclosing(_generate(requests[0])) as events:
+            async for event in events:
+                yield event.choice, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(offset: int, request: GenerationRequest) -> None:
+        try:
+            async with contextlib.aclosing(_generate(request)) as events:
+                async for event in events:
+                    await queue.put((offset + event.choice, event))
+        except EngineError as exc:
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(k * r.n, r)) for k, r in enumerate(requests)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, EngineError):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
@@ -224,10 +393,13 @@ def model_id(checkpoint: Checkpoint) -> str:
     return f"ckpt-{checkpoint.pk}"
 
 
-def model_object(checkpoint: Checkpoint) -> dict:
-    """A checkpoint as an OpenAI model; stage, step and run ride along for people reading it."""
+def model_object(checkpoint: Checkpoint, alias: str | None = None) -> dict:
+    """A checkpoint as an OpenAI model; stage, step and run ride along for people reading it.
+    An alias (`latest`, `latest-sft`...) is a model too, with `alias_of` naming its checkpoint."""
+    extra = {} if alias is None else {"alias_of": model_id(checkpoint)}
     return {
-        "id": model_id(checkpoint),
+        "id": alias or model_id(checkpoint),
+        **extra,
         "object": "model",
         "created": int(checkpoint.created.timestamp()),
         "owned_by": "nanochat",
@@ -256,11 +428,14 @@ async def find_checkpoint(name: str) -> Checkpoint:
     return found
 
 
-def engine_error(exc: EngineError) -> ApiError:
+def engine_error(exc: EngineError, prompt_param: str = "messages") -> ApiError:
     message = str(exc)
     # The worker's words for a prompt longer than the model's context (chat/decode_loop.py).
     if "tokens long" in message:
-        return ApiError(400, message, param="messages", code="context_length_exceeded")
+        return ApiError(400, message, param=prompt_param, code="context_length_exceeded")
+    # ... and for more choices than it has rows (chat/engine_worker.py).
+    if "asks for more choices" in message:
+        return ApiError(400, message, param="n", code="invalid_value")
     return ApiError(503, message, type="server_error", code="engine_unavailable")
 
 

@@ -1,16 +1,21 @@
-"""The OpenAI chat-completions wire format: a request body in, response objects out.
+"""The OpenAI chat-completions and completions wire format: a request body in, objects out.
 
 Existing OpenAI clients (the official SDKs, curl scripts, chat front ends) should work against
 `/v1/` unchanged, so this module accepts what they send and answers in the shapes they parse.
 It is pure (no Django, no engine): chat/openai_api.py authenticates, finds the checkpoint and
 drives the engine; this turns a JSON body into validated `CompletionParams` and a finished or
-streaming reply into `chat.completion` / `chat.completion.chunk` objects.
+streaming reply into `chat.completion` / `chat.completion.chunk` objects (and the legacy
+`/v1/completions` body into `TextCompletionParams`, answered as `text_completion` objects).
 
-What nanochat cannot do is refused rather than silently ignored, with the field named in the
-error's "param": more than one choice (`n`), stop sequences (`stop`), nucleus sampling
-(`top_p` other than 1), penalties, logprobs and tools. Neutral values of those (`n: 1`,
-`top_p: 1`, `stop: null`...) are accepted, since some clients always send them. Anything else
-unknown (`user`, `metadata`, ...) is ignored, as OpenAI does with fields it does not use.
+Supported: `n` (1-8 choices sampled from one prefill), `stop` (a string or up to 4, matched on
+the decoded text), `seed`, `temperature`, `max_tokens` / `max_completion_tokens`, `stream` and
+`stream_options.include_usage`, and `top_k` as an extension. What nanochat cannot do is refused
+rather than silently ignored, with the field named in the error's "param" (`UNSUPPORTED`):
+nucleus sampling (`top_p` other than 1), penalties, `logit_bias`, logprobs, tools and function
+calls, structured output (`response_format` other than text), audio. Neutral values of those
+(`top_p: 1`, `tools: []`, `response_format: {"type": "text"}`...) are accepted, since some
+clients always send them. Anything else (`user`, `metadata`, `store`...) is harmless metadata
+and ignored, as OpenAI does with fields it does not use. docs/api.md has the table.
 
 Messages: nanochat models know only user and assistant turns, alternating from a user turn. A
 leading `system` (or `developer`) message is folded into the first user message (its text,
@@ -33,23 +38,44 @@ from chat.limits import FieldError, Limits, Sampling
 
 SYSTEM_ROLES = ("system", "developer")
 MAX_SEED = 2**63 - 1
-# Parameters nanochat cannot honour, with the values that ask for nothing (null always does).
-NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "top_p": (1,),
-    "stop": ("", []),
-    "frequency_penalty": (0,),
-    "presence_penalty": (0,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "logit_bias": ({},),
-    "tools": ([],),
-    "tool_choice": ("none",),
+MAX_CHOICES = 8  # n
+MAX_STOPS = 4  # stop strings
+MAX_STOP_CHARS = 200  # per stop string
+MAX_PROMPTS = 8  # /v1/completions: prompts in one request
+# Parameters nanochat cannot honour: (the values that ask for nothing -- null always does --,
+# why not). Chat completions and completions share them.
+_TOOLS = "tools and function calling are not supported: nanochat models only write text"
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "top_p": ((1,), "nucleus sampling is not supported (top_p must be 1); use top_k instead"),
+    "frequency_penalty": ((0,), "frequency_penalty is not supported (it must be 0)"),
+    "presence_penalty": ((0,), "presence_penalty is not supported (it must be 0)"),
+    "logit_bias": (({},), "logit_bias is not supported"),
+    "logprobs": ((False,), "logprobs are not supported yet"),
+    "top_logprobs": ((0,), "top_logprobs are not supported yet"),
+    "tools": (([],), _TOOLS),
+    "tool_choice": (("none",), _TOOLS),
+    "parallel_tool_calls": ((False, True), _TOOLS),  # meaningless without tools
+    "functions": (([],), _TOOLS),
+    "function_call": (("none",), _TOOLS),
+    "response_format": (
+        ({"type": "text"},),
+        'structured output is not supported: response_format must be {"type": "text"}',
+    ),
+    "modalities": ((["text"],), 'only text output is supported (modalities must be ["text"])'),
+    "audio": ((), "audio output is not supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "reasoning_effort": ((), "reasoning_effort is not supported: nanochat models do not reason"),
+    "web_search_options": ((), "web search is not supported"),
 }
-UNSUPPORTED_REASONS = {
-    "n": "only one choice per request is supported (n must be 1)",
-    "top_p": "nucleus sampling is not supported (top_p must be 1); use top_k instead",
-    "stop": "stop sequences are not supported; the reply ends at the model's own end token",
+# /v1/completions: the same, except that there logprobs is a number; plus its own.
+UNSUPPORTED_TEXT: dict[str, tuple[tuple[Any, ...], str]] = {
+    **{
+        name: UNSUPPORTED[name]
+        for name in ("top_p", "frequency_penalty", "presence_penalty", "logit_bias")
+    },  # fmt: skip
+    "logprobs": ((0,), "logprobs are not supported yet"),
+    "suffix": (("",), "suffix (insertion) is not supported"),
+    "best_of": ((1,), "best_of is not supported (it must be 1); use n"),
 }
 # The engine's finish reasons, as OpenAI names them ("stopped" can only be a client gone).
 FINISH_REASONS = {"stop": "stop", "length": "length", "stopped": "stop"}
@@ -95,6 +121,101 @@ class CompletionParams:
     stream: bool
     include_usage: bool  # stream_options.include_usage: one more chunk, with the token counts
     seed: int | None  # None: a fresh random seed per reply
+    n: int = 1
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextCompletionParams:
+    """A validated legacy completions request: raw text to continue, no chat template."""
+
+    model: str
+    prompts: list[str]  # each its own group of n choices
+    sampling: Sampling
+    stream: bool
+    include_usage: bool
+    seed: int | None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    echo: bool = False
+
+
+def parse_text_completion(body: Any, lim: Limits) -> TextCompletionParams:
+    """Validate a /v1/completions body; ApiError (400, naming the param) if bad."""
+    if not isinstance(body, Mapping):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        common = _common(body, lim, UNSUPPORTED_TEXT)
+        return TextCompletionParams(
+            **common, prompts=_prompts(body.get("prompt"), lim), echo=_optional_bool(body, "echo")
+        )
+    except FieldError as exc:
+        raise ApiError(400, exc.message, param=exc.field) from None
+
+
+def _prompts(value: Any, lim: Limits) -> list[str]:
+    prompts = [value] if isinstance(value, str) else value
+    if not isinstance(prompts, list) or not prompts:
+        raise FieldError("prompt", "prompt is required: a string or a list of strings")
+    if len(prompts) > MAX_PROMPTS:
+        raise FieldError("prompt", f"at most {MAX_PROMPTS} prompts in one request")
+    for prompt in prompts:  # "" is fine: the model continues from BOS alone
+        if not isinstance(prompt, str):
+            raise FieldError(
+                "prompt", "prompt must be a string or a list of strings (token ids are not "
+                "supported)",
+            )  # fmt: skip
+        if len(prompt) > lim.max_total_chars:
+            raise FieldError("prompt", f"a prompt is at most {lim.max_total_chars} characters")
+    return prompts
+
+
+def _common(
+    body: Mapping[str, Any], lim: Limits, unsupported: dict[str, tuple[tuple[Any, ...], str]]
+) -> dict[str, Any]:
+    """What both endpoints share: model, refusals, sampling, n, stop, stream, seed."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise FieldError("model", "model is required: one of the ids GET /v1/models lists")
+    for name, (neutral, reason) in unsupported.items():
+        value = body.get(name)
+        if value is not None and not _is_one_of(value, neutral):
+            raise FieldError(name, reason)
+    stream = _optional_bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise FieldError("stream_options", "stream_options must be an object")
+    include_usage = _optional_bool(options or {}, "include_usage", "stream_options.include_usage")
+    return {
+        "model": model.strip(),
+        "sampling": _sampling(body, lim),
+        "stream": stream,
+        "include_usage": include_usage,
+        "seed": _seed(body.get("seed")),
+        "n": _choices(body.get("n")),
+        "stop": _stops(body.get("stop")),
+    }
+
+
+def _choices(value: Any) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHOICES:
+        raise FieldError("n", f"n must be a whole number from 1 to {MAX_CHOICES}")
+    return value
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
+        raise FieldError("stop", "stop must be a string or a list of strings")
+    if len(stops) > MAX_STOPS:
+        raise FieldError("stop", f"stop holds at most {MAX_STOPS} strings")
+    if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+        raise FieldError("stop", f"a stop string is at most {MAX_STOP_CHARS} characters")
+    return tuple(stop for stop in stops if stop)  # "" stops nothing
 
 
 def parse_completion(body: Any, lim: Limits) -> CompletionParams:
@@ -108,26 +229,8 @@ def parse_completion(body: Any, lim: Limits) -> CompletionParams:
 
 
 def _parse(body: Mapping[str, Any], lim: Limits) -> CompletionParams:
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise FieldError("model", "model is required: one of the ids GET /v1/models lists")
-    for name, neutral in NEUTRAL_VALUES.items():
-        value = body.get(name)
-        if value is not None and not _is_one_of(value, neutral):
-            raise FieldError(name, UNSUPPORTED_REASONS.get(name, f"{name} is not supported"))
-    stream = _optional_bool(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, Mapping):
-        raise FieldError("stream_options", "stream_options must be an object")
-    include_usage = _optional_bool(options or {}, "include_usage", "stream_options.include_usage")
-    return CompletionParams(
-        model=model.strip(),
-        messages=_messages(body.get("messages"), lim),
-        sampling=_sampling(body, lim),
-        stream=stream,
-        include_usage=include_usage,
-        seed=_seed(body.get("seed")),
-    )
+    common = _common(body, lim, UNSUPPORTED)
+    return CompletionParams(**common, messages=_messages(body.get("messages"), lim))
 
 
 def _messages(value: Any, lim: Limits) -> list[dict[str, str]]:
@@ -224,10 +327,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else FINISH_REASONS.get(reason, "stop")
+
+
 def completion(
-    completion_id: str, created: int, model: str, content: str, finish_reason: str, counts: dict
+    completion_id: str, created: int, model: str, contents: list[tuple[str, str]], counts: dict
 ) -> dict[str, Any]:
-    """A whole reply: the `chat.completion` object."""
+    """A whole reply: the `chat.completion` object, a choice per (content, finish reason)."""
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -235,11 +342,12 @@ def completion(
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": content},
-                "finish_reason": FINISH_REASONS.get(finish_reason, "stop"),
+                "finish_reason": finish_reason(reason),
                 "logprobs": None,
             }
+            for index, (content, reason) in enumerate(contents)
         ],
         "usage": counts,
     }
@@ -250,7 +358,8 @@ def chunk(
     created: int,
     model: str,
     delta: dict[str, str],
-    finish_reason: str | None = None,
+    finish_reason_: str | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     """One streamed piece: the `chat.completion.chunk` object with a single choice."""
     return {
@@ -260,22 +369,59 @@ def chunk(
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "delta": delta,
-                "finish_reason": None
-                if finish_reason is None
-                else FINISH_REASONS.get(finish_reason, "stop"),
+                "finish_reason": finish_reason(finish_reason_),
                 "logprobs": None,
             }
         ],
     }
 
 
-def usage_chunk(completion_id: str, created: int, model: str, counts: dict) -> dict[str, Any]:
+def text_completion(
+    completion_id: str, created: int, model: str, texts: list[tuple[str, str | None]], counts
+) -> dict[str, Any]:
+    """A legacy completion (`text_completion`): a choice per (text, finish reason); while
+    streaming, one choice per chunk and `usage` only on the extra last one."""
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": index,
+                "text": text,
+                "finish_reason": finish_reason(reason),
+                "logprobs": None,
+            }  # fmt: skip
+            for index, (text, reason) in enumerate(texts)
+        ],
+    }
+    if counts is not None:
+        body["usage"] = counts
+    return body
+
+
+def text_chunk(
+    completion_id: str, created: int, model: str, text: str, reason: str | None, index: int
+) -> dict[str, Any]:
+    body = text_completion(completion_id, created, model, [(text, reason)], None)
+    body["choices"][0]["index"] = index
+    return body
+
+
+def usage_chunk(
+    completion_id: str,
+    created: int,
+    model: str,
+    counts: dict,
+    object: str = "chat.completion.chunk",
+) -> dict[str, Any]:
     """The extra last chunk `stream_options.include_usage` asks for: no choices, the counts."""
     return {
         "id": completion_id,
-        "object": "chat.completion.chunk",
+        "object": object,
         "created": created,
         "model": model,
         "choices": [],

@@ -6,11 +6,17 @@ with a fresh reply channel of its own. Whichever engine worker takes the message
 
     engine.accepted  {worker, heartbeat}  first, naming the worker's own channel (for stop);
                                       heartbeat: it keeps a liveness key (chat/stats.py)
-    engine.chunk     {pieces}         new text as it is generated, coalesced; each piece is
+    engine.chunk     {pieces, choice} new text as it is generated, coalesced; each piece is
                                       [part, text] with part "text", "python" or "python_output"
     engine.alive     {}               now and then while nothing else is sent (keepalive)
-    engine.done      {content, parts, finish_reason, counts, timings}   last
+    engine.done      {content, parts, finish_reason, counts, timings, choice}   last (one
+                                      per choice: a request for `n` samples gets n of them)
     engine.error     {message}        last, instead of done: nothing was generated
+
+A request may ask for `n` choices (samples of one prefill, each a row of its own seeded
+differently), for `stop` strings (the worker ends a choice's row at the first one, see
+chat/stop.py) and, with `prompt`, for a raw text continuation without the chat template
+(`messages` is then empty). Chunks and finals carry the `choice` they belong to (0..n-1).
 
 `engine.stop` sent to the worker's channel ends the reply early; the worker then answers with
 engine.done (finish_reason "stopped") carrying the partial text. A fresh channel per reply
@@ -80,6 +86,9 @@ class GenerationRequest:
     top_k: int  # 0 = off
     max_tokens: int
     seed: int
+    n: int = 1  # choices: rows sampled from one prefill
+    stop: list[str] = field(default_factory=list)  # stop strings, matched on the decoded text
+    prompt: str | None = None  # raw text to continue (no chat template); messages is then []
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def as_message(self, reply_channel: str) -> dict[str, Any]:
@@ -95,16 +104,30 @@ class GenerationRequest:
             "id": lambda v: isinstance(v, str) and bool(v),
             "checkpoint_path": lambda v: isinstance(v, str) and bool(v),
             "step": lambda v: _is_int(v) and v >= 0,
-            "messages": lambda v: isinstance(v, list) and bool(v),
+            "messages": lambda v: (
+                isinstance(v, list) and (bool(v) or isinstance(message.get("prompt"), str))
+            ),
             "temperature": lambda v: _is_number(v) and v >= 0,
             "top_k": lambda v: _is_int(v) and v >= 0,
             "max_tokens": lambda v: _is_int(v) and v >= 1,
             "seed": _is_int,
         }
+        optional = {  # absent in messages from an older front end: the defaults
+            "n": (1, lambda v: _is_int(v) and v >= 1),
+            "stop": ([], lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
+            "prompt": (None, lambda v: v is None or isinstance(v, str)),
+        }
+        values = {}
         for name, valid in checks.items():
             if not valid(message.get(name)):
                 raise ProtocolError(f"{name} is missing or invalid: {message.get(name)!r}")
-        return cls(**{name: message[name] for name in checks}), reply
+            values[name] = message[name]
+        for name, (default, valid) in optional.items():
+            value = message.get(name, default)
+            if not valid(value):
+                raise ProtocolError(f"{name} is invalid: {value!r}")
+            values[name] = value
+        return cls(**values), reply
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,7 @@ class Chunk:
     """New text of a reply: (part, text) pieces in order."""
 
     pieces: list[tuple[str, str]]
+    choice: int = 0
 
     @property
     def text(self) -> str:
@@ -138,6 +162,7 @@ class Final:
     time_to_first_token: float | None
     tokens_per_second: float | None
     batch_rows: int
+    choice: int = 0  # which of the request's n choices this is
 
     def as_message(self, request_id: str) -> dict[str, Any]:
         return {"type": DONE, "request": request_id, **asdict(self)}
@@ -145,11 +170,12 @@ class Final:
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Final:
         names = cls.__dataclass_fields__
-        return cls(**{name: message.get(name) for name in names})
+        return cls(**{name: message.get(name) for name in names if name != "choice"},
+                   choice=message.get("choice", 0))  # fmt: skip
 
     def stats(self) -> dict[str, Any]:
         """The numbers, without the text."""
-        return {k: v for k, v in asdict(self).items() if k not in ("content", "parts")}
+        return {k: v for k, v in asdict(self).items() if k not in ("content", "parts", "choice")}
 
 
 def accepted(request_id: str, worker_channel: str, heartbeat: bool = False) -> dict[str, Any]:
@@ -161,8 +187,13 @@ def accepted(request_id: str, worker_channel: str, heartbeat: bool = False) -> d
     }
 
 
-def chunk(request_id: str, pieces: list[tuple[str, str]]) -> dict[str, Any]:
-    return {"type": CHUNK, "request": request_id, "pieces": [list(p) for p in pieces]}
+def chunk(request_id: str, pieces: list[tuple[str, str]], choice: int = 0) -> dict[str, Any]:
+    return {
+        "type": CHUNK,
+        "request": request_id,
+        "pieces": [list(p) for p in pieces],
+        "choice": choice,
+    }
 
 
 def alive(request_id: str) -> dict[str, Any]:
@@ -180,7 +211,8 @@ def stop(request_id: str) -> dict[str, Any]:
 class Reply:
     """One generation on the engine, seen from the front end.
 
-    Iterating yields `Chunk`s then one `Final`, or raises `EngineError`. `stop()` may be called
+    Iterating yields `Chunk`s then one `Final` per choice (n of them, interleaved with other
+    choices' chunks), or raises `EngineError`. `stop()` may be called
     at any time from another task; leaving the `async with` block before the end stops the
     generation too (a closed socket, a client that went away).
     """
@@ -205,6 +237,7 @@ class Reply:
         self._liveness: stats.Liveness | None = None  # when the worker keeps a liveness key
         self._next: asyncio.Future | None = None  # the receive in progress, kept across checks
         self.finished = False
+        self._finals = 0  # engine.done messages received: one per choice
         self._stop_wanted = False
         self._stop_sent = False
 
@@ -260,9 +293,11 @@ class Reply:
                 if self._stop_wanted:
                     await self.stop()
             elif kind == CHUNK:
-                yield Chunk([(part, text) for part, text in message["pieces"]])
+                pieces = [(part, text) for part, text in message["pieces"]]
+                yield Chunk(pieces, message.get("choice", 0))
             elif kind == DONE:
-                self.finished = True
+                self._finals += 1
+                self.finished = self._finals >= self.request.n
                 yield Final.from_message(message)
             elif kind == ERROR:
                 self.finished = True
