@@ -85,6 +85,24 @@ class LanguageModel(Protocol):
     ) -> Iterator[int]: ...
 
 
+def checked_groups(
+    model: nn.Module, groups: dict[str, list[nn.Parameter]]
+) -> dict[str, list[nn.Parameter]]:
+    """`groups` after checking they hold every parameter of `model` exactly once: a parameter
+    added later but missing from `param_groups` would silently never be trained."""
+    grouped = [id(p) for params in groups.values() for p in params]
+    if len(grouped) != len(set(grouped)) or set(grouped) != {id(p) for p in model.parameters()}:
+        raise RuntimeError("param_groups() does not cover every model parameter exactly once")
+    return groups
+
+
+def group_counts(groups: dict[str, list[nn.Parameter]]) -> dict[str, int]:
+    """Parameter counts per group, plus their total (`num_scaling_params`)."""
+    counts = {name: sum(p.numel() for p in params) for name, params in groups.items()}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
 def no_fast_decoder(model: nn.Module, cache: Any) -> None:
     """The default: the engine decodes with the model's own forward."""
     return None

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from engine.attention import attention
 from engine.common import compute_dtype
 from engine.kv_cache import KVCache as KVCacheRows
+from engine.models.base import checked_groups, group_counts
 from engine.models.heads import check_forward_args, generate_naive, head_output
 
 ROTARY_BASE = 10_000
@@ -602,19 +603,11 @@ class GPT(nn.Module):
             "transformer_matrices": list(self.transformer.h.parameters()),
             "scalars": [self.resid_lambdas, self.x0_lambdas],
         }
-        # A parameter added later but missing here would silently never be trained.
-        grouped = {id(p) for params in groups.values() for p in params}
-        if grouped != {id(p) for p in self.parameters()}:
-            raise RuntimeError("param_groups() does not cover every model parameter exactly")
-        return groups
+        return checked_groups(self, groups)
 
     def num_scaling_params(self) -> dict[str, int]:
         """Parameter counts per group of `param_groups()`, plus their total."""
-        counts = {
-            name: sum(p.numel() for p in params) for name, params in self.param_groups().items()
-        }
-        counts["total"] = sum(counts.values())
-        return counts
+        return group_counts(self.param_groups())
 
     def estimate_flops(self) -> int:
         """Training FLOPs per token at full context (forward + backward).

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from engine.attention import attention
 from engine.common import compute_dtype
 from engine.kv_cache import KVCache
-from engine.models.base import Family
+from engine.models.base import Family, checked_groups, group_counts
 from engine.models.gpt import LossReduction
 from engine.models.heads import check_forward_args, generate_naive, head_output
 
@@ -351,19 +351,11 @@ class GPT2(nn.Module):
             "lm_head": [],
             "vectors": vectors,
         }
-        # A parameter added later but missing here would silently never be trained.
-        grouped = [id(p) for params in groups.values() for p in params]
-        if len(grouped) != len(set(grouped)) or set(grouped) != {id(p) for p in self.parameters()}:
-            raise RuntimeError("param_groups() does not cover every model parameter exactly once")
-        return groups
+        return checked_groups(self, groups)
 
     def num_scaling_params(self) -> dict[str, int]:
         """Parameter counts per group of `param_groups()`, plus their total."""
-        counts = {
-            name: sum(p.numel() for p in params) for name, params in self.param_groups().items()
-        }
-        counts["total"] = sum(counts.values())
-        return counts
+        return group_counts(self.param_groups())
 
     def estimate_flops(self) -> int:
         """Training FLOPs per token at full context (forward + backward).

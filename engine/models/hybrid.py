@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from engine.common import compute_dtype
-from engine.models.base import Family
+from engine.models.base import Family, checked_groups, group_counts
 from engine.models.gpt import ROTARY_LENGTH_FACTOR, rotary_halves, rotary_tables
 from engine.models.heads import check_forward_args, generate_naive, head_output
 from engine.models.hybrid_cache import HybridCache, HybridCacheRows
@@ -432,16 +432,11 @@ class Hybrid(nn.Module):
             "lm_head": [self.lm_head.weight],
             "vectors": vectors,
         }
-        grouped = [id(p) for params in groups.values() for p in params]
-        if len(grouped) != len(set(grouped)) or set(grouped) != {id(p) for p in self.parameters()}:
-            raise RuntimeError("param_groups() does not cover every model parameter exactly once")
-        return groups
+        return checked_groups(self, groups)
 
     def num_scaling_params(self) -> dict[str, int]:
         """Parameter counts per group of `param_groups()`, plus their total."""
-        counts = {name: sum(p.numel() for p in ps) for name, ps in self.param_groups().items()}
-        counts["total"] = sum(counts.values())
-        return counts
+        return group_counts(self.param_groups())
 
     def active_matmul_params(self) -> int:
         """Weights one token's matmuls touch, counted from the built modules: every matrix
