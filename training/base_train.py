@@ -299,7 +299,10 @@ def model_config_for(config: dict[str, Any], vocab_size: int, depth: int | None 
     try:
         return family.config_from_flags({**config, "depth": depth or config["depth"]}, vocab_size)
     except ValueError as error:
-        raise ValueError(f"model: {error}") from None
+        # A family's config names its field first; where that is a flag, the error is that
+        # flag's (so a form shows it beside the field), else the family choice's.
+        first = str(error).split(" ", 1)[0]
+        raise ValueError(f"{first if first in FLAGS else 'model'}: {error}") from None
 
 
 def ignored_family_flags(config: dict[str, Any]) -> list[str]:

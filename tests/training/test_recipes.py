@@ -157,3 +157,15 @@ def test_flags_of_other_families_are_named_when_set():
     assert base_train.ignored_family_flags(config) == ["dropout", "window_pattern"]
     config = base_train.FLAGS.validate({"model": "gpt", "window_pattern": "L"})
     assert base_train.ignored_family_flags(config) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [({"layer_pattern": "XYZ"}, "layer_pattern"), ({"experts_per_token": 9}, "experts_per_token")],
+)
+def test_a_bad_family_setting_is_refused_naming_its_flag(values, field):
+    from training import base_train
+
+    config = base_train.FLAGS.validate({"model": "hybrid", "num_experts": 8, **values})
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        base_train.plan(config, 512, 1)
