@@ -44,6 +44,13 @@ same kernels with the same arguments run every step -- what a CUDA graph needs. 
 `cuda_graphs` each bucket's forward is captured once and replayed; with `static_shapes` alone
 it runs eagerly, which is how a CPU checks that the path gives the tokens eager decoding gives.
 
+Log-probabilities (the OpenAI API's `logprobs`): a row whose `SamplingParams.logprobs` is set
+gets, per generated token, the token's log-probability under the model's own distribution --
+the log-softmax of the raw logits (temperature 1, no top-k), whatever the row samples with --
+and the `logprobs` most likely tokens with theirs (`TokenLogprob`, in `Row.logprobs`). Only rows
+that ask pay for it: a step with no such row computes nothing more and reads nothing more from
+the device.
+
 Tools (SPEC §9): a row that emits `<|python_start|> expr <|python_end|>` gets the calculator's
 result forced in as `<|output_start|> result <|output_end|>`; forced tokens have mask 0 and are
 fed to the model like sampled ones.
@@ -74,6 +81,8 @@ if TYPE_CHECKING:
 
 # Yielded by `Engine.generate` in the column of a row that has already finished.
 FINISHED = -1
+# The most alternatives a row may ask to see per token (OpenAI's top_logprobs bound).
+MAX_TOP_LOGPROBS = 20
 # Uniform draws are taken from a row's generator this many at a time: one small tensor op per
 # 64 sampled tokens instead of one per token.
 UNIFORM_BLOCK = 64
@@ -97,6 +106,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     seed: int = 42
+    # None: no log-probabilities; k >= 0: the chosen token's, and the k most likely tokens'.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (_not_int(self.max_tokens) or self.max_tokens < 1):
@@ -112,6 +123,22 @@ class SamplingParams:
             raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
         if _not_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (
+            _not_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], "
+                f"got {self.logprobs!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely tokens at its position (most
+    likely first), all from the log-softmax of the model's raw logits."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(eq=False)
@@ -125,6 +152,9 @@ class Row:
     max_tokens: int
     seed: int
     index: int = 0  # position among the samples of its request
+    top_logprobs: int | None = None  # None: no log-probabilities are computed for this row
+    # Per generated token (forced ones too), when top_logprobs is not None.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator = field(init=False, repr=False)
     masks: list[int] = field(default_factory=list)  # per generated token: 1 sampled, 0 forced
     num_generated: int = 0
@@ -228,6 +258,29 @@ class SamplingSettings:
             return sampled
         greedy = logits.max(dim=-1, keepdim=True).indices
         return torch.where(self.greedy_rows, greedy, sampled)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Per row of (B, V) `logits`: the log-probability of that row's token in `tokens` and the
+    `top` most likely tokens with theirs, most likely first.
+
+    The log-softmax of the logits as the model gives them (temperature 1, no top-k): OpenAI
+    reports the model's distribution, not the one a row happened to sample from. Computed in
+    float32 and read from the device with one copy.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ids = _upload([[token] for token in tokens], torch.long, logits.device)
+    chosen = logp.gather(-1, ids)
+    top = min(top, logits.size(-1))
+    values, indices = logp.topk(top, dim=-1)
+    # One read: ids ride along as float32, exact for any vocabulary under 2**24 tokens.
+    read = torch.cat((chosen, values, indices.to(values.dtype)), dim=-1).tolist()
+    return [
+        TokenLogprob(
+            line[0], [(int(i), v) for v, i in zip(line[1 : top + 1], line[top + 1 :], strict=True)]
+        )  # fmt: skip
+        for line in read
+    ]
 
 
 def sample_tokens(
@@ -398,6 +451,7 @@ class Batch:
                 max_tokens=max_tokens,
                 seed=row_seed(params.seed, i),
                 index=i,
+                top_logprobs=params.logprobs,
                 slot=first + i,
             )
             new_rows.append(row)
@@ -444,10 +498,15 @@ class Batch:
         finished = []
         forced_any = False
         # The step's one wait for the device: everything below is decided from these tokens.
+        chosen = []
         for row, token in zip(rows, sampled.view(-1).tolist(), strict=True):
             mask = 1
             if row.forced:
                 token, mask, forced_any = row.forced.popleft(), 0, True
+            chosen.append((token, mask))
+        if any(row.top_logprobs is not None for row in rows):
+            self._add_logprobs(logits, [token for token, _ in chosen])
+        for row, (token, mask) in zip(rows, chosen, strict=True):
             self._record(row, token, mask)
             events.append((row, token, mask))
             if row.done:
@@ -458,6 +517,19 @@ class Batch:
         if finished:
             self._remove(finished)
         return events
+
+    def _add_logprobs(self, logits: torch.Tensor, tokens: list[int]) -> None:
+        """Append each asking row's `TokenLogprob` for the token it takes this step."""
+        wanted = [i for i, row in enumerate(self.rows) if row.top_logprobs is not None]
+        index = _upload(wanted, torch.long, self.device)
+        found = token_logprobs(
+            logits.index_select(0, index),
+            [tokens[i] for i in wanted],
+            max(self.rows[i].top_logprobs for i in wanted),
+        )
+        for i, entry in zip(wanted, found, strict=True):
+            row = self.rows[i]
+            row.logprobs.append(TokenLogprob(entry.logprob, entry.top[: row.top_logprobs]))
 
     def _static_logits(self) -> torch.Tensor:
         """(B, vocab) logits of the active rows' next tokens through the static decoder."""

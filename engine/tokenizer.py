@@ -190,6 +190,18 @@ class Tokenizer:
             )
         return self._enc.decode([token_id])
 
+    def id_to_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a special token's name), possibly part of a character:
+        what the OpenAI API's logprobs report as a token's `bytes`."""
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(
+                f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        try:
+            return self._enc.decode_single_token_bytes(token_id)
+        except KeyError:  # an unassigned id of a published encoding
+            return b""
+
     def token_bytes(self) -> torch.Tensor:
         """int32 tensor of shape (vocab_size,): the UTF-8 bytes each id stands for, 0 for specials.
 

@@ -257,6 +257,42 @@ def test_sample_tokens_gives_each_row_its_own_top_k_and_temperature():
         assert torch.allclose(counts, expected, atol=2 / n), (temperature, top_k)
 
 
+# ---- log-probabilities ------------------------------------------------------------------------
+
+
+def full_log_softmax(model, tokens):
+    """(len(tokens), vocab) log-probabilities of each next token, from one uncached forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]))[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_logprobs_are_the_models_log_softmax_for_the_rows_that_ask(model, static):
+    batch = Batch(model, None, max_rows=4, static_shapes=static)
+    # Sampled with temperature and top-k, reported from the raw distribution.
+    asking = batch.add_samples(
+        PROMPT, SamplingParams(max_tokens=12, temperature=0.7, top_k=5, seed=3, logprobs=3), 2
+    )
+    plain = batch.add([1, 2, 3], SamplingParams(max_tokens=12, temperature=0.0))
+    while batch.rows:
+        batch.step()
+    assert plain.logprobs == []
+    for row in asking:
+        expected = full_log_softmax(model, row.tokens[:-1])[len(PROMPT) - 1 :]
+        assert len(row.logprobs) == len(row.output_tokens) == 12
+        for entry, token, dist in zip(row.logprobs, row.output_tokens, expected, strict=True):
+            assert entry.logprob == pytest.approx(dist[token].item(), abs=1e-4)
+            values, ids = dist.topk(3)
+            assert [i for i, _ in entry.top] == ids.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+def test_logprobs_are_bounded():
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
 # ---- continuous batching --------------------------------------------------------------------
 
 
