@@ -9,7 +9,9 @@ waiting for them to finish, every row with its own prompt, sampling settings and
 A request for `n` choices is one `Generation` per choice, grouped: the group waits in the
 queue until n rows are free, then joins with one prefill (`Batch.add_samples`: n rows, each
 seeded differently). Each choice streams and finishes on its own; a choice whose text reaches
-one of the request's stop strings (chat/stop.py) has its row cancelled at once.
+one of the request's stop strings (chat/stop.py) has its row cancelled at once. A request
+with `logprobs` has its rows compute each token's log-probability, and each chunk carries the
+entries of the tokens whose text it releases (chat/logprobs.py).
 
 All torch work -- loading, prefill, step -- runs in one thread the loop owns (a Batch is
 driven by a single thread), so the worker's event loop keeps taking requests and stop
@@ -31,6 +33,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from chat.logprobs import LogprobTracker, TokenTexts
 from chat.protocol import Final, GenerationRequest
 from chat.protocol import chunk as chunk_message
 from chat.protocol import error as error_message
@@ -70,6 +73,7 @@ class Generation:
     row: Row | None = None
     builder: ReplyBuilder | None = None
     stopper: StopMatcher | None = None  # when the request has stop strings
+    logprobs: LogprobTracker | None = None  # when the request asks for logprobs
     done: bool = False  # its final (or error) is sent
     slots: int = 0  # the first choice: worker slots its request holds (one per live choice)
     stop_requested: bool = False
@@ -77,6 +81,7 @@ class Generation:
     last_token_at: float | None = None
     batch_rows: int = 0  # the most rows decoded in one step together with this one
     pending: list[tuple[str, str]] = field(default_factory=list)  # text not yet sent
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # its tokens' entries
     chunks_sent: int = 0
     last_chunk_at: float = 0.0
     last_sent_at: float = field(default_factory=time.monotonic)  # any message (keepalive)
@@ -164,6 +169,7 @@ class ModelLoop:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._model = self._tokenizer = None
+        self._texts: TokenTexts | None = None
         self._batch: Batch | None = None
         self.ready = False
         self.tokens_served = 0
@@ -282,13 +288,13 @@ class ModelLoop:
         interval = max(self._chunk_interval, len(self._active) / MAX_CHUNKS_PER_SECOND)
         for gen in self._active:
             due = gen.chunks_sent == 0 or now - gen.last_chunk_at >= interval
-            if gen.pending and due:
+            if (gen.pending or gen.pending_logprobs) and due:
                 self._send_pending(gen, now)
         for gen, reason in turn.finished:
             self._finish(gen, reason)
 
     def _finish(self, gen: Generation, reason: str) -> None:
-        if gen.pending:
+        if gen.pending or gen.pending_logprobs:
             self._send_pending(gen, time.monotonic())
         final = gen.final(reason)
         self._owner.emit(gen, final.as_message(gen.request.id))
@@ -301,10 +307,10 @@ class ModelLoop:
                 merged[-1] = (part, merged[-1][1] + text)
             else:
                 merged.append((part, text))
-        gen.pending = []
+        logprobs, gen.pending, gen.pending_logprobs = gen.pending_logprobs, [], []
         gen.chunks_sent += 1
         gen.last_chunk_at = now
-        self._owner.emit(gen, chunk_message(gen.request.id, merged, gen.choice))
+        self._owner.emit(gen, chunk_message(gen.request.id, merged, gen.choice, logprobs))
 
     def _too_many(self, first: Generation) -> str:
         return (
@@ -322,6 +328,7 @@ class ModelLoop:
             torch.cuda.set_device(self._device)
         model, _ = load_model(self.key.path, self.key.step, device=self._device)
         self._tokenizer = load_tokenizer_for(self.key.path)
+        self._texts = TokenTexts(self._tokenizer)
         self._model = model
         self._new_batch()
         log.info(
@@ -377,6 +384,8 @@ class ModelLoop:
                 gen.first_token_at = now
             gen.last_token_at = now
             gen.batch_rows = max(gen.batch_rows, rows)
+            if gen.logprobs is not None:
+                gen.logprobs.token(token, row.logprobs[-1])
             self._add_text(gen, gen.builder.feed(token))
             if gen.stopper is not None and gen.stopper.matched is not None:
                 if not row.done:
@@ -407,6 +416,7 @@ class ModelLoop:
             temperature=request.temperature,
             top_k=request.top_k or None,
             seed=request.seed,
+            logprobs=request.logprobs,
         )
         rows = self._batch.add_samples(prompt, params, len(gen.group))
         for member, row in zip(gen.group, rows, strict=True):
@@ -414,23 +424,35 @@ class ModelLoop:
             member.builder = ReplyBuilder(self._tokenizer)
             if request.stop:
                 member.stopper = StopMatcher(request.stop)
+            if request.logprobs is not None:
+                member.logprobs = LogprobTracker(self._texts)
             self._active.append(member)
 
     def _add_text(self, gen: Generation, pieces: list[tuple[str, str]]) -> None:
-        """Queue `pieces` to send, the text through the stop matcher when there is one."""
-        stopper = gen.stopper
+        """Queue `pieces` to send, the text through the stop matcher when there is one, and
+        the entries of the tokens whose text goes out with them."""
+        stopper, tracker = gen.stopper, gen.logprobs
         for part, text in pieces:
             if stopper is not None and stopper.matched is not None:
-                return
+                break
+            if tracker is not None and part == "text":
+                tracker.text(len(text))
             if stopper is not None and part == "text":
                 text = stopper.feed(text)
             if text:
                 gen.pending.append((part, text))
+        self._release_logprobs(gen)
+
+    def _release_logprobs(self, gen: Generation) -> None:
+        if gen.logprobs is not None:
+            shown = gen.logprobs.produced if gen.stopper is None else gen.stopper.shown
+            gen.pending_logprobs += gen.logprobs.release(shown)
 
     def _leave(self, gen: Generation, turn: _Turn, reason: str) -> None:
         self._add_text(gen, gen.builder.finish())
         if gen.stopper is not None and gen.stopper.matched is None:
             gen.pending.append(("text", gen.stopper.flush()))
+            self._release_logprobs(gen)
         gen.pending = [(part, text) for part, text in gen.pending if text]
         if gen.stopper is not None and gen.stopper.matched is not None:
             reason = "stop"  # the stop string came with the row's last token

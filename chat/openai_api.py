@@ -22,6 +22,9 @@ and are listed after the checkpoints with `alias_of` naming the checkpoint they 
 `n` choices are one engine request of n rows (one prefill); `/v1/completions` with a list of
 prompts sends one request per prompt, all at once, and numbers the choices prompt by prompt.
 Stop strings are matched by the worker (chat/stop.py), which cancels a choice's row there.
+Logprobs are computed by the worker for the rows of a request that asks (chat/logprobs.py says
+which tokens are listed); each chunk carries the entries of the tokens whose text it carries,
+and the whole answer gathers them per choice.
 Any other path under /v1/ answers 404 in the same error shape (`unknown_path`).
 """
 
@@ -107,6 +110,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     checkpoint = await find_checkpoint(params.model)
     generation = _request(checkpoint, params, messages=params.messages)
     reply = ChatAnswer(f"chatcmpl-{generation.id}", model_id(checkpoint), params.n)
+    reply.with_logprobs = params.logprobs is not None
     return await _answer(reply, [generation], params, "messages")
 
 
@@ -120,6 +124,7 @@ async def completions(request: HttpRequest) -> HttpResponse:
     answer = TextAnswer(
         f"cmpl-{generations[0].id}", model_id(checkpoint), params.n, params.prompts, params.echo
     )
+    answer.with_logprobs = params.logprobs is not None
     return await _answer(answer, generations, params, "prompt")
 
 
@@ -155,6 +160,7 @@ def _request(
         n=params.n,
         stop=list(params.stop),
         prompt=prompt,
+        logprobs=params.logprobs,
     )
 
 
@@ -177,20 +183,26 @@ async def _answer(
         response["X-Accel-Buffering"] = "no"  # a proxy must pass each event on at once
         return response
     finals: dict[int, Final] = {}
+    logprobs: dict[int, list[dict]] = {}
     async with contextlib.aclosing(events):
         try:
             async for index, event in _prepend(first, events):
                 if isinstance(event, Final):
                     finals[index] = event
+                else:
+                    logprobs.setdefault(index, []).extend(event.logprobs)
         except EngineError as exc:
             raise engine_error(exc, prompt_param) from None
-    return JsonResponse(answer.whole(finals))
+    if not answer.with_logprobs:
+        return JsonResponse(answer.whole(finals))
+    return JsonResponse(answer.whole(finals, [logprobs.get(i, []) for i in sorted(finals)]))
 
 
 class Answer:
     """One answer's identity, and its events rendered as OpenAI objects (a subclass each)."""
 
     chunk_object = "chat.completion.chunk"
+    with_logprobs = False  # whether the request asked for logprobs
 
     def __init__(self, completion_id: str, model: str, n: int, prompts: int = 1) -> None:
         self.id, self.created, self.model = completion_id, int(time.time()), model
@@ -203,13 +215,14 @@ class Answer:
         prompt = sum(f.prompt_tokens for i, f in finals.items() if i % self.per_prompt == 0)
         return fmt.usage(prompt, sum(final.completion_tokens for final in finals.values()))
 
-    def whole(self, finals: dict[int, Final]) -> dict:
+    def whole(self, finals: dict[int, Final], logprobs: list[list[dict]] | None = None) -> dict:
+        """The whole answer; `logprobs`: each choice's token entries, when asked for."""
         raise NotImplementedError
 
     def opening(self, index: int) -> dict | None:
         return None
 
-    def piece(self, index: int, text: str) -> dict:
+    def piece(self, index: int, text: str, logprobs: list[dict]) -> dict:
         raise NotImplementedError
 
     def closing(self, index: int, finish_reason: str) -> dict:
@@ -239,7 +252,8 @@ class Answer:
                         finals[index] = event
                         yield _sse(self.closing(index, event.finish_reason))
                     elif text := "".join(text for part, text in event.pieces if part == "text"):
-                        yield _sse(self.piece(index, text))
+                        logprobs = event.logprobs if self.with_logprobs else None
+                        yield _sse(self.piece(index, text, logprobs))
             except EngineError as exc:
                 # Too late for a status code: an error event, which OpenAI clients raise.
                 yield _sse(engine_error(exc).body())
@@ -252,21 +266,28 @@ class Answer:
 
 
 class ChatAnswer(Answer):
-    def whole(self, finals: dict[int, Final]) -> dict:
+    def whole(self, finals: dict[int, Final], logprobs: list[list[dict]] | None = None) -> dict:
         contents = [(finals[i].content, finals[i].finish_reason) for i in sorted(finals)]
-        return fmt.completion(self.id, self.created, self.model, contents, self.usage(finals))
+        counts = self.usage(finals)
+        return fmt.completion(self.id, self.created, self.model, contents, counts, logprobs)
 
     def opening(self, index: int) -> dict:
         return self._chunk(index, {"role": "assistant", "content": ""})
 
-    def piece(self, index: int, text: str) -> dict:
-        return self._chunk(index, {"content": text})
+    def piece(self, index: int, text: str, logprobs: list[dict] | None) -> dict:
+        return self._chunk(index, {"content": text}, logprobs=logprobs)
 
     def closing(self, index: int, finish_reason: str) -> dict:
         return self._chunk(index, {}, finish_reason)
 
-    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> dict:
-        return fmt.chunk(self.id, self.created, self.model, delta, finish_reason, index)
+    def _chunk(
+        self,
+        index: int,
+        delta: dict,
+        finish_reason: str | None = None,
+        logprobs: list[dict] | None = None,
+    ) -> dict:
+        return fmt.chunk(self.id, self.created, self.model, delta, finish_reason, index, logprobs)
 
 
 class TextAnswer(Answer):
@@ -277,18 +298,19 @@ class TextAnswer(Answer):
         # Per choice, the prompt to show first (echo: true).
         self.echoes = [prompt for prompt in prompts for _ in range(n)] if echo else None
 
-    def whole(self, finals: dict[int, Final]) -> dict:
+    def whole(self, finals: dict[int, Final], logprobs: list[list[dict]] | None = None) -> dict:
         texts = [(self._echo(i) + finals[i].content, finals[i].finish_reason)
                  for i in sorted(finals)]  # fmt: skip
-        return fmt.text_completion(self.id, self.created, self.model, texts, self.usage(finals))
+        counts = self.usage(finals)
+        return fmt.text_completion(self.id, self.created, self.model, texts, counts, logprobs)
 
     def opening(self, index: int) -> dict | None:
         if not self.echoes:
             return None
         return fmt.text_chunk(self.id, self.created, self.model, self._echo(index), None, index)
 
-    def piece(self, index: int, text: str) -> dict:
-        return fmt.text_chunk(self.id, self.created, self.model, text, None, index)
+    def piece(self, index: int, text: str, logprobs: list[dict] | None) -> dict:
+        return fmt.text_chunk(self.id, self.created, self.model, text, None, index, logprobs)
 
     def closing(self, index: int, finish_reason: str) -> dict:
         return fmt.text_chunk(self.id, self.created, self.model, "", finish_reason, index)

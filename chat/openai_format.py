@@ -9,10 +9,11 @@ streaming reply into `chat.completion` / `chat.completion.chunk` objects (and th
 
 Supported: `n` (1-8 choices sampled from one prefill), `stop` (a string or up to 4, matched on
 the decoded text), `seed`, `temperature`, `max_tokens` / `max_completion_tokens`, `stream` and
-`stream_options.include_usage`, and `top_k` as an extension. What nanochat cannot do is refused
-rather than silently ignored, with the field named in the error's "param" (`UNSUPPORTED`):
-nucleus sampling (`top_p` other than 1), penalties, `logit_bias`, logprobs, tools and function
-calls, structured output (`response_format` other than text), audio. Neutral values of those
+`stream_options.include_usage`, `logprobs` (chat: `logprobs: true` and `top_logprobs` 0-20;
+completions: `logprobs` 0-5, OpenAI's legacy shape), and `top_k` as an extension. What nanochat
+cannot do is refused rather than silently ignored, with the field named in the error's "param"
+(`UNSUPPORTED`): nucleus sampling (`top_p` other than 1), penalties, `logit_bias`, tools and
+function calls, structured output (`response_format` other than text), audio. Neutral values of those
 (`top_p: 1`, `tools: []`, `response_format: {"type": "text"}`...) are accepted, since some
 clients always send them. Anything else (`user`, `metadata`, `store`...) is harmless metadata
 and ignored, as OpenAI does with fields it does not use. docs/api.md has the table.
@@ -42,6 +43,8 @@ MAX_CHOICES = 8  # n
 MAX_STOPS = 4  # stop strings
 MAX_STOP_CHARS = 200  # per stop string
 MAX_PROMPTS = 8  # /v1/completions: prompts in one request
+MAX_TOP_LOGPROBS = 20  # chat: alternatives listed per token (OpenAI's bound)
+MAX_TEXT_LOGPROBS = 5  # completions: the same, in the legacy API (OpenAI's bound)
 # Parameters nanochat cannot honour: (the values that ask for nothing -- null always does --,
 # why not). Chat completions and completions share them.
 _TOOLS = "tools and function calling are not supported: nanochat models only write text"
@@ -50,8 +53,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "frequency_penalty": ((0,), "frequency_penalty is not supported (it must be 0)"),
     "presence_penalty": ((0,), "presence_penalty is not supported (it must be 0)"),
     "logit_bias": (({},), "logit_bias is not supported"),
-    "logprobs": ((False,), "logprobs are not supported yet"),
-    "top_logprobs": ((0,), "top_logprobs are not supported yet"),
     "tools": (([],), _TOOLS),
     "tool_choice": (("none",), _TOOLS),
     "parallel_tool_calls": ((False, True), _TOOLS),  # meaningless without tools
@@ -67,13 +68,12 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "reasoning_effort": ((), "reasoning_effort is not supported: nanochat models do not reason"),
     "web_search_options": ((), "web search is not supported"),
 }
-# /v1/completions: the same, except that there logprobs is a number; plus its own.
+# /v1/completions: the same (but tools), plus its own.
 UNSUPPORTED_TEXT: dict[str, tuple[tuple[Any, ...], str]] = {
     **{
         name: UNSUPPORTED[name]
         for name in ("top_p", "frequency_penalty", "presence_penalty", "logit_bias")
     },  # fmt: skip
-    "logprobs": ((0,), "logprobs are not supported yet"),
     "suffix": (("",), "suffix (insertion) is not supported"),
     "best_of": ((1,), "best_of is not supported (it must be 1); use n"),
 }
@@ -123,6 +123,7 @@ class CompletionParams:
     seed: int | None  # None: a fresh random seed per reply
     n: int = 1
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k: each token's, with k alternatives
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class TextCompletionParams:
     n: int = 1
     stop: tuple[str, ...] = ()
     echo: bool = False
+    logprobs: int | None = None
 
 
 def parse_text_completion(body: Any, lim: Limits) -> TextCompletionParams:
@@ -146,11 +148,43 @@ def parse_text_completion(body: Any, lim: Limits) -> TextCompletionParams:
         raise ApiError(400, "the request body must be a JSON object")
     try:
         common = _common(body, lim, UNSUPPORTED_TEXT)
+        echo, logprobs = _optional_bool(body, "echo"), _text_logprobs(body.get("logprobs"))
+        if echo and logprobs is not None:
+            raise FieldError(
+                "echo", "echo cannot be combined with logprobs: the prompt's log-probabilities "
+                "are not computed (ask without echo and prepend the prompt yourself)",
+            )  # fmt: skip
         return TextCompletionParams(
-            **common, prompts=_prompts(body.get("prompt"), lim), echo=_optional_bool(body, "echo")
+            **common, prompts=_prompts(body.get("prompt"), lim), echo=echo, logprobs=logprobs
         )
     except FieldError as exc:
         raise ApiError(400, exc.message, param=exc.field) from None
+
+
+def _text_logprobs(value: Any) -> int | None:
+    """The legacy `logprobs`: null (none) or how many alternatives per token, 0 to 5."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TEXT_LOGPROBS:
+        raise FieldError(
+            "logprobs", f"logprobs must be null or a whole number from 0 to {MAX_TEXT_LOGPROBS}"
+        )
+    return value
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """`logprobs: true` with `top_logprobs` alternatives (0 to 20) per token, else None."""
+    wanted = _optional_bool(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise FieldError(
+            "top_logprobs", f"top_logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}"
+        )
+    if top and not wanted:
+        raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+    return top if wanted else None
 
 
 def _prompts(value: Any, lim: Limits) -> list[str]:
@@ -230,7 +264,9 @@ def parse_completion(body: Any, lim: Limits) -> CompletionParams:
 
 def _parse(body: Mapping[str, Any], lim: Limits) -> CompletionParams:
     common = _common(body, lim, UNSUPPORTED)
-    return CompletionParams(**common, messages=_messages(body.get("messages"), lim))
+    return CompletionParams(
+        **common, messages=_messages(body.get("messages"), lim), logprobs=_chat_logprobs(body)
+    )
 
 
 def _messages(value: Any, lim: Limits) -> list[dict[str, str]]:
@@ -331,10 +367,45 @@ def finish_reason(reason: str | None) -> str | None:
     return None if reason is None else FINISH_REASONS.get(reason, "stop")
 
 
+def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A choice's `logprobs` from the worker's token entries (chat/logprobs.py); None when
+    they were not asked for."""
+    if entries is None:
+        return None
+    content = [{key: value for key, value in entry.items() if key != "offset"}
+               for entry in entries]  # fmt: skip
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The legacy completions' `logprobs`: parallel lists, each position's alternatives as
+    {token: logprob} with the chosen token among them (so up to k + 1 of them, as OpenAI)."""
+    if entries is None:
+        return None
+    tops = []
+    for entry in entries:
+        top = {other["token"]: other["logprob"] for other in entry["top_logprobs"]}
+        top.setdefault(entry["token"], entry["logprob"])
+        tops.append(top)
+    return {
+        "tokens": [entry["token"] for entry in entries],
+        "token_logprobs": [entry["logprob"] for entry in entries],
+        "top_logprobs": tops,
+        "text_offset": [entry["offset"] for entry in entries],
+    }
+
+
 def completion(
-    completion_id: str, created: int, model: str, contents: list[tuple[str, str]], counts: dict
+    completion_id: str,
+    created: int,
+    model: str,
+    contents: list[tuple[str, str]],
+    counts: dict,
+    logprobs: list[list[dict[str, Any]] | None] | None = None,
 ) -> dict[str, Any]:
-    """A whole reply: the `chat.completion` object, a choice per (content, finish reason)."""
+    """A whole reply: the `chat.completion` object, a choice per (content, finish reason),
+    with each choice's token entries when logprobs were asked."""
+    logprobs = logprobs or [None] * len(contents)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -345,9 +416,11 @@ def completion(
                 "index": index,
                 "message": {"role": "assistant", "content": content},
                 "finish_reason": finish_reason(reason),
-                "logprobs": None,
+                "logprobs": chat_logprobs(entries),
             }
-            for index, (content, reason) in enumerate(contents)
+            for index, ((content, reason), entries) in enumerate(
+                zip(contents, logprobs, strict=True)
+            )
         ],
         "usage": counts,
     }
@@ -360,8 +433,10 @@ def chunk(
     delta: dict[str, str],
     finish_reason_: str | None = None,
     index: int = 0,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One streamed piece: the `chat.completion.chunk` object with a single choice."""
+    """One streamed piece: the `chat.completion.chunk` object with a single choice (and the
+    entries of the tokens whose text it carries, when logprobs were asked)."""
     return {
         "id": completion_id,
         "object": "chat.completion.chunk",
@@ -372,17 +447,23 @@ def chunk(
                 "index": index,
                 "delta": delta,
                 "finish_reason": finish_reason(finish_reason_),
-                "logprobs": None,
+                "logprobs": chat_logprobs(logprobs),
             }
         ],
     }
 
 
 def text_completion(
-    completion_id: str, created: int, model: str, texts: list[tuple[str, str | None]], counts
+    completion_id: str,
+    created: int,
+    model: str,
+    texts: list[tuple[str, str | None]],
+    counts,
+    logprobs: list[list[dict[str, Any]] | None] | None = None,
 ) -> dict[str, Any]:
     """A legacy completion (`text_completion`): a choice per (text, finish reason); while
     streaming, one choice per chunk and `usage` only on the extra last one."""
+    logprobs = logprobs or [None] * len(texts)
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "text_completion",
@@ -393,9 +474,9 @@ def text_completion(
                 "index": index,
                 "text": text,
                 "finish_reason": finish_reason(reason),
-                "logprobs": None,
-            }  # fmt: skip
-            for index, (text, reason) in enumerate(texts)
+                "logprobs": text_logprobs(entries),
+            }
+            for index, ((text, reason), entries) in enumerate(zip(texts, logprobs, strict=True))
         ],
     }
     if counts is not None:
@@ -404,9 +485,15 @@ def text_completion(
 
 
 def text_chunk(
-    completion_id: str, created: int, model: str, text: str, reason: str | None, index: int
+    completion_id: str,
+    created: int,
+    model: str,
+    text: str,
+    reason: str | None,
+    index: int,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    body = text_completion(completion_id, created, model, [(text, reason)], None)
+    body = text_completion(completion_id, created, model, [(text, reason)], None, [logprobs])
     body["choices"][0]["index"] = index
     return body
 

@@ -6,8 +6,10 @@ with a fresh reply channel of its own. Whichever engine worker takes the message
 
     engine.accepted  {worker, heartbeat}  first, naming the worker's own channel (for stop);
                                       heartbeat: it keeps a liveness key (chat/stats.py)
-    engine.chunk     {pieces, choice} new text as it is generated, coalesced; each piece is
-                                      [part, text] with part "text", "python" or "python_output"
+    engine.chunk     {pieces, choice, logprobs?} new text as it is generated, coalesced; each
+                                      piece is [part, text] with part "text", "python" or
+                                      "python_output"; logprobs (when asked): the entries of
+                                      the tokens whose text this chunk releases (`logprobs`)
     engine.alive     {}               now and then while nothing else is sent (keepalive)
     engine.done      {content, parts, finish_reason, counts, timings, choice}   last (one
                                       per choice: a request for `n` samples gets n of them)
@@ -17,6 +19,10 @@ A request may ask for `n` choices (samples of one prefill, each a row of its own
 differently), for `stop` strings (the worker ends a choice's row at the first one, see
 chat/stop.py) and, with `prompt`, for a raw text continuation without the chat template
 (`messages` is then empty). Chunks and finals carry the `choice` they belong to (0..n-1).
+With `logprobs` (0..20: how many alternatives per token) each chunk also carries, per token
+of the reply's text it releases, `{token, bytes, logprob, top_logprobs: [{token, bytes,
+logprob}], offset}` -- offset: where the token's text starts in the reply's text (see
+chat/logprobs.py for which tokens are listed).
 
 `engine.stop` sent to the worker's channel ends the reply early; the worker then answers with
 engine.done (finish_reason "stopped") carrying the partial text. A fresh channel per reply
@@ -89,6 +95,7 @@ class GenerationRequest:
     n: int = 1  # choices: rows sampled from one prefill
     stop: list[str] = field(default_factory=list)  # stop strings, matched on the decoded text
     prompt: str | None = None  # raw text to continue (no chat template); messages is then []
+    logprobs: int | None = None  # None: none; k: each token's and its k likeliest alternatives'
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def as_message(self, reply_channel: str) -> dict[str, Any]:
@@ -116,6 +123,7 @@ class GenerationRequest:
             "n": (1, lambda v: _is_int(v) and v >= 1),
             "stop": ([], lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
             "prompt": (None, lambda v: v is None or isinstance(v, str)),
+            "logprobs": (None, lambda v: v is None or (_is_int(v) and 0 <= v <= 20)),
         }
         values = {}
         for name, valid in checks.items():
@@ -136,6 +144,7 @@ class Chunk:
 
     pieces: list[tuple[str, str]]
     choice: int = 0
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # when the request asked
 
     @property
     def text(self) -> str:
@@ -187,13 +196,21 @@ def accepted(request_id: str, worker_channel: str, heartbeat: bool = False) -> d
     }
 
 
-def chunk(request_id: str, pieces: list[tuple[str, str]], choice: int = 0) -> dict[str, Any]:
-    return {
+def chunk(
+    request_id: str,
+    pieces: list[tuple[str, str]],
+    choice: int = 0,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    message = {
         "type": CHUNK,
         "request": request_id,
         "pieces": [list(p) for p in pieces],
         "choice": choice,
     }
+    if logprobs:
+        message["logprobs"] = logprobs
+    return message
 
 
 def alive(request_id: str) -> dict[str, Any]:
@@ -294,7 +311,7 @@ class Reply:
                     await self.stop()
             elif kind == CHUNK:
                 pieces = [(part, text) for part, text in message["pieces"]]
-                yield Chunk(pieces, message.get("choice", 0))
+                yield Chunk(pieces, message.get("choice", 0), message.get("logprobs") or [])
             elif kind == DONE:
                 self._finals += 1
                 self.finished = self._finals >= self.request.n

@@ -21,6 +21,7 @@ class StopMatcher:
         self.matched: str | None = None  # the stop string found, once found
         self._held = ""
         self._shown: list[str] = []
+        self.shown = 0  # characters shown so far: len(self.text)
 
     def feed(self, text: str) -> str:
         """The part of `text` (with what was held back) that can be shown now."""
@@ -50,6 +51,7 @@ class StopMatcher:
     def _show(self, text: str) -> str:
         if text:
             self._shown.append(text)
+            self.shown += len(text)
         return text
 
 

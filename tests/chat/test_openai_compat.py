@@ -1,5 +1,5 @@
-"""OpenAI compatibility beyond the basics: n, stop, /v1/completions, refusals, JSON 404/405,
-model aliases -- through the official `openai` client against daphne and the engine worker of
+"""OpenAI compatibility beyond the basics: n, stop, /v1/completions, logprobs, refusals, JSON
+404/405, model aliases -- through the official `openai` client against daphne and the engine worker of
 tests/chat/conftest.py (the fixtures of test_openai_api.py), and the stop matcher on its own.
 """
 
@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import openai
 import pytest
+import torch
 from django.test import Client
 
 from chat.stop import StopMatcher
-from engine.checkpoint import load_tokenizer_for
+from engine.checkpoint import load_model, load_tokenizer_for
 from tests.chat.conftest import STEP
 from tests.chat.test_openai_api import client, server, token  # noqa: F401 (fixtures)
 
@@ -166,8 +167,9 @@ def test_completions_continue_raw_text_on_a_base_checkpoint(client, checkpoint, 
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"presence_penalty": -1}, "presence_penalty"),
         ({"logit_bias": {"12": 5}}, "logit_bias"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": 1}, "logprobs"),
         ({"n": 9}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
@@ -178,12 +180,97 @@ def test_unsupported_parameters_are_a_400_naming_them(client, checkpoint, change
     assert caught.value.param == param and caught.value.type == "invalid_request_error"
 
 
-def test_completions_refuse_suffix_and_logprobs(client, checkpoint):  # noqa: F811
-    for change, param in (({"suffix": "end"}, "suffix"), ({"logprobs": 2}, "logprobs")):
+def test_completions_refuse_suffix_and_bad_logprobs(client, checkpoint):  # noqa: F811
+    for change, param in (
+        ({"suffix": "end"}, "suffix"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": 2, "echo": True}, "echo"),
+    ):
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="latest", prompt="Hi", **change)
         assert caught.value.param == param
         assert param in caught.value.message or "not supported" in caught.value.message
+
+
+# ---- logprobs: the model's log-softmax, checked against a direct forward -------------------
+
+
+def direct_logprobs(checkpoint, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """(len(generated), vocab) log-softmax of the checkpoint's logits at each generated
+    position, from one uncached forward over the prompt and the generated tokens."""
+    model, _ = load_model(checkpoint.path, STEP)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + generated[:-1]]))[0]
+    return torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 :]
+
+
+def ids_by(tokenizer, key) -> dict:
+    """Ordinary token ids by `key(bytes)`; asserts the key tells them apart."""
+    ordinary = range(tokenizer.vocab_size - len(tokenizer.special_tokens))
+    found = {key(tokenizer.id_to_bytes(i)): i for i in ordinary}
+    assert len(found) == len(ordinary)
+    return found
+
+
+def test_chat_logprobs_are_the_models_log_softmax(client, checkpoint, engine):  # noqa: F811
+    tokenizer = load_tokenizer_for(checkpoint.path)
+    request = ask(checkpoint, max_tokens=8, temperature=1.0, seed=5, logprobs=True,
+                  top_logprobs=3)  # fmt: skip
+    reply = client.chat.completions.create(**request)
+    (choice,) = reply.choices
+    entries = choice.logprobs.content
+    assert len(entries) == 8 and all(len(entry.top_logprobs) == 3 for entry in entries)
+    prompt = tokenizer.render_for_completion({"messages": request["messages"]})
+    by_bytes = ids_by(tokenizer, bytes)
+    generated = [by_bytes[bytes(entry.bytes)] for entry in entries]
+    expected = direct_logprobs(checkpoint, prompt, generated)
+    for entry, token_id, dist in zip(entries, generated, expected, strict=True):
+        assert entry.logprob == pytest.approx(dist[token_id].item(), abs=1e-4)
+        tops = [top.logprob for top in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        assert tops[0] == pytest.approx(dist.max().item(), abs=1e-4)
+        assert bytes(entry.top_logprobs[0].bytes) == tokenizer.id_to_bytes(int(dist.argmax()))
+    assert tokenizer.decode(generated) == choice.message.content
+    # Streamed: every piece of text comes with its tokens' entries, the same ones.
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    pieces = [c.choices[0] for c in chunks if c.choices[0].delta.content]
+    assert pieces and all(piece.logprobs.content for piece in pieces)
+    streamed = [entry for piece in pieces for entry in piece.logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in entries]
+
+
+def test_completion_logprobs_in_the_legacy_shape_and_cut_at_a_stop(client, checkpoint, engine):  # noqa: F811
+    tokenizer = load_tokenizer_for(checkpoint.path)
+    request = {"model": f"ckpt-{checkpoint.pk}", "prompt": "The quick", "max_tokens": 10,
+               "seed": 2, "logprobs": 2}  # fmt: skip
+    (choice,) = client.completions.create(**request).choices
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 10
+    prompt = tokenizer.encode("The quick", prepend=tokenizer.get_bos_token_id())
+    by_text = ids_by(tokenizer, lambda raw: raw.decode("utf-8", "backslashreplace"))
+    generated = [by_text[text] for text in lp.tokens]
+    expected = direct_logprobs(checkpoint, prompt, generated)
+    rows = zip(lp.tokens, lp.token_logprobs, generated, lp.top_logprobs, expected, strict=True)
+    for text, value, token_id, top, dist in rows:
+        assert value == pytest.approx(dist[token_id].item(), abs=1e-4)
+        # The 2 most likely, and the chosen token among them (so 2 or 3 of them).
+        likeliest = {tokenizer.id_to_bytes(i).decode("utf-8", "backslashreplace")
+                     for i in dist.topk(2).indices.tolist()}  # fmt: skip
+        assert set(top) >= likeliest and len(top) <= 3 and top[text] == value
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # A stop string inside the text: the tokens starting at or after the cut are dropped.
+    stop = choice.text[len(choice.text) // 2 :][:3]
+    cut = client.completions.create(**request, stop=stop).choices[0]
+    assert cut.text == choice.text[: choice.text.index(stop)]
+    kept = cut.logprobs.text_offset
+    assert kept == lp.text_offset[: len(kept)] and all(offset < len(cut.text) for offset in kept)
+    assert len(kept) == sum(offset < len(cut.text) for offset in lp.text_offset)
+    # Streamed: each chunk's entries, absolute offsets, add up to the whole.
+    chunks = list(client.completions.create(**request, stream=True))
+    offsets = [
+        o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+    ]
+    assert offsets == lp.text_offset
 
 
 def test_neutral_values_and_metadata_are_accepted(client, checkpoint, engine):  # noqa: F811
