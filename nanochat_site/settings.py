@@ -225,6 +225,11 @@ SPECTACULAR_SETTINGS = {
         "RunStatusEnum": "runs.models.Status",
         "ArtifactStatusEnum": "runs.models.ArtifactStatus",
     },
+    # The OpenAI-compatible /v1 views are not DRF views: chat/openai_schema.py adds them.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "chat.openai_schema.add_openai_paths",
+    ],
 }
 
 LOGGING = {

@@ -25,6 +25,20 @@ def test_schema_lists_the_runs_endpoints(api, alice):
         assert path in paths, path
 
 
+def test_schema_lists_the_openai_endpoints(api, alice):
+    schema = api(alice).get("/api/schema/", HTTP_ACCEPT=OPENAPI_JSON).json()
+    paths = schema["paths"]
+    assert set(paths["/v1/models"]) == {"get"} and set(paths["/v1/models/{model}"]) == {"get"}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        post = paths[path]["post"]
+        assert {"400", "401", "404", "503"} <= set(post["responses"]), path
+        assert {"bearerAuth": []} in post["security"], path
+    chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert chat["top_logprobs"]["maximum"] == 20
+    text = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert text["logprobs"]["maximum"] == 5
+
+
 def test_schema_is_readable_with_a_token(api, alice):
     response = api(alice, token=True).get("/api/schema/", HTTP_ACCEPT=OPENAPI_JSON)
     assert response.status_code == 200
