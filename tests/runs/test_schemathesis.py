@@ -13,6 +13,12 @@ in a savepoint rolled back afterwards, so a DELETE or a POST in one example neve
 the next one sees; the Celery message that a submit sends on commit is never sent, so no worker
 is needed (Redis runs: the chat stats endpoint reads it).
 
+The OpenAI-compatible /v1 endpoints are in the schema too (chat/openai_schema.py) and fuzzed
+the same way, with the same token (they take `Token <key>` as well as `Bearer <key>`). No
+engine worker runs here: a request valid enough to reach the engine (a model id that exists)
+is sent to a channel nobody reads and answers the documented 503 after one second
+(`no_engine`), so the run stays fast; tests/chat/test_openai_*.py cover real generation.
+
 Bounded for CI on 2 cores: MAX_EXAMPLES per operation, derandomized so a failure reproduces;
 SCHEMATHESIS_MAX_EXAMPLES=500 in the environment fuzzes deeper by hand.
 """
@@ -26,6 +32,7 @@ import schemathesis
 from django.core.signals import request_finished, request_started
 from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections, transaction
+from django.test import override_settings
 from drf_spectacular.generators import SchemaGenerator
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -101,6 +108,19 @@ def in_test_transaction():
     yield
     request_started.connect(close_old_connections)
     request_finished.connect(close_old_connections)
+
+
+@pytest.fixture(autouse=True)
+def no_engine():
+    """No engine worker: what reaches the engine is a quick 503 (see the module docstring).
+
+    Autouse, so that the test function's source, from which hypothesis derives its
+    derandomized seed, and with it the examples generated for every operation, stay as they
+    were before /v1 joined the schema."""
+    with override_settings(
+        CHAT_ENGINE_CHANNEL="engine-schemathesis-nobody", CHAT_ENGINE_ACCEPT_TIMEOUT=1
+    ):
+        yield
 
 
 @schema.parametrize()
