@@ -8,7 +8,7 @@ from django.urls import reverse
 
 from chat.models import Conversation, Message
 from engine.models.gpt import GPTConfig, count_params
-from runs.models import Checkpoint
+from runs.models import Checkpoint, EvalResult, Run, RunEvent
 
 pytestmark = pytest.mark.django_db
 
@@ -142,6 +142,27 @@ def test_each_model_has_a_card_and_tiny_ones_say_what_to_expect(client, alice, m
     assert "Completion mode" in text  # a base model says how to use it
     contexts = {c["id"]: c["context"] for c in page_state(response)["checkpoints"]}
     assert contexts[demo.pk] == 256 and contexts[models["rl"].pk] is None
+
+
+def test_a_fine_tunes_card_counts_its_parents_tokens_and_shows_its_scores(client, alice):
+    def trained(kind, parent, batch, step, stage):
+        run = Run.objects.create(kind=kind, parent_checkpoint=parent)
+        RunEvent.objects.create(run=run, seq=0, type="start", time=0.0,
+                                data={"derived": {"total_batch_size": batch}})  # fmt: skip
+        return Checkpoint.objects.create(run=run, stage=stage, step=step, path=f"/c/{stage}/d20",
+                                         model_config=D20.to_dict())  # fmt: skip
+
+    base = trained("base", None, 524288, 2000, "base")  # 1.05B tokens
+    sft = trained("sft", base, 65536, 100, "sft")  # 6.55M more
+    EvalResult.objects.create(run=sft.run, checkpoint=sft, task="ChatCORE", metric="centered",
+                              value=0.123456)  # fmt: skip
+    client.force_login(alice)
+    html = client.get(reverse("chat-page")).content.decode()
+    card = re.search(rf'data-checkpoint="{sft.pk}"(.*?)</section>', html, re.S).group(1)
+    assert f'data-value="{524288 * 2000 + 65536 * 100}"><dt>tokens trained</dt>' in card
+    assert "<dd>1.06B (base 1.05B + sft 6.55M)</dd>" in card
+    assert "<dt>ChatCORE</dt><dd>0.1235</dd>" in card and f"<dd>run {sft.run_id}</dd>" in card
+    assert "nonsense" not in card  # 1.4B parameters trained on a billion tokens: no toy
 
 
 def test_an_opened_conversation_brings_its_messages_and_model(client, alice, models):
