@@ -16,8 +16,10 @@ class MessageInline(admin.TabularInline):
 
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
-    list_display = ("id", "title", "owner", "checkpoint", "checkpoint_step", "updated", "created")
-    list_filter = ("checkpoint__stage", "updated")
+    list_display = (
+        "id", "title", "owner", "checkpoint", "checkpoint_step", "mode", "updated", "created",
+    )  # fmt: skip
+    list_filter = ("mode", "checkpoint__stage", "updated")
     search_fields = ("title", "owner__username", "messages__content")
     list_select_related = ("owner", "checkpoint")
     raw_id_fields = ("owner", "checkpoint")
@@ -34,7 +36,7 @@ class MessageAdmin(admin.ModelAdmin):
     list_filter = ("role", "finish_reason", "created")
     search_fields = ("content", "conversation__title", "conversation__owner__username")
     list_select_related = ("conversation",)
-    raw_id_fields = ("conversation",)
+    raw_id_fields = ("conversation", "context_start")
 
     @admin.display(description="content")
     def short_content(self, message: Message) -> str:

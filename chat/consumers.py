@@ -2,16 +2,20 @@
 
 Client frames:
     {"type": "send", "conversation": id|null, "checkpoint": id, "content": str,
-     "temperature": 0.8, "top_k": 50, "max_tokens": 512}      (sampling fields optional)
-    {"type": "regenerate", "conversation": id, "checkpoint": id?, ...sampling}
+     "temperature": 0.8, "top_k": 50, "max_tokens": 512,     (sampling fields optional)
+     "mode": "chat"|"completion", "system": str}  (optional: a new conversation's mode; the
+                                                   system prompt, stored on the conversation)
+    {"type": "regenerate", "conversation": id, "checkpoint": id?, ...sampling, "system"?}
     {"type": "edit", "conversation": id, "message": id, "content": str, "checkpoint": id?, ...}
     {"type": "stop"}
 Server frames:
-    {"type": "started", "conversation": id, "message": id}     the user message answered
+    {"type": "started", "conversation": id, "message": id, "context_start": id|null,
+     "max_tokens": n}       the user message answered; the first message the model sees when
+                            older ones were left out to fit its context; max_tokens as capped
     {"type": "token", "text": str, "part": "text"|"python"|"python_output"}   as generated
     {"type": "done", "conversation": id, "message": id, "content", "parts", "finish_reason",
      "prompt_tokens", "completion_tokens", "time_to_first_token", "tokens_per_second",
-     "batch_rows"}
+     "batch_rows", "context_start"}
     {"type": "error", "field": name|null, "message": str}       the socket stays usable
 
 One reply at a time per socket. The consumer only validates, calls chat/services.py and relays
@@ -97,8 +101,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         content = limits.content(frame, self.limits)
         sampling = limits.sampling(frame, self.limits)
         pending = await database_sync_to_async(services.begin_send)(
-            self.user, conversation, checkpoint, content, self.limits
-        )
+            self.user, conversation, checkpoint, content, self.limits, sampling,
+            **self._conversation_settings(frame),
+        )  # fmt: skip
         await self._start(pending, sampling)
 
     async def _on_regenerate(self, frame: dict) -> None:
@@ -107,7 +112,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         checkpoint = limits.object_id(frame, "checkpoint", required=False)
         sampling = limits.sampling(frame, self.limits)
         pending = await database_sync_to_async(services.begin_regenerate)(
-            self.user, conversation, checkpoint
+            self.user, conversation, checkpoint, sampling, **self._conversation_settings(frame)
         )
         await self._start(pending, sampling)
 
@@ -119,13 +124,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         content = limits.content(frame, self.limits)
         sampling = limits.sampling(frame, self.limits)
         pending = await database_sync_to_async(services.begin_edit)(
-            self.user, conversation, message, content, checkpoint, self.limits
-        )
+            self.user, conversation, message, content, checkpoint, self.limits, sampling,
+            **self._conversation_settings(frame),
+        )  # fmt: skip
         await self._start(pending, sampling)
 
     async def _on_stop(self, frame: dict) -> None:
         if self.reply is not None:
             await self.reply.stop()
+
+    def _conversation_settings(self, frame: dict) -> dict:
+        return {"mode": limits.mode(frame), "system": limits.system_prompt(frame, self.limits)}
 
     # ---- the reply ----------------------------------------------------------------------
 
@@ -135,12 +144,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _start(self, pending: PendingReply, sampling: Sampling) -> None:
         seed = secrets.randbelow(2**31)  # a fresh one per reply (SPEC §12)
+        sampling = pending.fitted(sampling)
         self.reply = Reply(pending.request(sampling, seed), layer=self.channel_layer)
         await self._frame(
             {
                 "type": "started",
                 "conversation": pending.conversation_id,
                 "message": pending.anchor_id,
+                "context_start": pending.context_start_id,
+                "max_tokens": sampling.max_tokens,
             }
         )
         used = {**sampling.as_dict(), "seed": seed}
@@ -180,6 +192,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "message": message.pk,
                 "content": final.content,
                 "parts": final.parts,
+                "context_start": message.context_start_id,
                 **final.stats(),
             }
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("user", "assistant")
+MODES = ("chat", "completion")  # chat template, or raw text continuation
 
 
 class FieldError(ValueError):
@@ -38,6 +39,7 @@ class Limits:
     default_top_k: int = 50
     max_max_tokens: int = 4096
     default_max_tokens: int = 512
+    max_system_chars: int = 4000  # a conversation's system prompt
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,33 @@ def content(data: Mapping[str, Any], limits: Limits, field: str = "content") -> 
             f"{field} has {len(value)} characters; a message may have at most "
             f"{limits.max_message_chars}",
         )
+    return value
+
+
+def system_prompt(data: Mapping[str, Any], limits: Limits) -> str | None:
+    """The conversation's system prompt, when the frame sets it ("" clears it); None when
+    absent or null (the stored one stays)."""
+    value = data.get("system")
+    if value is None:
+        return None
+    if not isinstance(value, str) or "\x00" in value:
+        raise FieldError("system", "system must be a string of text without NUL characters")
+    if len(value) > limits.max_system_chars:
+        raise FieldError(
+            "system",
+            f"system has {len(value)} characters; a system prompt may have at most "
+            f"{limits.max_system_chars}",
+        )
+    return value.strip()
+
+
+def mode(data: Mapping[str, Any]) -> str | None:
+    """The conversation mode the frame asks for, None when absent or null."""
+    value = data.get("mode")
+    if value is None:
+        return None
+    if value not in MODES:
+        raise FieldError("mode", f"mode must be one of {', '.join(MODES)}")
     return value
 
 

@@ -4,6 +4,11 @@ An assistant message keeps what the engine reported about its generation (token 
 time to first token, decode speed, why it ended) beside its text, so the admin and the chat
 page can show a reply's cost without recomputing anything. Messages are ordered by id: an
 edit changes a message in place and deletes the ones after it, so ids stay in talk order.
+
+A conversation has a mode: `chat` renders it with the chat template (its system prompt, when
+set, first), `completion` continues its text as one raw document (a base model never learned
+the template). A reply records where the model's view of the conversation began when older
+turns had to be left out to fit the context (chat/context.py), so the page can mark it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ from django.utils import timezone
 
 
 class Conversation(models.Model):
+    class Mode(models.TextChoices):
+        CHAT = "chat"
+        COMPLETION = "completion"
+
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
@@ -27,6 +36,9 @@ class Conversation(models.Model):
         related_name="conversations",
     )
     checkpoint_step = models.IntegerField(null=True, blank=True)
+    mode = models.CharField(max_length=16, choices=Mode.choices, default=Mode.CHAT)
+    # The system message of every prompt in chat mode (SPEC §3); "" for none.
+    system_prompt = models.TextField(blank=True)
     created = models.DateTimeField(default=timezone.now)
     updated = models.DateTimeField(auto_now=True)
 
@@ -62,6 +74,10 @@ class Message(models.Model):
     time_to_first_token = models.FloatField(null=True, blank=True)  # seconds
     tokens_per_second = models.FloatField(null=True, blank=True)
     finish_reason = models.CharField(max_length=16, choices=Finish.choices, blank=True)
+    # A reply whose prompt left out older turns: the first message the model saw (None: all).
+    context_start = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -1,7 +1,8 @@
 """The chat page, and the two small JSON reads its script needs.
 
 The page holds no chat logic. It lists the user's conversations, offers the checkpoints to
-chat with, and hands the browser the opened conversation, the checkpoints and the limits as
+chat with (one label style, and a card per checkpoint saying what the model is: see
+chat/checkpoints.py), and hands the browser the opened conversation, the checkpoints and the limits as
 JSON (`json_script`); everything after that travels over the /ws/chat/ socket
 (chat/consumers.py), driven by static/js/chat.js. The JSON reads let the script refresh the
 conversation list once a first message has created a conversation, and re-read a
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from functools import wraps
-from pathlib import PurePath
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -23,10 +23,9 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 
-from chat import services
+from chat import checkpoints, services
 from chat.models import Conversation, Message
 from nanochat_site import limits
-from runs.models import Checkpoint
 
 # The sidebar shows this many of the most recently used conversations.
 CONVERSATIONS_SHOWN = 200
@@ -47,8 +46,7 @@ def chat_page(request, conversation_id: int | None = None):
     conversation = None
     if conversation_id is not None:
         conversation = _own_conversation(request.user, conversation_id)
-    checkpoints = list(services.checkpoints_for_picker())
-    options = [checkpoint_option(c) for c in checkpoints]
+    options = checkpoints.picker_entries(services.checkpoints_for_picker())
     ids = {option["id"] for option in options}
     selected = conversation.checkpoint_id if conversation else None
     if selected is None:
@@ -57,7 +55,8 @@ def chat_page(request, conversation_id: int | None = None):
         selected = options[0]["id"] if options else None
     state = {
         "conversation": conversation_data(conversation) if conversation else None,
-        "checkpoints": options,
+        # The cards are in the page itself; the script needs each model's context length.
+        "checkpoints": [{k: v for k, v in o.items() if k != "card"} for o in options],
         "checkpoint": selected,
         "limits": asdict(services.chat_limits()),
         "urls": {
@@ -72,6 +71,7 @@ def chat_page(request, conversation_id: int | None = None):
         "checkpoints": options,
         "selected_checkpoint": selected,
         "limits": services.chat_limits(),
+        "modes": Conversation.Mode.choices,
         "state": state,
     }
     return render(request, "chat/chat.html", context)
@@ -127,6 +127,8 @@ def conversation_data(conversation: Conversation) -> dict:
         "id": conversation.pk,
         "title": str(conversation),
         "checkpoint": conversation.checkpoint_id,
+        "mode": conversation.mode,
+        "system": conversation.system_prompt,
         "url": reverse("chat-conversation", args=[conversation.pk]),
         "messages": [message_data(m) for m in conversation.messages.all()],
     }
@@ -143,15 +145,8 @@ def message_data(message: Message) -> dict:
         "completion_tokens": message.completion_tokens,
         "time_to_first_token": message.time_to_first_token,
         "tokens_per_second": message.tokens_per_second,
+        "context_start": message.context_start_id,
     }
-
-
-def checkpoint_option(checkpoint: Checkpoint) -> dict:
-    """A picker entry: "SFT d20 · step 650 · run 3" (the tag is the checkpoint folder's name)."""
-    label = f"{checkpoint.stage.upper()} {PurePath(checkpoint.path).name} · step {checkpoint.step}"
-    if checkpoint.run_id:
-        label += f" · run {checkpoint.run_id}"
-    return {"id": checkpoint.pk, "label": label, "stage": checkpoint.stage}
 
 
 def _own_conversation(user, conversation_id: int) -> Conversation:

@@ -4,6 +4,13 @@
 // action fails or the socket drops, the conversation is re-read from the JSON endpoint
 // instead of guessing what the server kept.
 //
+// The selected model decides the max tokens field's range (what its context allows) and, for a
+// new conversation, the mode: a base model gets Completion mode (raw text continuation, no
+// chat template) by default. A conversation's mode is fixed once it exists; its system prompt
+// is sent with every action and stored by the server. When older turns had to be left out to
+// fit the model's context, a marker line shows where the model's view of the latest reply
+// began (the server stores it on the reply, so it survives a reload).
+//
 // Model output is untrusted text. It is rendered as markdown by marked and then sanitized by
 // DOMPurify before it reaches the DOM -- for stored messages and for every streamed update
 // alike, both through renderMarkdown() -- so HTML in a reply cannot run script. User
@@ -28,8 +35,17 @@ const sendButton = $("send");
 const stopButton = $("stop");
 const picker = $("checkpoint");
 const controls = { temperature: $("temperature"), top_k: $("top_k"), max_tokens: $("max_tokens") };
+const modeSelect = $("mode");
+const systemInput = $("system");
+const models = new Map(state.checkpoints.map((c) => [c.id, c]));
+const PROMPT_HINTS = {
+  chat: prompt.placeholder,
+  completion: "Text for the model to continue, as it is (no chat template). Enter sends.",
+};
 
 let conversationId = state.conversation ? state.conversation.id : null;
+let conversationMode = state.conversation ? state.conversation.mode : null; // null: not yet
+let defaultMaxTokens = Number(controls.max_tokens.value);
 let pending = null; // the action in progress: {kind, replyEl, parts, started, restore}
 let socket = null;
 
@@ -110,6 +126,10 @@ function showStats(article, message) {
   stats.dataset.finishReason = message.finish_reason || "";
 }
 
+function mode() {
+  return conversationMode || modeSelect.value;
+}
+
 function messageElement(message) {
   const article = el("article", `msg ${message.role}`);
   article.dataset.role = message.role;
@@ -124,7 +144,12 @@ function messageElement(message) {
     edit.addEventListener("click", () => openEditor(article));
     footer.append(edit);
   } else {
-    renderParts(body, partsOf(message));
+    if (mode() === "completion") {
+      article.classList.add("completion");
+      body.textContent = message.content || "";
+    } else {
+      renderParts(body, partsOf(message));
+    }
     footer.append(el("span", "stats"));
     const again = el("button", "link regenerate", "Regenerate");
     again.type = "button";
@@ -138,8 +163,21 @@ function messageElement(message) {
 
 function renderThread(messages) {
   thread.replaceChildren(...messages.map(messageElement));
+  const replies = messages.filter((m) => m.role === "assistant");
+  showContextStart(replies.length ? replies[replies.length - 1].context_start : null);
   refreshActions();
   scrollToEnd();
+}
+
+// The marker line before the first message the model saw (none when it saw them all).
+function showContextStart(messageId) {
+  thread.querySelectorAll(".context-start").forEach((marker) => marker.remove());
+  const first = messageId ? thread.querySelector(`.msg[data-id="${messageId}"]`) : null;
+  if (!first) return;
+  const marker = el("div", "context-start", "the model sees from here");
+  marker.setAttribute("role", "separator");
+  marker.title = "Older messages no longer fit this model's context: the reply was written without them.";
+  first.before(marker);
 }
 
 function note(text) {
@@ -159,7 +197,9 @@ function scrollToEnd() {
 // Redraw a reply; follow it down only if the reader was at the bottom (not reading above).
 function redraw(replyEl, parts) {
   const follow = atBottom();
-  renderParts(replyEl.querySelector(".body"), parts);
+  const body = replyEl.querySelector(".body");
+  if (replyEl.classList.contains("completion")) body.textContent = parts.map((p) => p.text).join("");
+  else renderParts(body, parts);
   if (follow) scrollToEnd();
 }
 
@@ -180,13 +220,14 @@ function refreshActions() {
 
 // ---- errors ----------------------------------------------------------------------------
 
-const ERROR_SLOTS = ["checkpoint", "temperature", "top_k", "max_tokens", "content"];
+const ERROR_SLOTS = ["checkpoint", "mode", "system", "temperature", "top_k", "max_tokens", "content"];
+const ERROR_CONTROLS = { content: prompt, checkpoint: picker, mode: modeSelect, system: systemInput };
 
 function showError(field, message) {
   const slot = ERROR_SLOTS.includes(field) ? field : "content";
   document.querySelector(`[data-error-for="${slot}"]`).textContent = message;
-  const control = slot === "content" ? prompt : slot === "checkpoint" ? picker : controls[slot];
-  control.setAttribute("aria-invalid", "true");
+  if (slot === "system") $("system-prompt").open = true;
+  (ERROR_CONTROLS[slot] || controls[slot]).setAttribute("aria-invalid", "true");
 }
 
 function clearErrors() {
@@ -196,12 +237,54 @@ function clearErrors() {
 
 // ---- actions ---------------------------------------------------------------------------
 
-function sampling() {
-  const values = {};
+// The sampling fields, and the conversation's settings: its mode and system prompt.
+function settings() {
+  const values = { mode: mode() };
   for (const [name, input] of Object.entries(controls)) {
     if (input.value.trim() !== "") values[name] = Number(input.value);
   }
+  if (mode() === "chat") values.system = systemInput.value;
   return values;
+}
+
+// ---- the model and the mode ----------------------------------------------------------------
+
+// Show the selected model's card, fit max tokens to its context and, for a new
+// conversation, pick the mode its stage suits.
+function applyModel() {
+  const model = models.get(checkpointId());
+  document.querySelectorAll(".model-card").forEach((card) => {
+    card.hidden = !model || card.dataset.checkpoint !== String(model.id);
+  });
+  if (!model) return;
+  const input = controls.max_tokens;
+  const context = model.context;
+  const max = context ? Math.max(1, Math.min(limits.max_max_tokens, context - 1)) : limits.max_max_tokens;
+  const wanted = context ? Math.max(1, Math.min(limits.default_max_tokens, Math.floor(context / 2))) : limits.default_max_tokens;
+  const value = Number(input.value);
+  input.max = String(max);
+  if (!input.value || value === defaultMaxTokens || value > max) input.value = String(wanted);
+  defaultMaxTokens = wanted;
+  if (conversationMode === null) modeSelect.value = model.stage === "base" ? "completion" : "chat";
+  applyMode();
+}
+
+function applyMode() {
+  modeSelect.disabled = conversationMode !== null;
+  modeSelect.title = conversationMode !== null
+    ? "A conversation keeps its mode: start a new one to switch"
+    : "Chat uses the chat template; Completion continues your text as it is (for base models)";
+  $("system-prompt").hidden = mode() !== "chat";
+  prompt.placeholder = PROMPT_HINTS[mode()];
+}
+
+function openedConversation(conversation) {
+  conversationMode = conversation ? conversation.mode : null;
+  if (conversation) {
+    modeSelect.value = conversation.mode;
+    systemInput.value = conversation.system || "";
+  }
+  applyMode();
 }
 
 function checkpointId() {
@@ -220,7 +303,7 @@ function startReply(kind, frame, restore) {
   replyEl.append(typingIndicator());
   thread.append(replyEl);
   pending = { kind, replyEl, parts: [], started: false, restore, drawn: false };
-  socket.send(JSON.stringify({ ...frame, ...sampling() }));
+  socket.send(JSON.stringify({ ...frame, ...settings() }));
   refreshActions();
   scrollToEnd();
   return true;
@@ -306,8 +389,11 @@ function onStarted(frame) {
   if (!pending) return;
   pending.started = true;
   if (pending.kind === "send") pending.restore.userEl.dataset.id = frame.message;
+  showContextStart(frame.context_start);
   if (conversationId !== frame.conversation) {
     conversationId = frame.conversation;
+    conversationMode = mode();
+    applyMode();
     history.replaceState(null, "", `${state.urls.page}${conversationId}/`);
     refreshConversationList();
   }
@@ -338,6 +424,7 @@ function onDone(frame) {
   replyEl.querySelector(".typing")?.remove();
   replyEl.dataset.id = frame.message;
   redraw(replyEl, partsOf(frame));
+  showContextStart(frame.context_start);
   showStats(replyEl, frame);
   refreshActions();
   refreshConversationList();
@@ -370,10 +457,13 @@ async function resync() {
   if (response.status === 404) {
     // A first message that got no reply leaves no conversation behind.
     conversationId = null;
+    openedConversation(null);
     history.replaceState(null, "", state.urls.page);
     renderThread([]);
   } else if (response.ok) {
-    renderThread((await response.json()).messages);
+    const conversation = await response.json();
+    openedConversation(conversation);
+    renderThread(conversation.messages);
   }
   refreshConversationList();
 }
@@ -438,6 +528,8 @@ function setControl(name, arg, low, high, integer = false) {
 function newConversation() {
   if (pending) return false;
   conversationId = null;
+  openedConversation(null);
+  applyModel();
   history.pushState(null, "", state.urls.page);
   renderThread([]);
   document.querySelectorAll("#conversation-list a.active").forEach((a) => a.classList.remove("active"));
@@ -522,7 +614,11 @@ $("new-chat").addEventListener("click", (event) => {
   if (newConversation()) event.preventDefault();
 });
 window.addEventListener("popstate", () => location.reload());
+picker.addEventListener("change", applyModel);
+modeSelect.addEventListener("change", applyMode);
 
+openedConversation(state.conversation);
+applyModel();
 if (state.conversation) renderThread(state.conversation.messages);
 refreshActions();
 connect();

@@ -3,7 +3,9 @@
 What only a browser can show: the reply appears piece by piece while it is generated, Stop
 ends it early, markup in a model's reply is rendered without running any script (stored
 replies and the streaming path alike), tool calls and code are shown as blocks, the composer
-commands work, field errors land next to their field, and the page reconnects by itself.
+commands work, field errors land next to their field, the page reconnects by itself, and a
+chat with a demo-sized model goes on past its context with the model's card and the marker
+of where its view begins.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from chat.models import Conversation, Message
+from engine.checkpoint import load_checkpoint
+from engine.models import registry
 from runs.models import Checkpoint
 from tests.browser.conftest import save_screenshot
-from tests.chat.conftest import STEP
+from tests.chat.conftest import SMALL_CONTEXT, STEP, small_checkpoint_dir  # noqa: F401
 
 pytestmark = [
     pytest.mark.services,
@@ -447,3 +451,73 @@ def test_the_page_reconnects_after_the_server_restarts(browser, site, alice, mod
     type_and_send(browser, "Are you back?")
     done = wait(browser, 60).until(last_reply_done)
     assert done["completion_tokens"] == 3
+
+
+def test_a_demo_sized_chat_goes_on_past_its_context_and_marks_where_the_model_looks(
+    browser,
+    site,
+    alice,
+    small_checkpoint_dir,  # noqa: F811 - the fixture imported above
+    tiny_checkpoint_dir,
+):
+    demo = Checkpoint.objects.create(stage="sft", step=STEP, path=str(small_checkpoint_dir))
+    Checkpoint.objects.create(stage="base", step=STEP, path=str(tiny_checkpoint_dir))
+    log_in(browser, site, alice)
+    picker = Select(browser.find_element(By.ID, "checkpoint"))
+    assert picker.first_selected_option.text == "SFT · nanochat GPT d2 · step 5"
+    assert [o.text for o in picker.options][1] == "BASE · nanochat GPT d2 · step 5"
+
+    # The card of the selected model, against the checkpoint's own config.
+    card = browser.find_element(By.CSS_SELECTOR, ".model-card:not([hidden])")
+    assert card.get_attribute("data-checkpoint") == str(demo.pk)
+    values = {
+        row.get_attribute("data-key"): row.get_attribute("data-value")
+        for row in card.find_elements(By.CSS_SELECTOR, "dl > div")
+    }
+    config = registry.config_from_dict(
+        load_checkpoint(small_checkpoint_dir, STEP)[2]["model_config"]
+    )
+    assert int(values["parameters"]) == registry.family_of(config).count_params(config)["total"]
+    assert int(values["context"]) == config.sequence_len == SMALL_CONTEXT
+    assert "fluent-looking nonsense" in card.text
+    # Max tokens follows the model's context.
+    max_tokens = browser.find_element(By.ID, "max_tokens")
+    assert max_tokens.get_attribute("value") == str(SMALL_CONTEXT // 2)
+    assert max_tokens.get_attribute("max") == str(SMALL_CONTEXT - 1)
+    # A base model starts a conversation in completion mode, without a system prompt.
+    picker.select_by_index(1)
+    assert Select(browser.find_element(By.ID, "mode")).first_selected_option.text == "Completion"
+    assert not browser.find_element(By.ID, "system-prompt").is_displayed()
+    assert max_tokens.get_attribute("value") == "512"
+    picker.select_by_index(0)
+    assert Select(browser.find_element(By.ID, "mode")).first_selected_option.text == "Chat"
+    assert max_tokens.get_attribute("value") == str(SMALL_CONTEXT // 2)
+
+    browser.find_element(By.CSS_SELECTOR, "#system-prompt summary").click()
+    browser.find_element(By.ID, "system").send_keys("Answer briefly.")
+    for i in range(4):
+        type_and_send(browser, f"Tell me about foxes, part {i}.")
+        wait(browser, 60).until(
+            lambda d, n=i: (
+                len(d.find_elements(By.CSS_SELECTOR, "#thread .msg.assistant")) == n + 1
+                and last_reply_done(d)
+            )
+        )
+    conversation = Conversation.objects.get(owner=alice)
+    assert conversation.system_prompt == "Answer briefly."
+    replies = list(conversation.messages.filter(role="assistant"))
+    assert len(replies) == 4 and replies[-1].context_start_id is not None
+    assert all(r.prompt_tokens + r.completion_tokens <= SMALL_CONTEXT for r in replies)
+
+    def marker_before() -> str:
+        """The id of the message right after the marker line (there is exactly one)."""
+        markers = browser.find_elements(By.CSS_SELECTOR, "#thread .context-start")
+        assert len(markers) == 1 and markers[0].text == "the model sees from here"
+        return js(browser, "return arguments[0].nextElementSibling.dataset.id", markers[0])
+
+    assert marker_before() == str(replies[-1].context_start_id)
+    browser.refresh()  # stored on the reply: still there after a reload
+    wait(browser).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#thread .context-start"))
+    assert marker_before() == str(replies[-1].context_start_id)
+    assert browser.find_element(By.ID, "system").get_attribute("value") == "Answer briefly."
+    assert not browser.find_element(By.ID, "mode").is_enabled()  # a conversation keeps its mode

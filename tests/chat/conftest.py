@@ -36,13 +36,15 @@ CORPUS = [
 # Long enough for a 4096-token reply, so a stop or a second request always finds it running.
 SEQUENCE_LEN = 4352
 STEP = 5
+# A demo-sized context: a few exchanges outgrow it.
+SMALL_CONTEXT = 128
 
 
 def tiny_tokenizer() -> Tokenizer:
     return Tokenizer.train(CORPUS * 20, vocab_size=300)
 
 
-def tiny_model(tokenizer: Tokenizer) -> tuple[GPT, GPTConfig]:
+def tiny_model(tokenizer: Tokenizer, sequence_len: int = SEQUENCE_LEN) -> tuple[GPT, GPTConfig]:
     """Random weights that never choose a special token: every reply runs to max_tokens.
 
     The special tokens' output rows are zero, so their logit is 0, while the other logits are
@@ -50,7 +52,7 @@ def tiny_model(tokenizer: Tokenizer) -> tuple[GPT, GPTConfig]:
     above 0, so no special token (stop, tool call) is ever sampled.
     """
     config = GPTConfig(
-        sequence_len=SEQUENCE_LEN,
+        sequence_len=sequence_len,
         vocab_size=tokenizer.vocab_size,
         n_layer=2,
         n_head=2,
@@ -73,6 +75,17 @@ def tiny_checkpoint_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("chat") / "sft_checkpoints" / "d2"
     tokenizer = tiny_tokenizer()
     model, config = tiny_model(tokenizer)
+    save_checkpoint(directory, STEP, model_state=model.state_dict(), model_config=config)
+    tokenizer.save(tokenizer_dir(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint_dir(tmp_path_factory) -> Path:
+    """The same tiny model with a context of SMALL_CONTEXT tokens, saved as a base checkpoint."""
+    directory = tmp_path_factory.mktemp("chat-small") / "base_checkpoints" / "d2"
+    tokenizer = tiny_tokenizer()
+    model, config = tiny_model(tokenizer, SMALL_CONTEXT)
     save_checkpoint(directory, STEP, model_state=model.state_dict(), model_config=config)
     tokenizer.save(tokenizer_dir(directory))
     return directory

@@ -7,16 +7,23 @@ import pytest
 from django.urls import reverse
 
 from chat.models import Conversation, Message
-from runs.models import Checkpoint
+from engine.models.gpt import GPTConfig, count_params
+from runs.models import Checkpoint, EvalResult, Run, RunEvent
 
 pytestmark = pytest.mark.django_db
+
+
+D20 = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=10, n_kv_head=10,
+                n_embd=1280)  # fmt: skip
 
 
 @pytest.fixture
 def models():
     """A base, an SFT and an RL checkpoint, created in that order (the base one is newest
-    by id but must come last in the picker)."""
-    sft = Checkpoint.objects.create(stage="sft", step=650, path="/ckpt/sft_checkpoints/d20")
+    by id but must come last in the picker). The SFT one knows its model config."""
+    sft = Checkpoint.objects.create(
+        stage="sft", step=650, path="/ckpt/sft_checkpoints/d20", model_config=D20.to_dict()
+    )
     rl = Checkpoint.objects.create(stage="rl", step=40, path="/ckpt/rl_checkpoints/d20")
     base = Checkpoint.objects.create(stage="base", step=9000, path="/ckpt/base_checkpoints/d20")
     return {"sft": sft, "rl": rl, "base": base}
@@ -98,10 +105,64 @@ def test_picker_lists_chat_models_first(client, alice, models):
         models["base"].pk,
     ]
     assert options[0][1] == " selected"  # a new conversation starts on the best model
-    assert options[1][2] == "SFT d20 · step 650"
+    # One style for every checkpoint, the model named from its config, not its folder.
+    assert options[1][2] == "SFT · nanochat GPT d20 · step 650"
+    assert options[2][2] == "BASE · nanochat GPT · step 9000"  # no config: no depth
     state = page_state(response)
     assert [c["id"] for c in state["checkpoints"]] == [int(v) for v, _, _ in options]
     assert state["checkpoint"] == models["rl"].pk and state["conversation"] is None
+
+
+def test_each_model_has_a_card_and_tiny_ones_say_what_to_expect(client, alice, models):
+    tiny = GPTConfig(sequence_len=256, vocab_size=4096, n_layer=4, n_head=2, n_kv_head=2,
+                     n_embd=256)  # fmt: skip
+    demo = Checkpoint.objects.create(stage="base", step=250, path="/ckpt/base/d4",
+                                     model_config=tiny.to_dict(), val_bpb=2.345678)  # fmt: skip
+    client.force_login(alice)
+    response = client.get(reverse("chat-page"))
+    html = response.content.decode()
+
+    def card(checkpoint):
+        match = re.search(rf'<section class="model-card" data-checkpoint="{checkpoint.pk}"'
+                          rf"(.*?)</section>", html, re.S)  # fmt: skip
+        assert match, f"no card for checkpoint {checkpoint.pk}"
+        rows = re.findall(r'data-key="([^"]+)" data-value="([^"]*)"><dt>[^<]*</dt><dd>([^<]*)',
+                          match.group(1))  # fmt: skip
+        return {key: (value, text) for key, value, text in rows}, match.group(1)
+
+    rows, text = card(models["sft"])
+    assert rows["parameters"] == (str(count_params(D20)["total"]), "1.4B")
+    assert rows["context"] == ("2048", "2,048 tokens") and rows["step"][0] == "650"
+    assert rows["family"][1] == "nanochat GPT" and rows["stage"][1] == "SFT"
+    assert "nonsense" not in text
+    rows, text = card(demo)
+    assert rows["parameters"][0] == str(count_params(tiny)["total"])
+    assert rows["val_bpb"][1] == "2.346"
+    assert "tiny model" in text and "fluent-looking nonsense" in text
+    assert "Completion mode" in text  # a base model says how to use it
+    contexts = {c["id"]: c["context"] for c in page_state(response)["checkpoints"]}
+    assert contexts[demo.pk] == 256 and contexts[models["rl"].pk] is None
+
+
+def test_a_fine_tunes_card_counts_its_parents_tokens_and_shows_its_scores(client, alice):
+    def trained(kind, parent, batch, step, stage):
+        run = Run.objects.create(kind=kind, parent_checkpoint=parent)
+        RunEvent.objects.create(run=run, seq=0, type="start", time=0.0,
+                                data={"derived": {"total_batch_size": batch}})  # fmt: skip
+        return Checkpoint.objects.create(run=run, stage=stage, step=step, path=f"/c/{stage}/d20",
+                                         model_config=D20.to_dict())  # fmt: skip
+
+    base = trained("base", None, 524288, 2000, "base")  # 1.05B tokens
+    sft = trained("sft", base, 65536, 100, "sft")  # 6.55M more
+    EvalResult.objects.create(run=sft.run, checkpoint=sft, task="ChatCORE", metric="centered",
+                              value=0.123456)  # fmt: skip
+    client.force_login(alice)
+    html = client.get(reverse("chat-page")).content.decode()
+    card = re.search(rf'data-checkpoint="{sft.pk}"(.*?)</section>', html, re.S).group(1)
+    assert f'data-value="{524288 * 2000 + 65536 * 100}"><dt>tokens trained</dt>' in card
+    assert "<dd>1.06B (base 1.05B + sft 6.55M)</dd>" in card
+    assert "<dt>ChatCORE</dt><dd>0.1235</dd>" in card and f"<dd>run {sft.run_id}</dd>" in card
+    assert "nonsense" not in card  # 1.4B parameters trained on a billion tokens: no toy
 
 
 def test_an_opened_conversation_brings_its_messages_and_model(client, alice, models):
