@@ -228,6 +228,7 @@ SPECTACULAR_SETTINGS = {
     # The OpenAI-compatible /v1 views are not DRF views: chat/openai_schema.py adds them.
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
+        "runs.api.responses.document_unreadable_bodies",
         "chat.openai_schema.add_openai_paths",
     ],
 }

@@ -35,3 +35,30 @@ def with_errors(*codes: int, signed_in: bool = True) -> dict[int, OpenApiRespons
     """The error responses for `codes`, plus 401/403 unless the operation is open to anyone."""
     listed = (*SIGNED_IN, *codes) if signed_in else codes
     return {code: ERRORS[code] for code in sorted(set(listed))}
+
+
+UNREADABLE_BODY = {
+    "description": "the body's content type is not one the operation reads (or it is malformed)",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"detail": {"type": "string"}},
+                "required": ["detail"],
+            }
+        }
+    },
+}
+
+
+def document_unreadable_bodies(result, generator, request, public):
+    """A spectacular hook: every operation that reads a body may answer 415.
+
+    DRF answers 415 before the view runs when a body's content type matches none of the view's
+    parsers (a multipart body without a boundary, say); a client built from the schema must know.
+    """
+    for item in result.get("paths", {}).values():
+        for operation in item.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                operation.setdefault("responses", {}).setdefault("415", UNREADABLE_BODY)
+    return result

@@ -107,3 +107,10 @@ def test_site_pages_that_match_no_route_keep_the_html_404(client, alice):
     response = client.get("/no-such-page/")
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html")
+
+
+def test_an_unreadable_body_is_a_documented_415(api, alice):
+    schema = api(alice).get("/api/schema/", HTTP_ACCEPT=OPENAPI_JSON).json()
+    assert "415" in schema["paths"]["/api/datasets/"]["post"]["responses"]
+    answer = api(alice).post("/api/datasets/", data=b"name=x", content_type="application/x-unknown")
+    assert answer.status_code == 415 and set(answer.json()) == {"detail"}
