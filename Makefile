@@ -14,9 +14,12 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Stamp files: reinstall only when a requirements file changed.
-$(VENV)/.installed: requirements.txt | $(VENV)/bin/python
+# Stamp files: reinstall only when a requirements file (or pyproject.toml) changed. The project
+# itself is installed in editable mode, without dependencies (requirements.txt pins them), for
+# its console command: .venv/bin/nanochat, the API client, usable from any directory.
+$(VENV)/.installed: requirements.txt pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
 $(VENV)/.installed-test: requirements.txt requirements-test.txt $(VENV)/.installed

@@ -2,8 +2,13 @@
 
 Used by `manage.py up`. Each child runs in its own session so a terminal's Ctrl-C reaches
 only the supervisor, which then stops the children in a known order (each gets SIGTERM and a
-grace period, then everything left in its process tree gets SIGKILL). Output of every child
-is shown with its name in front.
+grace period, then everything left in its process tree gets SIGKILL).
+
+Output: with a `log_dir`, every child's output goes to `<log_dir>/<name>.log` and the
+supervisor's own lines to `up.log`, so nothing is lost when the console is kept short. The
+console gets what a person must see -- the lines passed to `say` (deaths, restarts, crash loops
+with the child's last lines, the stop) -- and, when `verbose`, also the children's output and
+the routine `note`s (which child started with which pid), each line with its source in front.
 
 A child that exits on its own is restarted: one killed worker must not take the site down.
 What is left of its session (a Celery pool process, say) is killed first, so a restarted
@@ -28,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -100,38 +106,69 @@ def describe_exit(returncode: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, out=None, grace: float = 10.0):
+    def __init__(
+        self, out=None, grace: float = 10.0, log_dir: Path | None = None, verbose: bool = True
+    ):
         self.out = out or sys.stdout
         self.grace = grace
+        self.log_dir = log_dir
+        self.verbose = verbose
         self.children: list[Child] = []
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self.stop_reason: str | None = None
+        self._log = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._log = self._open_log("up")
 
     # --- output ---------------------------------------------------------------------------
     def say(self, line: str, name: str = "up") -> None:
+        """A line for the console (and up.log): something a person must see."""
+        self._emit(line, name, console=True)
+
+    def note(self, line: str, name: str = "up") -> None:
+        """A routine line: always in up.log, on the console only when verbose."""
+        self._emit(line, name, console=self.verbose)
+
+    def _emit(self, line: str, name: str, console: bool) -> None:
         width = max([len(c.name) for c in self.children] + [len(name), 2])
+        named = f"{name:<{width}} | {line}"
         with self._write_lock:
+            if self._log is not None:
+                self._log.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {named}\n")
+            if not console:
+                return
             try:
-                self.out.write(f"{name:<{width}} | {line}\n")
+                # Only the verbose console mixes several sources; a quiet one is all ours.
+                self.out.write(f"{named if self.verbose else line}\n")
                 self.out.flush()
             except (BrokenPipeError, ValueError):
                 pass  # nobody is reading our output any more; keep supervising
 
-    def _pump(self, child: Child) -> None:
+    def _open_log(self, name: str):
+        """An append-mode, line-buffered log file in log_dir (kept across restarts of `up`)."""
+        return open(self.log_dir / f"{name}.log", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def _pump(self, child: Child, log) -> None:
         stream = child.process.stdout
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\n")
             child.tail.append(line)
-            self.say(line, child.name)
+            if log is not None:
+                log.write(line + "\n")
+            if self.verbose:
+                self._emit(line, child.name, console=True)
         stream.close()
+        if log is not None:
+            log.close()
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self, spec: ChildSpec) -> Child:
         child = Child(spec, self._spawn(spec))
         self.children.append(child)
         self._read(child)
-        self.say(f"started {spec.name} (pid {child.pid}): {' '.join(spec.argv)}")
+        self.note(f"started {spec.name} (pid {child.pid}): {' '.join(spec.argv)}")
         return child
 
     def _spawn(self, spec: ChildSpec) -> subprocess.Popen:
@@ -149,7 +186,12 @@ class Supervisor:
         )
 
     def _read(self, child: Child) -> None:
-        child.reader = threading.Thread(target=self._pump, args=(child,), daemon=True)
+        log = None
+        if self.log_dir is not None:
+            log = self._open_log(child.name)
+            log.write(f"--- {datetime.now():%Y-%m-%d %H:%M:%S} pid {child.pid}: "
+                      f"{' '.join(child.spec.argv)}\n")  # fmt: skip
+        child.reader = threading.Thread(target=self._pump, args=(child, log), daemon=True)
         child.reader.start()
 
     def wait_until(self, child: Child, probe: Callable[[], bool], timeout: float, what: str):
@@ -264,7 +306,7 @@ class Supervisor:
         for child in children:
             trees[child.pid] = process_tree(child.pid)
             if child.process.poll() is None:
-                self.say(f"stopping {child.name} (pid {child.pid})")
+                self.note(f"stopping {child.name} (pid {child.pid})")
                 send(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         for child in children:

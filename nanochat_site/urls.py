@@ -41,6 +41,7 @@ handler404 = not_found
 
 urlpatterns = [
     path("health/", views.health_view, name="health"),
+    path("favicon.ico", views.favicon, name="favicon"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

@@ -1,11 +1,15 @@
-"""Command-line client of the runs API: `python -m runs.client submit base --preset tiny ...`.
+"""Command-line client of the runs API: `nanochat submit base --preset tiny ...`.
 
+`make run` / `make test` install it as the `nanochat` command of the project's venv (see
+pyproject.toml), usable from any directory; `python -m runs.client` is the same program.
 Standard library only and no import from the project, so the file also works copied onto a
 laptop that has nothing but Python. The server comes from --url or NANOCHAT_URL, the token from
---token or NANOCHAT_TOKEN (get one with `python -m runs.client token`).
+--token or NANOCHAT_TOKEN (get one with `nanochat token`).
 
 Exit status: 0 done, 1 a watched run did not succeed, 2 the server refused the request (its
-messages are printed one per line, `field: message`) or could not be reached.
+messages are printed one per line, `field: message`) or could not be reached, 141 the reader of
+the output went away (`nanochat list | head -1`), as a shell reports a command that SIGPIPE
+ended -- silently, like other Unix tools.
 """
 
 from __future__ import annotations
@@ -333,8 +337,10 @@ COMMANDS = {
 
 
 def parser() -> argparse.ArgumentParser:
+    name = Path(sys.argv[0]).name
     p = argparse.ArgumentParser(
-        prog="python -m runs.client", description="Submit and follow training runs."
+        prog=name if name == "nanochat" else "python -m runs.client",
+        description="Submit and follow training runs.",
     )
     p.add_argument("--url", default=os.environ.get("NANOCHAT_URL", DEFAULT_URL),
                    help="server (default: $NANOCHAT_URL or %(default)s)")  # fmt: skip
@@ -403,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.messages():
             print(line, file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Whatever is left in stdout's buffer can never be written: point stdout at /dev/null
+        # so the interpreter's flush at exit does not report the broken pipe either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # an unreadable --file
         print(exc, file=sys.stderr)
         return 2

@@ -125,6 +125,7 @@ def parse_events(events: list[dict]) -> Parsed:
                 if value is not None:
                     out.eval_results.append({
                         "task": task, "metric": "score", "value": value, "details": {},
+                        "data_source": _data_source(data),
                         "checkpoint_index": len(out.checkpoints) - 1,
                     })  # fmt: skip
         elif kind == "start":
@@ -141,6 +142,7 @@ def parse_events(events: list[dict]) -> Parsed:
             out.eval_results.append({
                 "task": data["task"][:64], "metric": str(data.get("metric", "accuracy"))[:64],
                 "value": _number(data.get("value")), "details": details,
+                "data_source": _data_source(data),
                 "checkpoint_index": len(out.checkpoints) - 1,
             })  # fmt: skip
         elif kind == "report" and isinstance(data.get("markdown"), str):
@@ -150,6 +152,12 @@ def parse_events(events: list[dict]) -> Parsed:
         elif kind == "tokenizer":
             out.tokenizer = data
     return out
+
+
+def _data_source(data: dict) -> str:
+    """The event's data_source when it is one we know, else blank (older files: unknown)."""
+    value = data.get("data_source")
+    return value if value in EvalResult.DataSource.values else ""
 
 
 def _parse_values(out: Parsed, kind: str, step: int | None, when: float, values: Any) -> None:

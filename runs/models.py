@@ -268,6 +268,14 @@ class Checkpoint(models.Model):
 
 
 class EvalResult(models.Model):
+    class DataSource(models.TextChoices):
+        """What the score was measured on (the event file's `data_source`, training/events.py):
+        an offline score only shows that the pipeline works, it is not comparable with
+        published numbers. Blank: recorded before programs reported it."""
+
+        OFFLINE = "offline", "offline sample data"
+        HUB = "hub", "benchmark data"
+
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="eval_results")
     checkpoint = models.ForeignKey(
         Checkpoint, null=True, blank=True, on_delete=models.CASCADE, related_name="eval_results"
@@ -276,6 +284,7 @@ class EvalResult(models.Model):
     metric = models.CharField(max_length=64)
     value = models.FloatField(null=True)
     details = models.JSONField(default=dict, blank=True)
+    data_source = models.CharField(max_length=8, choices=DataSource.choices, blank=True)
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:

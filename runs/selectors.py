@@ -94,10 +94,16 @@ def samples_by_step(run: Run) -> list[tuple[int, list]]:
 class LeaderboardRow:
     checkpoint: Checkpoint
     scores: dict[str, float | None] = field(default_factory=dict)
+    offline: set[str] = field(default_factory=set)  # columns scored on offline sample data
 
     @property
     def cells(self) -> list[float | None]:
         return [self.scores.get(column) for column in LEADERBOARD_COLUMNS]
+
+    @property
+    def marked_cells(self) -> list[tuple[float | None, bool]]:
+        """(score, measured on offline sample data) per column: the leaderboard marks those."""
+        return [(self.scores.get(c), c in self.offline) for c in LEADERBOARD_COLUMNS]
 
     @property
     def family(self) -> str:
@@ -136,6 +142,10 @@ def leaderboard(sort: str = "ChatCORE", model: str = "") -> list[LeaderboardRow]
         chosen[key] = rank[result.metric]
         row = rows.setdefault(result.checkpoint_id, LeaderboardRow(result.checkpoint))
         row.scores[column] = result.value
+        if result.data_source == EvalResult.DataSource.OFFLINE:
+            row.offline.add(column)
+        else:
+            row.offline.discard(column)
     if sort not in LEADERBOARD_COLUMNS:
         sort = "ChatCORE"
     return sorted(

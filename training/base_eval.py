@@ -31,6 +31,7 @@ from training.core_eval import (
     CoreResult,
     CoreTask,
     TaskResult,
+    bundle_data_source,
     evaluate_core,
     load_bundle,
     resolve_bundle,
@@ -209,6 +210,7 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
     model, tokenizer, meta, directory = load_evaluated(config, runtime)
     step = int(meta.get("step", 0))
     bundle, tasks = _bundle(config, runtime)
+    data_source = bundle_data_source(bundle)
     data_dir = _data_dir(config["data_dir"])
     runtime.print(format_config(config))
     events.start(
@@ -233,11 +235,11 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
         runtime.print(f"{result.label:<28} accuracy {result.accuracy:.4f} "
                       f"centered {result.centered:+.4f} ({result.correct}/{result.n})")  # fmt: skip
         details = {"accuracy": result.accuracy, "baseline": result.baseline, "n": result.n}
-        events.eval_result(result.label, "centered", result.centered, details)
+        events.eval_result(result.label, "centered", result.centered, details, data_source)
 
     core = evaluate_core(model, tokenizer, tasks, runtime, config["max_per_task"], on_task)
     runtime.print(f"CORE: {core.core:.4f}")
-    events.eval(step, {"core": core.core, **bpb})
+    events.eval(step, {"core": core.core, **bpb}, data_source)
 
     samples: list[tuple[str, str]] = []
     if runtime.master and config["sample_tokens"] > 0:

@@ -31,7 +31,7 @@ from engine.models.base import LanguageModel
 from engine.sandbox import SandboxUnavailable
 from engine.tokenizer import Tokenizer
 from training.checkpoints import load_evaluated
-from training.events import EventWriter
+from training.events import HUB, OFFLINE, EventWriter
 from training.flags import (
     MAX_ROWS,
     MAX_SEQ_LEN,
@@ -469,6 +469,8 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
     events.start(config, total_steps=len(names), world_size=runtime.world_size,
                  device=str(runtime.device), program="chat_eval", derived=derived)  # fmt: skip
     slicing = {} if config["max_problems"] < 0 else {"stop": config["max_problems"]}
+    # The task_source "builtin" is the tasks' small offline data, "hub" the real datasets.
+    data_source = HUB if config["task_source"] == "hub" else OFFLINE
     results: list[TaskResult] = []
     for name in names:
         try:
@@ -477,7 +479,7 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
         except SandboxUnavailable as exc:
             # HumanEval without isolation is refused, not the whole evaluation: the other
             # tasks still count, and the result says why this one has no score.
-            events.eval_result(name, "accuracy", None, {"skipped": str(exc)})
+            events.eval_result(name, "accuracy", None, {"skipped": str(exc)}, data_source)
             runtime.print(f"{name}: skipped ({exc})")
             continue
         result = evaluate_task(name, task, model, tokenizer, runtime, config)
@@ -487,13 +489,14 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
             details["format_rate"] = result.format_rate
         if isinstance(task, HumanEval):
             details["sandbox_mode"] = task.sandbox_mode  # "isolated", or "weak" where allowed
-        events.eval_result(name, "accuracy", result.accuracy, details)
+        events.eval_result(name, "accuracy", result.accuracy, details, data_source)
         if result.format_rate is not None:
             events.eval_result(
                 name,
                 "format",
                 result.format_rate,
                 {"formatted": result.formatted, "total": result.format_total},
+                data_source,
             )
         for prompt, completion in result.samples:
             events.sample(step, f"[{name}] {prompt}", completion)
@@ -509,7 +512,7 @@ def evaluate(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> d
         runtime.print(f"ChatCORE: {score:.4f}")
     else:
         runtime.print("ChatCORE: not computed (needs all six chat tasks)")
-    events.eval(step, values)
+    events.eval(step, values, data_source)
     markdown = report_markdown(column, str(directory), step, results, score,
                                model=model_lines(derived["model_config"]))  # fmt: skip
     summary = {SUMMARY_NAMES[n]: a for n, a in accuracies.items() if n in SUMMARY_NAMES}

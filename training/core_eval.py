@@ -49,6 +49,7 @@ import torch.nn.functional as F
 import yaml
 
 from engine.paths import data_home
+from training.events import HUB, OFFLINE
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 SHIPPED_BUNDLE = Path(__file__).with_name("corpus") / "core"
@@ -553,6 +554,12 @@ def download_bundle(
     install_bundle_zip(zip_path, dest)
     zip_path.unlink(missing_ok=True)
     return dest
+
+
+def bundle_data_source(bundle: Path) -> str:
+    """The event file's data_source of scores on this bundle: the shipped sample is "offline";
+    any other bundle is the public one, downloaded here or copied by hand ("hub")."""
+    return OFFLINE if Path(bundle).resolve() == SHIPPED_BUNDLE.resolve() else HUB
 
 
 def resolve_bundle(spec: str | os.PathLike | None) -> Path:

@@ -406,7 +406,10 @@ class EvalFilterSerializer(serializers.Serializer):
 class EvalResultSerializer(serializers.ModelSerializer):
     class Meta:
         model = EvalResult
-        fields = ["id", "run", "checkpoint", "task", "metric", "value", "details", "created"]
+        fields = [
+            "id", "run", "checkpoint", "task", "metric", "value", "details", "data_source",
+            "created",
+        ]  # fmt: skip
 
 
 class ReportFilterSerializer(serializers.Serializer):

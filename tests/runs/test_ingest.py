@@ -106,9 +106,9 @@ def test_checkpoints_samples_eval_results_and_reports():
     assert parsed.samples == [(200, "Hi", " there")]
     assert parsed.eval_results == [
         {"task": "core", "metric": "accuracy", "value": 0.2, "details": {},
-         "checkpoint_index": -1},
+         "data_source": "", "checkpoint_index": -1},
         {"task": "arc", "metric": "acc", "value": 0.5, "details": {"n": 10},
-         "checkpoint_index": 1},
+         "data_source": "", "checkpoint_index": 1},
     ]  # fmt: skip
     assert parsed.reports == [("Base", "# Base"), ("Report", "untitled")]
 
@@ -288,6 +288,21 @@ def test_eval_results_go_to_the_checkpoint_saved_before_them(run):
     ])  # fmt: skip
     steps = dict(EvalResult.objects.filter(run=run).values_list("task", "checkpoint__step"))
     assert steps == {"early": 100, "final": 200}
+
+
+def test_eval_results_record_the_data_source_their_program_reported(run):
+    apply(run, [
+        {"type": "eval_result", "time": 1.0, "task": "arc_easy", "value": 0.3,
+         "data_source": "offline"},
+        {"type": "eval_result", "time": 1.0, "task": "mmlu", "value": 0.4, "data_source": "hub"},
+        {"type": "eval", "time": 2.0, "step": 0, "values": {"core": 0.1},
+         "data_source": "offline"},
+        {"type": "eval_result", "time": 3.0, "task": "old-file", "value": 0.5},
+        {"type": "eval_result", "time": 3.0, "task": "odd", "value": 0.5, "data_source": "x"},
+    ])  # fmt: skip
+    sources = dict(EvalResult.objects.filter(run=run).values_list("task", "data_source"))
+    assert sources == {"arc_easy": "offline", "mmlu": "hub", "CORE": "offline",
+                       "old-file": "", "odd": ""}  # fmt: skip
 
 
 def test_eval_results_of_a_run_without_checkpoints_have_none(run):

@@ -115,9 +115,14 @@ class SiteProcess:
                 self._seen[proc.pid] = proc
         return list(self._seen.values())
 
+    def log(self, name: str = "up") -> str:
+        """One of the log files `up` writes under NANOCHAT_HOME/logs ("up": its own lines)."""
+        path = Path(self.env["NANOCHAT_HOME"]) / "logs" / f"{name}.log"
+        return path.read_text(encoding="utf-8") if path.exists() else ""
+
     def child_pid(self, name: str) -> int:
-        """The pid `up` printed for one of its children ("started web (pid 123): ...")."""
-        for line in self.lines:
+        """The pid `up` logged for one of its children ("started web (pid 123): ...")."""
+        for line in self.log().splitlines():
             marker = f"started {name} (pid "
             if marker in line:
                 return int(line.split(marker, 1)[1].split(")", 1)[0])

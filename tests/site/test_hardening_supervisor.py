@@ -87,7 +87,8 @@ def embedded_site(tmp_path_factory):
     with scratch_database() as database_url:
         env = site_env(home, database_url, NANOCHAT_ADMIN_PASSWORD=ADMIN_PASSWORD, **QUIET)
         env.pop("REDIS_URL", None)
-        proc = SiteProcess.manage_up(env, free_port())
+        # --verbose: the children's lines ("started", Celery's "ready.") on the console.
+        proc = SiteProcess.manage_up(env, free_port(), "--verbose")
         try:
             proc.wait_up()
             proc.session = logged_in(proc)
@@ -158,7 +159,7 @@ def test_a_killed_training_worker_is_restarted_and_its_run_marked_failed(inputs,
     # `up` on this test's database and Redis, so the run submitted here goes to its workers.
     env = site_env(settings.NANOCHAT_HOME, None, DATABASE_URL=live_workers.test_database_url(),
                    REDIS_URL=redis_url, **RUNS_ENV, **QUIET)  # fmt: skip
-    site = SiteProcess.manage_up(env, free_port())
+    site = SiteProcess.manage_up(env, free_port(), "--verbose")
     try:
         site.wait_up()
         api = APIClient()

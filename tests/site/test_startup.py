@@ -1,13 +1,16 @@
 """`manage.py up` / `make run` started for real: web, workers and Redis as separate processes.
 
 These prove the product works end to end over real sockets: the pages, the admin login, a
-websocket round trip through the channel layer, a Celery task through the broker, and that
-stopping (Ctrl-C, a crashed child, a killed supervisor) leaves no process behind.
+websocket round trip through the channel layer, a Celery task through the broker, a short
+console (the children's output in log files), and that stopping (Ctrl-C, a crashed child, a
+killed supervisor) leaves no process behind.
 """
 
 import os
 import signal
+import stat
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -44,7 +47,7 @@ def site_redis_url(site) -> str:
     return site.env.get("REDIS_URL") or f"unix://{site.home}/redis/redis.sock"
 
 
-def logged_in(site) -> requests.Session:
+def logged_in(site, password: str = ADMIN_PASSWORD) -> requests.Session:
     session = requests.Session()
     login = f"{site.url}admin/login/"
     session.get(login, timeout=10).raise_for_status()
@@ -52,7 +55,7 @@ def logged_in(site) -> requests.Session:
         login,
         data={
             "username": "admin",
-            "password": ADMIN_PASSWORD,
+            "password": password,
             "csrfmiddlewaretoken": session.cookies["csrftoken"],
             "next": "/admin/",
         },
@@ -78,6 +81,41 @@ def test_home_page_requires_login_then_serves(site):
     assert "Site administration" in admin.text
     css = session.get(f"{site.url}static/css/site.css", timeout=10)
     assert css.status_code == 200 and "--accent" in css.text
+
+
+def test_console_is_one_ready_block_and_the_children_log_to_files(site):
+    # Wait for Celery's "ready." in the worker's log file: by then its banner was written.
+    deadline = time.monotonic() + 60
+    while "ready." not in site.log("worker-training") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    worker_log = site.log("worker-training")
+    assert "[config]" in worker_log and "ready." in worker_log, worker_log
+    assert "started web (pid" in site.log()
+
+    console = site.output
+    logs = Path(site.env["NANOCHAT_HOME"]) / "logs"
+    start = console.index("nanochat is up: ")
+    block = console[start:].splitlines()[:5]
+    assert "log in as   admin" in block[1]
+    assert f"{ADMIN_PASSWORD}  (saved to {logs.parent / 'admin_password'}" in block[2]
+    assert f"logs        {logs}/" in block[3] and "Ctrl-C stops everything" in block[4]
+    for banner in ("[config]", "[queues]", "celery@", "ready.", "superuser privileges"):
+        assert banner not in console, console
+    assert len(console.splitlines()) <= 8, console
+
+
+def test_password_file_is_private_and_logs_in(site):
+    path = Path(site.env["NANOCHAT_HOME"]) / "admin_password"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() == ADMIN_PASSWORD
+    assert logged_in(site, path.read_text().strip())
+
+
+def test_favicon_is_served_and_linked(site):
+    icon = requests.get(f"{site.url}favicon.ico", timeout=10)
+    assert icon.status_code == 200 and icon.headers["Content-Type"] == "image/svg+xml"
+    page = requests.get(f"{site.url}login/", timeout=10)
+    assert '<link rel="icon" href="/static/favicon.svg"' in page.text
 
 
 def test_admin_login_page_is_served(site):
@@ -151,11 +189,16 @@ def test_ctrl_c_on_make_run_leaves_no_process(fresh_site_env):
     try:
         proc.wait_up()
         assert len(proc.remember_descendants()) >= 4  # python up, redis?, web, two workers
+        # The generated password: printed in the ready block, saved privately, and it logs in.
+        path = Path(fresh_site_env["NANOCHAT_HOME"]) / "admin_password"
+        password = path.read_text().strip()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(password) >= 12
+        assert f"password    {password}  (saved to {path}" in proc.output
+        assert logged_in(proc, password)
         proc.press_ctrl_c()
         proc.wait_exit(60)
         assert proc.survivors() == [], proc.output
         assert "all processes stopped" in proc.output
-        assert "admin login: admin / " in proc.output  # generated password, printed once
     finally:
         proc.kill_everything()
 

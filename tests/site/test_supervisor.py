@@ -39,6 +39,21 @@ def test_output_is_prefixed_with_the_child_name():
     assert list(child.tail) == ["hello", "world"]
 
 
+def test_quiet_output_goes_to_log_files_and_deaths_to_the_console(tmp_path):
+    out = io.StringIO()
+    sup = Supervisor(out=out, grace=2, log_dir=tmp_path, verbose=False)
+    child = sup.start(sh("banner", "echo a very long banner; exit 3"))
+    child.process.wait(timeout=10)
+    stop_when(sup, lambda: "restarting" in out.getvalue(), timeout=10)
+    sup.supervise(RestartPolicy(backoff_initial=5))
+    sup.stop_all()
+    console = out.getvalue()
+    assert "a very long banner" not in console and "started" not in console
+    assert "exited with code 3; restarting in 5 s" in console
+    assert "a very long banner" in (tmp_path / "banner.log").read_text()
+    assert "started banner (pid" in (tmp_path / "up.log").read_text()
+
+
 def stop_when(sup: Supervisor, condition, timeout: float = 30) -> threading.Thread:
     """Request a stop once `condition()` holds (or after `timeout`), from a watcher thread."""
 

@@ -61,13 +61,14 @@ def test_tiny_eval_writes_events_and_a_report_section(checkpoint, tiny_corpus, t
     assert [e["task"] for e in results] == labels
     for result in results:
         assert result["metric"] == "centered"
+        assert result["data_source"] == "offline"  # the shipped bundle, not DCLM's
         details = result["details"]
         assert details["n"] == 8  # the tiny preset's max_per_task
         assert result["value"] == pytest.approx(
             (details["accuracy"] - details["baseline"]) / (1 - details["baseline"])
         )
     (evaluation,) = [e for e in events if e["type"] == "eval"]
-    assert evaluation["step"] == STEP
+    assert evaluation["step"] == STEP and evaluation["data_source"] == "offline"
     values = evaluation["values"]
     assert values["core"] == pytest.approx(sum(r["value"] for r in results) / len(results))
     # A random model over a 512-token vocabulary: about log2(512)/bytes-per-token bits.

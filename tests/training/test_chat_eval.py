@@ -172,6 +172,7 @@ def test_end_to_end_on_a_random_checkpoint(tiny_corpus, tmp_path):
     results = [e for e in events if e["type"] == "eval_result"]
     accuracy = {e["task"]: e for e in results if e["metric"] == "accuracy"}
     assert set(accuracy) == set(chat_eval_tasks())
+    assert {e["data_source"] for e in results} == {"offline"}  # builtin tasks, not the hub's
     for event in accuracy.values():
         assert event["details"]["total"] == 3
         assert 0 <= event["value"] <= 1
@@ -180,7 +181,7 @@ def test_end_to_end_on_a_random_checkpoint(tiny_corpus, tmp_path):
     assert set(formats) == {"gsm8k", "spelling_bee"}
     assert all(0 <= v <= 1 for v in formats.values())
     (final,) = [e for e in events if e["type"] == "eval"]
-    assert final["step"] == 5
+    assert final["step"] == 5 and final["data_source"] == "offline"
     assert -1 <= final["values"]["chatcore"] <= 1
     assert final["values"]["gsm8k/accuracy"] == accuracy["gsm8k"]["value"]
     assert any(e["type"] == "sample" for e in events)

@@ -375,3 +375,8 @@ def test_download_failure_and_bad_zips(tmp_path):
 def test_resolve_bundle():
     assert core_eval.resolve_bundle("") == core_eval.SHIPPED_BUNDLE
     assert core_eval.resolve_bundle("/some/dir").as_posix() == "/some/dir"
+
+
+def test_scores_on_the_shipped_bundle_are_offline_and_on_any_other_hub(tmp_path):
+    assert core_eval.bundle_data_source(core_eval.SHIPPED_BUNDLE) == "offline"
+    assert core_eval.bundle_data_source(tmp_path / "eval_bundle") == "hub"

@@ -7,7 +7,7 @@ file's `setup` service) before starting web and workers.
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from nanochat_site.bootstrap import ensure_superuser
+from nanochat_site.bootstrap import ensure_superuser, password_file
 
 
 class Command(BaseCommand):
@@ -17,6 +17,8 @@ class Command(BaseCommand):
         call_command("migrate", interactive=False, verbosity=0)
         username, password = ensure_superuser()
         if password:
-            self.stdout.write(f"created admin account: {username} / {password}  (shown once)")
+            self.stdout.write(
+                f"created admin account: {username} / {password}  (also in {password_file()})"
+            )
         else:
             self.stdout.write(f"database ready; admin account: {username}")

@@ -5,6 +5,11 @@ runs the web server (daphne's, through nanochat_site/webserver.py), the Celery w
 beat and the engine workers as children until Ctrl-C or SIGTERM, and stops them all. Each piece is the same command a multi-machine
 deployment runs on its own (see docker/compose.yaml).
 
+The console stays short: one line while starting, one block once everything answers (the URL,
+who logs in, where the password and the logs are). The children's own output -- Celery banners,
+daphne, Redis -- goes to one file per child under NANOCHAT_HOME/logs/ and shows on the console
+only with --verbose; deaths, restarts and crash loops (with the child's last lines) always do.
+
 A child that dies is restarted with backoff (nanochat_site/supervisor.py); the others ride
 out its absence -- Celery and the engine worker reconnect to a Redis that went away, and the
 embedded Redis comes back from its snapshot. A child that crash-loops is given up on: the web
@@ -23,7 +28,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from nanochat_site import embedded_redis
-from nanochat_site.bootstrap import ensure_superuser
+from nanochat_site.bootstrap import ensure_superuser, password_file
 from nanochat_site.supervisor import (
     ChildFailed,
     ChildSpec,
@@ -67,6 +72,28 @@ def web_argv(host: str, port: int) -> list[str]:
             "nanochat_site.asgi:application"]  # fmt: skip
 
 
+def log_dir():
+    return settings.NANOCHAT_HOME / "logs"
+
+
+def ready_block(url: str, username: str, password: str | None) -> list[str]:
+    """What `up` prints once everything answers: all a new user needs, in a few lines."""
+    saved = password_file()
+    if password:
+        secret = f"{password}  (saved to {saved}, readable only by you)"
+    elif saved.exists():
+        secret = f"the first one is in {saved} (unless changed since)"
+    else:
+        secret = "the one this account was given (NANOCHAT_ADMIN_PASSWORD or the admin)"
+    return [
+        f"nanochat is up: {url}",
+        f"  log in as   {username}",
+        f"  password    {secret}",
+        f"  logs        {log_dir()}/ (one file per process; --verbose shows them here)",
+        "  Ctrl-C stops everything",
+    ]
+
+
 class Command(BaseCommand):
     help = "Start the web server, workers and (if REDIS_URL is unset) Redis; Ctrl-C stops all."
 
@@ -85,6 +112,10 @@ class Command(BaseCommand):
         )  # fmt: skip
         parser.add_argument("--restart-window", type=float, default=defaults.window)
         parser.add_argument(
+            "--verbose", action="store_true",
+            help="show every child's output on the console too (it always goes to the log files)",
+        )  # fmt: skip
+        parser.add_argument(
             "--backoff-max", type=float, default=defaults.backoff_max,
             help="the longest wait before a restart (it starts at 1 s and doubles)",
         )  # fmt: skip
@@ -94,7 +125,9 @@ class Command(BaseCommand):
             raise CommandError(f"port {port} on {host} is already in use; pass --port")
         call_command("migrate", interactive=False, verbosity=0)
         username, password = ensure_superuser()
-        supervisor = Supervisor(out=self.stdout._out, grace=grace)
+        supervisor = Supervisor(
+            out=self.stdout._out, grace=grace, log_dir=log_dir(), verbose=options["verbose"]
+        )
         supervisor.install_signal_handlers()
         policy = RestartPolicy(
             backoff_max=options["backoff_max"],
@@ -110,6 +143,7 @@ class Command(BaseCommand):
     def _run(self, supervisor: Supervisor, policy, host, port, username, password) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "NANOCHAT_HOME": str(settings.NANOCHAT_HOME)}
         cwd = str(settings.BASE_DIR)
+        supervisor.say(f"starting nanochat (logs in {log_dir()}) ...")
         try:
             if settings.REDIS_EMBEDDED:
                 sock = settings.EMBEDDED_REDIS_SOCKET
@@ -145,11 +179,8 @@ class Command(BaseCommand):
             return
 
         display_host = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
-        supervisor.say(f"nanochat is up: http://{display_host}:{port}/")
-        if password:
-            supervisor.say(f"admin login: {username} / {password}  (shown once; change it)")
-        else:
-            supervisor.say(f"log in as {username} (or another account); Ctrl-C stops everything")
+        for line in ready_block(f"http://{display_host}:{port}/", username, password):
+            supervisor.say(line)
 
         lost = supervisor.supervise(policy)
         if lost is not None:
