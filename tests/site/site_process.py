@@ -64,7 +64,7 @@ def site_env(home: Path, database_url: str | None, **extra: str) -> dict[str, st
 
 
 class SiteProcess:
-    def __init__(self, argv: list[str], env: dict[str, str]):
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path = REPO):
         self.argv = argv
         self.env = env
         self.lines: list[str] = []
@@ -73,7 +73,7 @@ class SiteProcess:
         self._seen: dict[int, psutil.Process] = {}
         self.proc = subprocess.Popen(
             argv,
-            cwd=REPO,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
