@@ -68,7 +68,12 @@ def memory_prediction(
     """
     if kind not in TRAINING_KINDS:
         return None
-    found = _model_config(kind, config, tokenizer, parent_checkpoint)
+    try:
+        found = _model_config(kind, config, tokenizer, parent_checkpoint)
+    except (KeyError, TypeError, ValueError):
+        # A config without the model's settings: a pipeline stage whose program has not
+        # started yet (its config comes from the program's start event).
+        return None
     if found is None:
         return None
     model_config, assumed = found
