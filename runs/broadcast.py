@@ -32,6 +32,9 @@ def run_summary(run) -> dict[str, Any]:
         "eta_seconds": run.eta_seconds,
         "best_val_bpb": run.best_val_bpb,
         "error": run.error,
+        # Unix seconds: pages tick a running run's duration from these (static/js/live.js).
+        "started_at": run.started_at.timestamp() if run.started_at else None,
+        "finished_at": run.finished_at.timestamp() if run.finished_at else None,
     }
 
 

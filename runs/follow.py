@@ -17,9 +17,15 @@ from pathlib import Path
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from runs import broadcast, ingest
+from runs import broadcast, ingest, selectors
 from runs.models import ACTIVE_STATUSES, Kind, Run, Status
-from runs.pipeline_stages import STAGE_END, stage_events, start_child
+from runs.pipeline_stages import (
+    STAGE_END,
+    record_stage_config,
+    refresh_pipeline,
+    stage_events,
+    start_child,
+)
 from training.events import EVENTS_FILE, read_events
 
 log = logging.getLogger(__name__)
@@ -65,6 +71,8 @@ class Follower:
             log.warning("run %s: ignored a malformed event line: %.200s", self.run.pk, line)
         parsed = ingest.parse_events(result.events)
         ingest.apply(self.run, parsed, result.offset)
+        if self.run.pipeline_id:
+            record_stage_config(self.run, parsed)
         if parsed.end is not None:
             self.end = parsed.end
         if self.stages is not None:
@@ -98,6 +106,7 @@ class StageFollowers:
     def __init__(self, pipeline: Run):
         self.pipeline = pipeline
         self.followers: dict[int, object] = {}
+        self._typical: dict[str, float] | None = None  # earlier pipelines' stage times
         for child in pipeline.stage_runs.filter(status__in=ACTIVE_STATUSES):
             self._follow(child)
 
@@ -122,14 +131,23 @@ class StageFollowers:
                 if child is not None:
                     self._follow(child)
                     broadcast.send(child)
+                    self.refresh()
             elif status in STAGE_END:
                 child = self._child(stage)
                 if child is not None:
                     self.end(child, STAGE_END[status], str(stage.get("error") or ""))
 
     def poll(self) -> None:
-        for follower in list(self.followers.values()):
-            follower.poll()
+        changed = [follower.poll() for follower in list(self.followers.values())]
+        if any(changed):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """The pipeline row follows its stages (best val bpb, ETA), and its pages with it."""
+        if self._typical is None:
+            self._typical = selectors.typical_stage_seconds(self.pipeline)
+        if refresh_pipeline(self.pipeline, self._typical):
+            broadcast.send(self.pipeline)
 
     def end(self, child: Run, status: str, error: str = "") -> None:
         follower = self.followers.pop(child.pk, None) or Follower(child)
@@ -144,6 +162,7 @@ class StageFollowers:
         child.refresh_from_db()
         child.mark_artifacts()
         broadcast.send(child)
+        self.refresh()
 
     def end_all(self, status: str, error: str) -> None:
         """The pipeline ended: children still running end with it."""

@@ -168,7 +168,8 @@ class Run(models.Model):
         indexes = [models.Index(fields=["kind", "status"])]
 
     def __str__(self) -> str:
-        return self.name or f"{self.kind} run {self.pk}"
+        # Unnamed runs read as their kind does on every page ("base model evaluation 12").
+        return self.name or f"{self.get_kind_display()} {self.pk}"
 
     @property
     def is_active(self) -> bool:

@@ -158,12 +158,16 @@ def _run_context(request, run: Run) -> dict:
     """What the run page's panels show (also refetched alone as they change)."""
     program = PROGRAMS.get(run.kind)
     selectors.attach_families([run])
+    is_pipeline = run.kind == Kind.PIPELINE
     return {
         "run": run,
         "can_manage": services.can_manage(request.user, run),
         "resumable": bool(program and program.resumable),
-        "checkpoints": run.checkpoints.order_by("-step"),
-        "eval_results": run.eval_results.select_related("checkpoint").order_by("task", "metric"),
+        # A pipeline shows what its stages made, each row naming its stage.
+        "is_pipeline": is_pipeline,
+        "checkpoints": selectors.run_checkpoints(run).order_by("run_id", "-step"),
+        "eval_results": selectors.run_eval_results(run).order_by("run_id", "task", "metric"),
+        "best_stage": selectors.best_bpb_stage(run) if is_pipeline else None,
         "samples": selectors.samples_by_step(run),
         "reports": run.reports.all(),
         "config": sorted(run.config.items()),
@@ -183,8 +187,7 @@ def _run_context(request, run: Run) -> dict:
 def chat_checkpoint_of(run: Run) -> Checkpoint | None:
     """The checkpoint to chat with after this run: its own latest chat-stage one, or for a
     pipeline its stages' (RL before SFT before mid)."""
-    runs = [run.pk, *run.stage_runs.values_list("pk", flat=True)]
-    found = Checkpoint.objects.filter(run_id__in=runs, stage__in=["rl", "sft", "mid"])
+    found = selectors.run_checkpoints(run).filter(stage__in=["rl", "sft", "mid"])
     return min(found.order_by("-step", "-id"), key=lambda c: selectors.STAGE_ORDER[c.stage],
                default=None)  # fmt: skip
 
@@ -378,10 +381,8 @@ def _submit_dataset(form: DatasetForm, user, uploads: list) -> Dataset | None:
 @login_required
 @require_GET
 def tokenizers(request):
-    rows = list(artifacts.with_build_run(Tokenizer.objects.select_related("owner", "dataset")))
-    kinds = sorted({key.split("/", 1)[1] for t in rows for key in t.stats if "/" in key})
-    for tokenizer in rows:
-        tokenizer.compression = [tokenizer.stats.get(f"bytes_per_token/{k}") for k in kinds]
+    rows = artifacts.with_build_run(Tokenizer.objects.select_related("owner", "dataset"))
+    kinds, rows = selectors.compression_table(rows)
     context = {"tokenizers": rows, "text_kinds": kinds, "can_train": "tokenizer" in PROGRAMS}
     return render(request, "runs/tokenizers.html", context)
 

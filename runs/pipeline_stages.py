@@ -9,8 +9,13 @@ followed exactly as a run's own (metrics, checkpoints, evals, report), so each s
 own page, charts and results. The child's status follows its `stage` events; children still
 active when the pipeline ends take the pipeline's end (cancelled, failed, worker lost).
 
-This module only makes the rows; following the children's files is runs/follow.py's
-`StageFollowers`, which imports it.
+A stage run records the config its program ran with (from the program's first `start`
+event, shaped like a submitted run's config), so Compare diffs a stage against any other run
+setting by setting. The pipeline row carries what its stages found: the best val bpb of any
+stage and an ETA from its stages' times (runs/predictions.py's `pipeline_eta`).
+
+This module only makes and updates the rows; following the children's files is
+runs/follow.py's `StageFollowers`, which imports it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 
 from django.utils import timezone
 
-from runs import ingest, layout
+from runs import ingest, layout, selectors
 from runs.models import (
     ArtifactStatus,
     Checkpoint,
@@ -29,6 +34,9 @@ from runs.models import (
     Status,
     Tokenizer,
 )
+from runs.predictions import pipeline_eta
+from runs.programs import APP_SET_FLAGS, PROGRAMS
+from training import dataset as dataset_program
 
 log = logging.getLogger(__name__)
 STAGE_END = {
@@ -107,3 +115,62 @@ def start_child(pipeline: Run, stage: dict) -> Run | None:
         child.tokenizer = child.parent_checkpoint.tokenizer
     child.save()
     return child
+
+
+def first_start(parsed: ingest.Parsed) -> dict | None:
+    """The first `start` event of a batch (a tokenizer stage starts twice: train, then eval)."""
+    return next((data for kind, _, _, data in parsed.events if kind == "start"), None)
+
+
+def stage_config(kind: str, started: dict) -> dict | None:
+    """What a stage's program ran with, shaped as a submitted run of that kind stores it: every
+    flag, with paths and the flags the app sets (resume step, source step) at their defaults as
+    a submitted run has them, since those name the run's own places, not its settings."""
+    program = PROGRAMS.get(kind)
+    config = started.get("config") if isinstance(started, dict) else None
+    if program is None or not isinstance(config, dict):
+        return None
+    flags, extra = program.flags, {}
+    if kind == Kind.DATASET:  # a dataset run's flags are those of its command
+        command = config.get("command")
+        if command not in dataset_program.COMMANDS:
+            return None
+        flags, extra = dataset_program.COMMANDS[command], {"command": command}
+    ran = {
+        key: value
+        for key, value in config.items()
+        if key in flags and not flags[key].path and key not in APP_SET_FLAGS
+    }
+    return {**flags.defaults(), **ran, **extra}
+
+
+def record_stage_config(child: Run, parsed: ingest.Parsed) -> None:
+    """Store a stage's effective config from its program's first start event (once: a later
+    start of the same stage, such as the tokenizer's evaluation, is another program)."""
+    started = first_start(parsed)
+    if started is None or set(child.config) - {"pipeline_stage"}:
+        return
+    config = stage_config(child.kind, started)
+    if config is not None:
+        child.config = {"pipeline_stage": child.config.get("pipeline_stage", child.kind), **config}
+        Run.objects.filter(pk=child.pk).update(config=child.config)
+
+
+def refresh_pipeline(pipeline: Run, typical: dict[str, float]) -> bool:
+    """Give a pipeline row its stages' best val bpb and its ETA; True when either changed.
+
+    `typical` is selectors.typical_stage_seconds(pipeline), fetched once per follower.
+    """
+    best = selectors.best_bpb_stage(pipeline)
+    fields = {
+        "best_val_bpb": best.best_val_bpb if best else pipeline.best_val_bpb,
+        "eta_seconds": pipeline.eta_seconds,
+    }
+    if pipeline.status == Status.RUNNING:
+        fields["eta_seconds"] = pipeline_eta(selectors.pipeline_stage_times(pipeline, typical))
+    changed = {k: v for k, v in fields.items() if getattr(pipeline, k) != v}
+    if changed:
+        Run.objects.filter(pk=pipeline.pk).update(**changed)
+        for name, value in changed.items():
+            setattr(pipeline, name, value)
+    return bool(changed)

@@ -1,4 +1,5 @@
-"""What a run will need per GPU, shown before it starts: the new-run form and the run API.
+"""What a run will need per GPU, shown before it starts (the new-run form and the run API),
+and how long a pipeline has left (its page, the runs list and the dashboard).
 
 A plain function over the run's kind, its validated config and its inputs, so the page, the
 API and any later caller read the same words. The numbers come from `training.memory` (pure
@@ -12,7 +13,8 @@ refused by `training.base_train.plan`, which the submission already calls.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from engine.models.registry import config_from_dict
@@ -66,7 +68,12 @@ def memory_prediction(
     """
     if kind not in TRAINING_KINDS:
         return None
-    found = _model_config(kind, config, tokenizer, parent_checkpoint)
+    try:
+        found = _model_config(kind, config, tokenizer, parent_checkpoint)
+    except (KeyError, TypeError, ValueError):
+        # A config without the model's settings: a pipeline stage whose program has not
+        # started yet (its config comes from the program's start event).
+        return None
     if found is None:
         return None
     model_config, assumed = found
@@ -107,3 +114,67 @@ def memory_prediction(
         "capacity_bytes": capacity,
         "where": where,
     }
+
+
+# ---- how long a pipeline has left ----------------------------------------------------------
+
+# How far this pipeline's measured speed may scale the usual stage times (a first stage that
+# ran oddly fast or slow must not make the whole ETA absurd).
+SPEED_RANGE = (0.25, 4.0)
+# A running stage's own progress says how long it has left once it is this far along.
+MIN_PROGRESS = 0.02
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """One planned stage of a pipeline as far as it got: `state` is "done", "running" or
+    "waiting"; `elapsed` the seconds it ran; a running stage's `progress` (0..1) and own `eta`
+    (its program's measured speed); `typical` the seconds it took in earlier pipelines."""
+
+    name: str
+    state: str
+    elapsed: float = 0.0
+    progress: float = 0.0
+    eta: float | None = None
+    typical: float | None = None
+
+
+def pipeline_eta(stages: Sequence[StageTime]) -> float | None:
+    """Seconds until a pipeline is done, None when nothing says yet.
+
+    The running stage has what its own ETA says (else what its progress so far implies);
+    each waiting stage takes its usual time (`typical`), scaled by how fast this pipeline's
+    finished stages ran compared with theirs (a busy or faster machine). A stage never run
+    before is taken to last as long as this pipeline's finished stages did on average: rough,
+    but an ETA from the first stage on, corrected as the stages finish.
+    """
+    done = [s for s in stages if s.state == "done"]
+    timed = [s for s in done if s.typical and s.elapsed > 0]
+    speed = 1.0
+    if timed:
+        speed = sum(s.elapsed for s in timed) / sum(s.typical for s in timed)
+        speed = min(max(speed, SPEED_RANGE[0]), SPEED_RANGE[1])
+    measured = [s.elapsed for s in done if s.elapsed > 0]
+    average = sum(measured) / len(measured) if measured else None
+
+    def usual(stage: StageTime) -> float | None:
+        return stage.typical * speed if stage.typical else average
+
+    left = 0.0
+    for stage in stages:
+        if stage.state == "running":
+            if stage.eta is not None:
+                remaining = stage.eta
+            elif stage.progress >= MIN_PROGRESS:
+                remaining = stage.elapsed * (1 - stage.progress) / stage.progress
+            elif usual(stage) is not None:
+                remaining = max(usual(stage) - stage.elapsed, 0.0)
+            else:
+                return None
+            left += max(remaining, 0.0)
+        elif stage.state == "waiting":
+            estimate = usual(stage)
+            if estimate is None:
+                return None
+            left += estimate
+    return left

@@ -26,6 +26,7 @@ from runs.models import (
     RunEvent,
     Status,
 )
+from runs.predictions import StageTime
 from runs.programs import PROGRAMS
 
 # Leaderboard columns and the event-file task names that feed each (chat_eval writes task ids,
@@ -371,3 +372,145 @@ def _number(text: Any) -> float | None:
         return float(text)
     except (TypeError, ValueError):
         return None
+
+
+# ---- names a user reads --------------------------------------------------------------------
+
+
+def kind_label(kind: str) -> str:
+    """'base model evaluation' for 'base_eval': the one wording of a run kind on every page,
+    title and button (Kind's labels); an unknown kind as it is."""
+    try:
+        return Kind(kind).label
+    except ValueError:
+        return str(kind)
+
+
+# ---- tokenizers ----------------------------------------------------------------------------
+
+# Where the tokenizer evaluation's bytes-per-token numbers sit in Tokenizer.stats: tok_eval
+# writes `tok/bytes_per_token/<kind of text>`; rows from before that prefix lack "tok/".
+COMPRESSION_PREFIXES = ("tok/bytes_per_token/", "bytes_per_token/")
+
+
+def compression(stats: Any) -> dict[str, float]:
+    """{kind of text: bytes per token} from a tokenizer's evaluation stats."""
+    found: dict[str, float] = {}
+    for key, value in (stats if isinstance(stats, dict) else {}).items():
+        for prefix in COMPRESSION_PREFIXES:
+            if isinstance(key, str) and key.startswith(prefix) and key != prefix:
+                found.setdefault(key[len(prefix) :], value)
+    return found
+
+
+def compression_table(tokenizers: Iterable) -> tuple[list[str], list]:
+    """(kinds of text, the tokenizers each with `compression`: its value per kind, None where
+    it was not measured): the columns and rows of the tokenizers page."""
+    rows = list(tokenizers)
+    measured = {t.pk: compression(t.stats) for t in rows}
+    kinds = sorted({kind for values in measured.values() for kind in values})
+    for tokenizer in rows:
+        tokenizer.compression = [measured[tokenizer.pk].get(kind) for kind in kinds]
+    return kinds, rows
+
+
+# ---- pipelines: a pipeline shows what its stages made --------------------------------------
+
+
+def pipeline_run_ids(run: Run) -> list[int]:
+    """The run and, for a pipeline, its stage runs: whose checkpoints and evals its page shows."""
+    return [run.pk, *run.stage_runs.values_list("pk", flat=True)]
+
+
+def run_checkpoints(run: Run) -> QuerySet:
+    """A run's checkpoints, newest step first; a pipeline's are its stages' (each with its
+    `run`, the stage it came from)."""
+    return Checkpoint.objects.filter(run_id__in=pipeline_run_ids(run)).select_related("run")
+
+
+def run_eval_results(run: Run) -> QuerySet:
+    """A run's eval results; a pipeline's are its stages' (each with its `run`, the stage)."""
+    return EvalResult.objects.filter(run_id__in=pipeline_run_ids(run)).select_related(
+        "run", "checkpoint"
+    )
+
+
+def best_bpb_stage(run: Run) -> Run | None:
+    """The stage run of a pipeline with the lowest best val bpb (None: no stage measured one)."""
+    return run.stage_runs.filter(best_val_bpb__isnull=False).order_by("best_val_bpb", "id").first()
+
+
+def stage_name(run: Run) -> str:
+    """The name a pipeline gave the stage this run is ('chat_eval_sft'); '' for other runs."""
+    config = run.config if isinstance(run.config, dict) else {}
+    return str(config.get("pipeline_stage") or "") if run.pipeline_id else ""
+
+
+def planned_stages(run: Run) -> list[dict]:
+    """[{name, kind}] of a pipeline's stages in order, from its latest start event."""
+    data = (
+        RunEvent.objects.filter(run_id=run.pk, type="start")
+        .order_by("-seq")
+        .values_list("data", flat=True)
+        .first()
+    )
+    stages = data.get("stages") if isinstance(data, dict) else None
+    return [s for s in stages or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
+
+
+def typical_stage_seconds(run: Run, limit: int = 200) -> dict[str, float]:
+    """{stage name: median seconds it took} in earlier succeeded pipelines: those of the same
+    preset when they ran that stage, else any pipeline's (the stage estimates of an ETA)."""
+    rows = (
+        Run.objects.filter(
+            pipeline__status=Status.SUCCEEDED, status=Status.SUCCEEDED,
+            started_at__isnull=False, finished_at__isnull=False,
+        )
+        .exclude(pipeline_id=run.pk)
+        .annotate(stage=KT("config__pipeline_stage"))
+        .order_by("-id")
+        .values_list("stage", "pipeline__preset", "started_at", "finished_at")[:limit]
+    )  # fmt: skip
+    same: dict[str, list[float]] = defaultdict(list)
+    other: dict[str, list[float]] = defaultdict(list)
+    for stage, preset, started, finished in rows:
+        if stage:
+            seconds = (finished - started).total_seconds()
+            (same if preset == run.preset else other)[stage].append(seconds)
+    return {name: _median(same.get(name) or other[name]) for name in {*same, *other}}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def pipeline_stage_times(run: Run, typical: Mapping[str, float] | None = None) -> list:
+    """A pipeline's planned stages as predictions.StageTime: done, running or waiting, with
+    what each took or has taken and how long such a stage usually takes."""
+    typical = typical_stage_seconds(run) if typical is None else typical
+    children: dict[str, Run] = {}
+    for child in run.stage_runs.order_by("id"):
+        children[stage_name(child)] = child  # a stage run twice (resume): the latest counts
+    plan = planned_stages(run)
+    reached = max((i for i, s in enumerate(plan) if s["name"] in children), default=-1)
+    times = []
+    for index, stage in enumerate(plan):
+        name, child = stage["name"], children.get(stage["name"])
+        usual = typical.get(name)
+        if child is None:  # skipped (its outputs existed) when a later stage has begun
+            state = "done" if index < reached else "waiting"
+            times.append(StageTime(name, state, typical=usual))
+            continue
+        elapsed = child.duration_seconds or 0.0
+        if child.status == Status.RUNNING:
+            eta = child.eta_seconds
+            times.append(StageTime(name, "running", elapsed, child.progress, eta, usual))
+        elif child.status == Status.QUEUED:
+            times.append(StageTime(name, "waiting", typical=usual))
+        else:
+            times.append(StageTime(name, "done", elapsed, 1.0, 0.0, usual))
+    return times

@@ -1,4 +1,5 @@
-"""Small formatting filters of the dashboard templates (durations, scores, percentages)."""
+"""Small formatting filters of the dashboard templates (durations, scores, percentages, the
+names of run kinds)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 from django import template
 
+from runs import selectors
 from runs.admin import human_duration
 
 register = template.Library()
@@ -15,6 +17,18 @@ register = template.Library()
 def duration(seconds) -> str:
     """1h 02m, 3m 05s, 42s; a dash when unknown."""
     return "–" if seconds is None else human_duration(float(seconds))
+
+
+@register.filter
+def kind_label(kind) -> str:
+    """'base model evaluation' for 'base_eval' (selectors.kind_label: one wording everywhere)."""
+    return selectors.kind_label(kind)
+
+
+@register.filter
+def timestamp(when) -> str:
+    """A datetime as Unix seconds for data attributes the page's clock reads; '' when None."""
+    return "" if when is None else f"{when.timestamp():.3f}"
 
 
 @register.filter

@@ -27,13 +27,7 @@ function memberLabel(group, name) { return "layer " + name.slice(group.prefix.le
 function membersOf(key) { return charts.get(key).members; }
 let active = config.active;
 
-function fmtDuration(seconds) {
-  seconds = Math.max(0, Math.round(seconds));
-  const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
-  if (h) return h + "h " + String(m).padStart(2, "0") + "m";
-  if (m) return m + "m " + String(s).padStart(2, "0") + "s";
-  return s + "s";
-}
+const fmtDuration = window.runClock.fmtDuration; // live.js: one format for every page
 
 function shownNames() {
   return [...picker.querySelectorAll("input:checked")].map((i) => i.value);
@@ -119,6 +113,7 @@ function showRun(run) {
   document.getElementById("run-total").textContent = run.total_steps ?? "?";
   document.getElementById("run-eta").textContent = run.status === "running" && run.eta_seconds ? "· ETA " + fmtDuration(run.eta_seconds) : "";
   if (run.best_val_bpb != null) document.getElementById("best-val-bpb").textContent = run.best_val_bpb.toFixed(4);
+  window.runClock.setTimes(document.querySelector('#run-duration [data-field="duration"]'), run);
   active = ["queued", "running"].includes(run.status);
 }
 

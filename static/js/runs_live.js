@@ -1,5 +1,5 @@
-// Live run rows (home page, runs list): status, progress and ETA follow /ws/runs/ without a
-// reload. With data-reload-on-status the page reloads (at most every 3 s) when a run starts,
+// Live run rows (home page, runs list): status, progress, ETA and duration follow /ws/runs/
+// without a reload (durations also tick between updates: live.js's runClock). With data-reload-on-status the page reloads (at most every 3 s) when a run starts,
 // finishes or is queued, since that moves it between the page's sections.
 (function () {
   const script = document.currentScript;
@@ -8,13 +8,7 @@
   let retry = 1000;
   let reloadTimer = null;
 
-  function fmtDuration(seconds) {
-    seconds = Math.max(0, Math.round(seconds));
-    const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
-    if (h) return h + "h " + String(m).padStart(2, "0") + "m";
-    if (m) return m + "m " + String(s).padStart(2, "0") + "s";
-    return s + "s";
-  }
+  const fmtDuration = window.runClock.fmtDuration;
 
   function update(run) {
     const rows = document.querySelectorAll('[data-run-id="' + run.id + '"]');
@@ -30,6 +24,7 @@
       if (bar) bar.style.width = Math.round(100 * Math.min(1, run.progress || 0)) + "%";
       const eta = row.querySelector('[data-field="eta"]');
       if (eta) eta.textContent = run.status === "running" && run.eta_seconds ? "ETA " + fmtDuration(run.eta_seconds) : "";
+      window.runClock.setTimes(row.querySelector('[data-field="duration"]'), run);
       const bpb = row.querySelector('[data-field="best_val_bpb"]');
       if (bpb && run.best_val_bpb != null) bpb.textContent = run.best_val_bpb.toFixed(4);
     });

@@ -112,6 +112,19 @@ def site(django_db_setup, django_db_blocker, redis_url, engine_worker, tmp_path_
         server.close()
 
 
+@pytest.fixture(scope="module")
+def bare_site(django_db_setup, django_db_blocker, redis_url, tmp_path_factory):
+    """The running site without a chat engine, for pages that do not chat (starts in seconds)."""
+    with django_db_blocker.unblock():
+        env = worker_env()
+    server = DaphneSite(free_port(), env, tmp_path_factory.mktemp("daphne") / "daphne.log")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def browser(tmp_path):
     """A fresh headless Chromium (its own profile directory) for one test."""

@@ -17,9 +17,6 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from runs.models import Dataset, MetricPoint, Run, RunEvent, Status, Tokenizer
 from runs.programs import PROGRAMS
-from tests.browser.conftest import DaphneSite
-from tests.runs.live_workers import worker_env
-from tests.site.site_process import free_port
 
 pytestmark = [
     pytest.mark.services,
@@ -32,16 +29,9 @@ EXPERT_LOAD = "Expert load (max/mean per layer)"
 
 
 @pytest.fixture(scope="module")
-def site(django_db_setup, django_db_blocker, redis_url, tmp_path_factory):
+def site(bare_site):
     """The running site (no chat engine: these pages do not chat)."""
-    with django_db_blocker.unblock():
-        env = worker_env()
-    server = DaphneSite(free_port(), env, tmp_path_factory.mktemp("daphne") / "daphne.log")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    return bare_site
 
 
 @pytest.fixture

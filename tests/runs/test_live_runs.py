@@ -15,6 +15,7 @@ from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
 from runs.models import Checkpoint, Dataset, MetricPoint, Run, RunEvent, Status, Tokenizer
+from runs.programs import PROGRAMS
 from tests.runs.live_workers import LiveWorker, build_small_inputs, run_processes, wait_for
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.django_db(transaction=True)]
@@ -165,6 +166,11 @@ def test_pipeline_from_the_api_shows_every_stage_as_a_run(api, workers):
     assert list(stages) == ["dataset", "tokenizer", "base", "base_eval", "chat_eval_base", "sft",
                             "chat_eval_sft"]  # fmt: skip
     assert all(child.status == Status.SUCCEEDED for child in stages.values())
+    # Each stage records the config its program ran with, as a submitted run of its kind does.
+    base_config = stages["base"].config
+    assert set(base_config) == {"pipeline_stage", *PROGRAMS["base"].validate("tiny", {})}
+    assert base_config["data_dir"] == "" and base_config["num_iterations"] > 0
+    assert run.best_val_bpb == min(c.best_val_bpb for c in stages.values() if c.best_val_bpb)
     assert stages["dataset"].dataset.status == "ready"
     assert stages["tokenizer"].tokenizer.status == "ready"
     assert MetricPoint.objects.filter(run=stages["base"], name="train/loss").count() == 60

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from runs.models import Checkpoint, EvalResult, Kind, Run, Status
+from runs.models import Checkpoint, EvalResult, Kind, Run, Status, Tokenizer
 from tests.runs.conftest import add_checkpoint
 
 pytestmark = pytest.mark.django_db
@@ -287,13 +287,19 @@ def test_datasets_form_errors_name_the_field(signed_in, ready_dataset):
     assert "only staff" in html
 
 
-def test_tokenizers_page_shows_the_compression_table(signed_in, ready_tokenizer):
-    ready_tokenizer.stats = {"bytes_per_token/news": 4.25, "bytes_per_token/code": 3.5}
+def test_tokenizers_page_shows_the_compression_table(signed_in, ready_tokenizer, alice):
+    # What tok_eval's eval event leaves in the stats (tok/ prefix, relative columns beside).
+    ready_tokenizer.stats = {"tok/bytes_per_token/news": 4.25, "tok/bytes_per_token/code": 3.5,
+                             "tok/vs_gpt2/news": -3.1}  # fmt: skip
     ready_tokenizer.save()
+    older = Tokenizer.objects.create(name="older", owner=alice, path="/x", vocab_size=512,
+                                     stats={"bytes_per_token/news": 2.5})  # fmt: skip
     html = signed_in.get(reverse("tokenizers")).content.decode()
-    assert ready_tokenizer.name in html
-    assert "<th>code</th>" in html and "<th>news</th>" in html
-    assert "4.25" in html and "3.50" in html
+    assert ready_tokenizer.name in html and older.name in html
+    assert '<th class="measure">bytes/token · code</th>' in html
+    assert '<th class="measure">bytes/token · news</th>' in html
+    assert "vs_gpt2" not in html
+    assert "4.25" in html and "3.50" in html and "2.50" in html
 
 
 def test_checkpoints_page_filters_by_stage(signed_in, finished_run):
@@ -340,3 +346,30 @@ def test_chat_page_preselects_the_checkpoint_from_the_dashboard(signed_in, finis
     checkpoint = Checkpoint.objects.filter(run=finished_run).order_by("step").first()
     html = signed_in.get(reverse("chat-page"), {"checkpoint": checkpoint.pk}).content.decode()
     assert f'value="{checkpoint.pk}" selected' in html
+
+
+def test_run_kinds_read_as_words_on_every_page(signed_in, alice, make_run):
+    """One wording (Kind's labels) in buttons, titles, tables and unnamed runs' names."""
+    make_run(alice, Status.RUNNING, kind=Kind.BASE_EVAL, name="")
+    for url in (reverse("home"), reverse("run-list")):
+        html = signed_in.get(url).content.decode()
+        for raw in ("New base_eval", "base_eval run", ">base_eval<", ">base pretraining run<"):
+            assert raw not in html, (url, raw)
+    html = signed_in.get(reverse("run-list")).content.decode()
+    assert ">New base model evaluation</a>" in html and ">New whole pipeline</a>" in html
+    assert "base model evaluation" in html  # the unnamed run and its kind column
+    html = signed_in.get(reverse("run-new", args=["chat_eval"])).content.decode()
+    assert "<title>New chat model evaluation · nanochat</title>" in html
+    assert "<h1>New chat model evaluation</h1>" in html
+
+
+def test_run_durations_carry_their_times_for_the_page_clock(signed_in, alice, make_run):
+    running = make_run(alice, Status.RUNNING, name="ticking")
+    done = make_run(alice, Status.SUCCEEDED, name="done")
+    html = signed_in.get(reverse("run-list")).content.decode()
+    start = f'data-started="{running.started_at.timestamp():.3f}" data-finished=""'
+    assert start in html
+    assert f'data-finished="{done.finished_at.timestamp():.3f}"' in html
+    assert "data-server-time=" in html
+    html = signed_in.get(reverse("run-detail", args=[running.pk])).content.decode()
+    assert 'id="run-duration"' in html and start in html

@@ -207,3 +207,109 @@ def test_pipeline_page_lists_stages_and_opens_chat_when_done(client, alice, pipe
     assert "location.replace" not in html
     html = client.get(url, {"then": "chat"}).content.decode()
     assert f'location.replace("{reverse("chat-page")}?checkpoint={checkpoint.pk}")' in html
+
+
+def test_stage_runs_store_the_config_their_program_ran_with(pipeline_run, alice, tmp_path):
+    """Compare then lists only what really differs between a stage and a submitted run."""
+    from runs.selectors import config_diff
+    from training import base_train, tok_eval, tok_train
+
+    fake = FakePipeline(pipeline_run)
+    follower = Follower(pipeline_run)
+    stage_dir, w = fake.start("tokenizer", "tokenizer")
+    w.start(tok_train.FLAGS.parse(["--vocab-size", "1024", "--run-dir", str(stage_dir)]),
+            total_steps=0, world_size=1, device="cpu")  # fmt: skip
+    w.start(
+        tok_eval.FLAGS.parse(["--run-dir", str(stage_dir)]),
+        total_steps=0,
+        world_size=1,
+        device="cpu",
+    )  # fmt: skip: the evaluation, a second program of the same stage
+    stage_dir, w = fake.start("base", "base")
+    ran = base_train.FLAGS.parse(["--config", "tiny", "--num-iterations", "7",
+                                  "--data-dir", "/d", "--run-dir", str(stage_dir)])  # fmt: skip
+    w.start(ran, total_steps=7, world_size=1, device="cpu")
+    follower.poll()
+
+    tokenizer_run = pipeline_run.stage_runs.get(kind=Kind.TOKENIZER)
+    expected = PROGRAMS["tokenizer"].validate("", {"vocab_size": 1024})
+    assert tokenizer_run.config == {"pipeline_stage": "tokenizer", **expected}
+    base_run = pipeline_run.stage_runs.get(kind=Kind.BASE)
+    submitted = Run.objects.create(kind=Kind.BASE, owner=alice, status=Status.SUCCEEDED,
+                                   config=PROGRAMS["base"].validate("tiny", {}))  # fmt: skip
+    assert config_diff([base_run, submitted]) == [
+        ("num_iterations", [7, submitted.config["num_iterations"]]),
+        ("pipeline_stage", ["base", None]),
+    ]
+
+
+def test_a_pipeline_row_carries_its_stages_best_bpb_and_an_eta(pipeline_run, alice):
+    """Earlier pipelines of the preset say how long each stage takes; the running stage's
+    own ETA and this pipeline's measured pace do the rest."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    earlier = Run.objects.create(kind=Kind.PIPELINE, owner=alice, status=Status.SUCCEEDED,
+                                 preset=pipeline_run.preset)  # fmt: skip
+    t0 = timezone.now() - timedelta(hours=1)
+    for name, seconds in (("dataset", 10), ("base", 100), ("sft", 50)):
+        Run.objects.create(kind=Kind.BASE, owner=alice, pipeline=earlier, status=Status.SUCCEEDED,
+                           config={"pipeline_stage": name}, started_at=t0,
+                           finished_at=t0 + timedelta(seconds=seconds))  # fmt: skip
+    fake = FakePipeline(pipeline_run)
+    fake.events.start({}, total_steps=3, world_size=1, device="", program="pipeline",
+                      stages=[{"name": n, "kind": k} for n, k in
+                              (("dataset", "dataset"), ("base", "base"), ("sft", "sft"))])  # fmt: skip
+    follower = Follower(pipeline_run)
+    _, w = fake.start("dataset", "dataset")
+    w.end("succeeded")
+    fake.end()
+    follower.poll()
+    # The dataset stage took ~0 s of its usual 10: the pace is clamped to 4x faster.
+    _, w = fake.start("base", "base")
+    w.metrics(1, {"train/loss": 4.0, "train/eta_sec": 30.0, "train/progress": 0.5})
+    w.eval(1, {"val/bpb": 2.25})
+    follower.poll()
+    pipeline_run.refresh_from_db()
+    assert pipeline_run.eta_seconds == pytest.approx(30.0 + 50 * 0.25)
+    assert pipeline_run.best_val_bpb == 2.25
+
+
+def test_pipeline_eta_from_stage_times():
+    from runs.predictions import StageTime, pipeline_eta
+
+    # Finished stages ran twice as slow as usual: the waiting stage will too.
+    stages = [StageTime("a", "done", 20, typical=10), StageTime("b", "running", 5, 0.5, None, 60),
+              StageTime("c", "waiting", typical=30)]  # fmt: skip
+    assert pipeline_eta(stages) == pytest.approx(5 + 60)
+    # Never run before: as long as this pipeline's finished stages took on average.
+    assert pipeline_eta([StageTime("a", "done", 20), StageTime("c", "waiting")]) == 20
+    assert pipeline_eta([StageTime("a", "running"), StageTime("c", "waiting")]) is None
+    assert pipeline_eta([StageTime("a", "done", 20)]) == 0
+
+
+def test_a_pipeline_page_shows_its_stages_checkpoints_evals_and_best_bpb(client, alice,
+                                                                          pipeline_run):  # fmt: skip
+    fake = FakePipeline(pipeline_run)
+    follower = Follower(pipeline_run)
+    base_dir = str(fake.out / "base_checkpoints" / "d2")
+    _, w = fake.start("base", "base", outputs={"checkpoint_dir": base_dir})
+    w.eval(10, {"val/bpb": 1.875})
+    w.checkpoint(10, base_dir, {"model_config": {"n_layer": 2}})
+    w.end("succeeded")
+    fake.end()
+    _, w = fake.start("base_eval", "base_eval", inputs={"checkpoint_dir": base_dir})
+    w.eval_result("core", "centered", 0.0625)
+    w.end("succeeded")
+    fake.end()
+    follower.poll()
+    base_run = pipeline_run.stage_runs.get(kind=Kind.BASE)
+    client.force_login(alice)
+    html = client.get(reverse("run-detail", args=[pipeline_run.pk]), {"panels": "1"}).content
+    html = html.decode()
+    assert "No checkpoints yet." not in html and "No eval results yet." not in html
+    assert f'<a href="{reverse("run-detail", args=[base_run.pk])}">base</a>' in html
+    assert "0.0625" in html and ">base_eval</a>" in html
+    html = client.get(reverse("run-detail", args=[pipeline_run.pk])).content.decode()
+    assert '<span id="best-val-bpb">1.8750</span>' in html and 'id="best-val-bpb-stage"' in html
