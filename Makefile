@@ -34,9 +34,10 @@ test: $(VENV)/.installed-test
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The start-up tests alone (real web, workers and Redis processes).
+# The start-up tests alone (`up` / `make run` started for real, with its web, workers and Redis
+# processes), including the scripted newcomer trial (tests/site/test_newcomer.py).
 test-smoke: $(VENV)/.installed-test
-	$(PY) -m pytest -m services $(PYTEST_ARGS)
+	$(PY) -m pytest -m services tests/site $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(PY) -m ruff check .
