@@ -28,6 +28,7 @@ from runs.models import (
 )
 from runs.predictions import StageTime
 from runs.programs import PROGRAMS
+from runs.scaling import Point
 
 # Leaderboard columns and the event-file task names that feed each (chat_eval writes task ids,
 # base_eval the CORE score; either spelling is accepted).
@@ -319,6 +320,9 @@ class TrainingScale:
     run_id: int
     tokens_per_step: int | None = None
     flops_per_token: float | None = None
+    # The model's parameter count the scaling laws use (derived `scaling_params`, else the
+    # total of derived `parameters`).
+    parameters: int | None = None
 
     @property
     def flops_per_step(self) -> float | None:
@@ -352,15 +356,20 @@ def training_scales(runs: Iterable[Run]) -> dict[int, TrainingScale]:
         RunEvent.objects.filter(run_id__in=list(scales), type="start")
         .annotate(batch=KT("data__derived__total_batch_size"))
         .annotate(flops=KT("data__derived__flops_per_token"))
+        .annotate(scaling=KT("data__derived__scaling_params"))
+        .annotate(total=KT("data__derived__parameters__total"))
         .order_by("run_id", "seq")
-        .values_list("run_id", "batch", "flops")
+        .values_list("run_id", "batch", "flops", "scaling", "total")
     )
-    for run_id, batch, flops in rows:
+    for run_id, batch, flops, scaling, total in rows:
         tokens, per_token = _positive(_number(batch)), _positive(_number(flops))
+        params = _positive(_number(scaling)) or _positive(_number(total))
         if tokens is not None:
             scales[run_id].tokens_per_step = int(tokens)
         if per_token is not None:
             scales[run_id].flops_per_token = per_token
+        if params is not None:
+            scales[run_id].parameters = int(params)
     return scales
 
 
@@ -372,6 +381,68 @@ def _number(text: Any) -> float | None:
         return float(text)
     except (TypeError, ValueError):
         return None
+
+
+# ---- scores per checkpoint or run (lineage, scaling view) ----------------------------------
+
+
+def headline_scores(results: Iterable[EvalResult], key: Any) -> dict[Any, dict[str, float | None]]:
+    """{key(result): {column: score}}: per leaderboard column (a task of no column under its
+    own name) the latest score of the best-ranked headline metric, as the leaderboard picks.
+    Pass the results oldest first; `key` groups them (by checkpoint, by run)."""
+    rank = {m: i for i, m in enumerate(HEADLINE_METRICS)}
+    chosen: dict[tuple[Any, str], int] = {}
+    out: dict[Any, dict[str, float | None]] = defaultdict(dict)
+    for result in results:
+        if result.metric not in rank:
+            continue
+        group, column = key(result), _column_of(result.task) or result.task
+        if (group, column) in chosen and rank[result.metric] > chosen[(group, column)]:
+            continue
+        chosen[(group, column)] = rank[result.metric]
+        out[group][column] = result.value
+    return dict(out)
+
+
+def scaling_points(runs: list[Run]) -> list[Point]:
+    """A runs.scaling.Point per run (which needs `model_family`, see attach_families): its
+    training FLOPs (step x total_batch_size x flops_per_token), parameters, final val bpb (else
+    its best) and CORE (scored on the run or on one of its checkpoints), with why any is
+    missing."""
+    scales = training_scales(runs)
+    finals = final_metrics(runs, ["val/bpb"])
+    ids = [run.pk for run in runs]
+    results = (
+        EvalResult.objects.filter(Q(run_id__in=ids) | Q(checkpoint__run_id__in=ids))
+        .filter(task__in=LEADERBOARD_COLUMNS["CORE"])
+        .select_related("checkpoint")
+        .order_by("created", "id")
+    )
+    cores = headline_scores(results, lambda r: r.checkpoint.run_id if r.checkpoint else r.run_id)
+    points = []
+    for run in runs:
+        scale = scales[run.pk]
+        point = Point(run.pk, f"#{run.pk} {run}", run.model_family or registry.DEFAULT)
+        point.flops = scale.flops_at(run.step) if run.step > 0 else None
+        point.params = scale.parameters
+        point.bpb = finals[run.pk]["val/bpb"]
+        if point.bpb is None:
+            point.bpb = run.best_val_bpb
+        point.core = cores.get(run.pk, {}).get("CORE")
+        if scale.flops_per_token is None:
+            point.missing.append("no flops_per_token in its start event")
+        elif scale.tokens_per_step is None:
+            point.missing.append("no total_batch_size in its start event")
+        elif run.step <= 0:
+            point.missing.append("no step trained")
+        if point.params is None:
+            point.missing.append("no parameter count in its start event")
+        if point.bpb is None:
+            point.missing.append("no val bpb")
+        if point.core is None:
+            point.missing.append("no CORE score")
+        points.append(point)
+    return points
 
 
 # ---- names a user reads --------------------------------------------------------------------
