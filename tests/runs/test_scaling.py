@@ -43,7 +43,9 @@ def test_view_fits_each_family_and_says_what_is_skipped():
         scaling.Point(1, "#1", "gpt", flops=1e15, params=1e6, bpb=1.2, core=0.1),
         scaling.Point(2, "#2", "gpt", flops=1e17, params=1e7, bpb=1.0, core=0.2),
         scaling.Point(3, "#3", "gpt2", flops=1e16, params=2e6, bpb=1.1, core=-0.05),
-        scaling.Point(4, "#4", "hybrid", bpb=1.3, missing=["no flops_per_token in its start event"]),
+        scaling.Point(
+            4, "#4", "hybrid", bpb=1.3, missing=["no flops_per_token in its start event"]
+        ),
     ]
     view = scaling.scaling_view(points)
     fits = {(f.metric, f.axis, f.family): f for f in view.fits}
