@@ -19,7 +19,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from nanochat_site import limits
-from runs import artifacts, selectors, series, services
+from runs import artifacts, lineage, scaling, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
 from runs.forms import DatasetForm, RunForm
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
@@ -311,6 +311,7 @@ def compare(request):
         "best_rows": [("best val bpb", [r.best_val_bpb for r in runs])],
         "amount_rows": training_amount_rows(runs, scales),
         "diff": selectors.config_diff(runs),
+        "scaling": scaling_context(runs),
         "recent": selectors.run_list().exclude(pk__in=ids)[:30],
         "chart_config": {
             "runs": [
@@ -328,6 +329,26 @@ def compare(request):
         },
     }
     return render(request, "runs/compare.html", context)
+
+
+def scaling_context(runs) -> dict:
+    """The compare page's scaling view: fits per family, each run's residuals, the runs
+    missing numbers and the charts' data (static/js/scaling.js draws them)."""
+    view = scaling.scaling_view(selectors.scaling_points(runs))
+    metrics, axes = dict(scaling.METRICS), dict(scaling.AXES)
+    pairs = [(m, a) for m in metrics for a in axes]
+    keys = [f"{m}/{a}" for m, a in pairs]
+    for fit in view.fits:
+        fit.label = f"{metrics[fit.metric]} vs {axes[fit.axis]}"
+        fit.family_label = selectors.family_label(fit.family)
+    for point in view.points:
+        point.family_label = selectors.family_label(point.family)
+        point.residual_cells = [view.residuals[point.run_id].get(key) for key in keys]
+    return {
+        "view": view,
+        "residual_columns": [f"{metrics[m]} vs {axes[a]}" for m, a in pairs],
+        "charts": scaling.chart_data(view),
+    }
 
 
 def training_amount_rows(runs, scales) -> list[tuple[str, list[str]]]:
@@ -404,6 +425,21 @@ def checkpoints(request):
     context = {"page": page, "stage": stage, "stages": Checkpoint.Stage.choices,
                "model": model, "families": selectors.families()}  # fmt: skip
     return render(request, "runs/checkpoints.html", context)
+
+
+@login_required
+@require_GET
+def checkpoint_lineage(request, ckpt_id: int):
+    """The lineage ladder of a checkpoint: base → … → it, scores and deltas, and children."""
+    checkpoint = get_object_or_404(Checkpoint.objects.select_related("run"), pk=ckpt_id)
+    ladder = lineage.lineage(checkpoint)
+    rows = [
+        {"step": step, "cells": [(t, step.scores.get(t), step.deltas.get(t)) for t in ladder.tasks]}
+        for step in ladder.steps
+    ]
+    context = {"lineage": ladder, "rows": rows, "family_label":
+               selectors.family_label(selectors.checkpoint_family(checkpoint))}  # fmt: skip
+    return render(request, "runs/lineage.html", context)
 
 
 @login_required

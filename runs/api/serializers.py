@@ -397,6 +397,31 @@ class CheckpointSerializer(serializers.ModelSerializer):
         return selectors.checkpoint_family(checkpoint)
 
 
+class LineageStepSerializer(serializers.Serializer):
+    checkpoint = CheckpointSerializer()
+    scores = serializers.DictField(
+        child=serializers.FloatField(allow_null=True),
+        help_text="score per task (leaderboard column, e.g. CORE, GSM8K)",
+    )
+    deltas = serializers.DictField(
+        child=serializers.FloatField(allow_null=True),
+        help_text="change per task from the step before (empty for the first step)",
+    )
+    val_bpb_delta = serializers.FloatField(allow_null=True)
+
+
+class LineageSerializer(serializers.Serializer):
+    checkpoint = serializers.IntegerField(source="checkpoint.pk")
+    tasks = serializers.ListField(child=serializers.CharField())
+    steps = LineageStepSerializer(many=True, help_text="root (base) first, this checkpoint last")
+    children = CheckpointSerializer(
+        many=True, help_text="the latest checkpoint of each run fine-tuned from this one"
+    )
+    truncated = serializers.BooleanField(
+        help_text="the chain goes on past the depth shown, or loops back on itself"
+    )
+
+
 class EvalFilterSerializer(serializers.Serializer):
     task = serializers.CharField(required=False, max_length=64)
     run = serializers.IntegerField(required=False)

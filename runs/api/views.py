@@ -19,7 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from nanochat_site import limits
-from runs import artifacts, selectors, services
+from runs import artifacts, lineage, selectors, services
 from runs.api import serializers as s
 from runs.api.errors import ServiceErrorsMixin
 from runs.api.responses import with_errors
@@ -289,7 +289,7 @@ class TokenizerViewSet(ArtifactViewSet):
 class CheckpointViewSet(viewsets.ReadOnlyModelViewSet):
     """Saved model weights, one row per saved step."""
 
-    queryset = Checkpoint.objects.select_related("tokenizer")
+    queryset = Checkpoint.objects.select_related("tokenizer", "run")
     serializer_class = s.CheckpointSerializer
 
     def get_queryset(self):
@@ -307,6 +307,14 @@ class CheckpointViewSet(viewsets.ReadOnlyModelViewSet):
     )
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
+
+    @extend_schema(responses={200: s.LineageSerializer, **with_errors(404)})
+    @action(detail=True, methods=["get"])
+    def lineage(self, request, pk=None):
+        """The checkpoint's chain (base → mid → SFT → RL through each run's parent checkpoint)
+        with each step's scores and their change from the step before, and its children."""
+        checkpoint = self.get_object()
+        return Response(s.LineageSerializer(lineage.lineage(checkpoint)).data)
 
 
 class EvalResultViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):

@@ -73,3 +73,27 @@ def get(mapping, key):
         return mapping[key]
     except (KeyError, IndexError, TypeError):
         return None
+
+
+@register.filter
+def signed(value, digits: int = 4) -> str:
+    """A change with its sign (+0.0310, −0.0120); a dash when missing: deltas read at a glance."""
+    text = score(value, digits)
+    if text == "–":
+        return text
+    number = float(value)
+    return ("+" if number >= 0 else "−") + text.lstrip("-")
+
+
+@register.filter
+def sci(value) -> str:
+    """Three significant digits (4.91e+12, 0.0513) for fitted coefficients and FLOPs."""
+    return "–" if value is None else f"{float(value):.3g}"
+
+
+@register.filter
+def signed_percent(fraction) -> str:
+    """A relative residual as a signed percentage (+3.1 %)."""
+    if fraction is None:
+        return "–"
+    return signed(float(fraction) * 100, 1) + " %"
