@@ -341,12 +341,14 @@ def scaling_context(runs) -> dict:
     for fit in view.fits:
         fit.label = f"{metrics[fit.metric]} vs {axes[fit.axis]}"
         fit.family_label = selectors.family_label(fit.family)
+    # Residual columns only for the fits that drew a line.
+    fitted = [i for i, key in enumerate(keys) if any(key in r for r in view.residuals.values())]
     for point in view.points:
         point.family_label = selectors.family_label(point.family)
-        point.residual_cells = [view.residuals[point.run_id].get(key) for key in keys]
+        point.residual_cells = [view.residuals[point.run_id].get(keys[i]) for i in fitted]
     return {
         "view": view,
-        "residual_columns": [f"{metrics[m]} vs {axes[a]}" for m, a in pairs],
+        "residual_columns": [f"{metrics[pairs[i][0]]} vs {axes[pairs[i][1]]}" for i in fitted],
         "charts": scaling.chart_data(view),
     }
 

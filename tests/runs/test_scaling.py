@@ -3,6 +3,8 @@ training FLOPs (step × total_batch_size × flops_per_token) and parameters from
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,23 @@ def test_selectors_compute_flops_and_parameters(alice, make_run):
     assert points[bare.pk].flops is None and points[bare.pk].params is None
     assert "no flops_per_token in its start event" in points[bare.pk].missing
     assert "no parameter count in its start event" in points[bare.pk].missing
+
+
+@pytest.mark.django_db
+def test_compare_page_shows_fits_residuals_and_skipped_runs(client, alice, make_run):
+    runs = []
+    for step, bpb in ((100, 1.2), (1000, 1.0)):
+        run = make_run(alice, Status.SUCCEEDED, step=step)
+        start(run, total_batch_size=1000, flops_per_token=1e6, scaling_params=1e6)
+        MetricPoint.objects.create(run=run, name="val/bpb", step=step, value=bpb, time=0.0)
+        runs.append(run)
+    bare = make_run(alice, Status.SUCCEEDED, step=3)
+    client.force_login(alice)
+    ids = ",".join(str(r.pk) for r in [*runs, bare])
+    html = client.get(f"/runs/compare/?ids={ids}").content.decode()
+    shown = re.findall(r'data-exponent="([^"]+)">([^<]+)<', html)
+    assert len(shown) == 1  # one family, val bpb vs FLOPs (no parameters differ, no CORE)
+    assert float(shown[0][0]) == pytest.approx(np.log(1.0 / 1.2) / np.log(10))
+    assert shown[0][1] == "−0.0792"
+    assert f'<li data-run="{bare.pk}">' in html and "no flops_per_token" in html
+    assert 'id="scaling-data"' in html and "val bpb vs training FLOPs" in html
