@@ -28,10 +28,6 @@ class Step:
     deltas: dict[str, float | None] = field(default_factory=dict)
     val_bpb_delta: float | None = None
 
-    @property
-    def family(self) -> str:
-        return selectors.checkpoint_family(self.checkpoint)
-
 
 @dataclass
 class Lineage:

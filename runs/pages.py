@@ -439,8 +439,9 @@ def checkpoint_lineage(request, ckpt_id: int):
         {"step": step, "cells": [(t, step.scores.get(t), step.deltas.get(t)) for t in ladder.tasks]}
         for step in ladder.steps
     ]
-    context = {"lineage": ladder, "rows": rows, "family_label":
-               selectors.family_label(selectors.checkpoint_family(checkpoint))}  # fmt: skip
+    family = selectors.checkpoint_family(checkpoint)
+    context = {"lineage": ladder, "rows": rows, "family": family,
+               "family_label": selectors.family_label(family)}  # fmt: skip
     return render(request, "runs/lineage.html", context)
 
 

@@ -102,6 +102,7 @@ def test_pages_link_to_the_lineage(client, alice, ladder):
     link = f"/checkpoints/{sft.pk}/lineage/"
     assert link in client.get("/checkpoints/").content.decode()
     assert link in client.get(f"/runs/{sft.run_id}/").content.decode()
+    assert link in client.get(f"/chat/?checkpoint={sft.pk}").content.decode()  # the model card
 
 
 def test_signed_in_users_only_like_the_checkpoints(client, api, alice, ladder):
