@@ -20,6 +20,7 @@ Another user's battle is reported exactly like a missing one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 
 from django.core.cache import cache
 from django.db import IntegrityError, transaction
-from django.db.models import Max, QuerySet
+from django.db.models import QuerySet
 
 from arena import ratings
 from arena.models import Battle, Vote
@@ -245,15 +246,17 @@ def rated_battles() -> QuerySet[Vote]:
 def ratings_by_checkpoint() -> dict[int, ratings.Rating]:
     """{checkpoint id: Rating} fitted on every counted vote.
 
-    Votes are never edited, so the fit is cached under the count and the newest id of the
-    counted votes: a new vote or a deleted checkpoint changes that key, anything else reuses
-    the fit (the bootstrap is the costly part)."""
-    votes = rated_battles()
-    state = votes.aggregate(n=Max("id"))["n"], votes.count()
-    key = f"arena-ratings:{state[0]}:{state[1]}"
+    The fit is cached under a digest of the counted votes themselves (one cheap query): a new
+    vote or a deleted checkpoint changes it, anything else reuses the fit -- the bootstrap is
+    the costly part, and the leaderboard asks on every load."""
+    rows = list(
+        rated_battles()
+        .order_by("id")
+        .values_list("battle__checkpoint_a_id", "battle__checkpoint_b_id", "outcome")
+    )
+    key = "arena-ratings:" + hashlib.sha256(repr(rows).encode()).hexdigest()
     found = cache.get(key)
     if found is None:
-        rows = votes.values_list("battle__checkpoint_a_id", "battle__checkpoint_b_id", "outcome")
         found = ratings.fit(ratings.Battle(a, b, SCORES[o]) for a, b, o in rows)
         cache.set(key, found, 3600)
     return found
