@@ -75,16 +75,20 @@ def fit(
     a = np.array([index[b.a] for b in battles])
     b = np.array([index[b.b] for b in battles])
     score = np.array([b.score for b in battles], dtype=float)
-    weights = np.ones(len(battles))
-    theta = _strengths(len(players), a, b, score, weights)
+    votes = np.bincount(a, minlength=len(players)) + np.bincount(b, minlength=len(players))
+    # Identical battles (same sides, same result) are one group with a count, so a fit costs
+    # the same for ten thousand votes as for a hundred; resampling battles with replacement
+    # is then drawing the groups' counts from a multinomial.
+    groups, counts = np.unique(np.stack([a, b, score]), axis=1, return_counts=True)
+    a, b, score = groups[0].astype(int), groups[1].astype(int), groups[2]
+    theta = _strengths(len(players), a, b, score, counts.astype(float))
     rounds = max(1, min(int(rounds), MAX_BOOTSTRAP_ROUNDS))
     rng = np.random.default_rng(seed)
     samples = np.empty((rounds, len(players)))
     for r in range(rounds):
-        resampled = np.bincount(rng.integers(0, len(battles), len(battles)), minlength=len(battles))
-        samples[r] = _strengths(len(players), a, b, score, resampled.astype(float), start=theta)
+        resampled = rng.multinomial(len(battles), counts / len(battles)).astype(float)
+        samples[r] = _strengths(len(players), a, b, score, resampled, start=theta)
     low, high = np.percentile(samples, [2.5, 97.5], axis=0)
-    votes = np.bincount(a, minlength=len(players)) + np.bincount(b, minlength=len(players))
     return {
         p: Rating(_points(theta[i]), _points(low[i]), _points(high[i]), int(votes[i]))
         for i, p in enumerate(players)
