@@ -2,6 +2,7 @@
 
 from django.urls import path
 
+from arena.routing import websocket_urlpatterns as arena_routes
 from chat.routing import websocket_urlpatterns as chat_routes
 from nanochat_site.consumers import HealthConsumer
 from runs.routing import websocket_urlpatterns as runs_routes
@@ -10,4 +11,5 @@ websocket_urlpatterns = [
     path("ws/health/", HealthConsumer.as_asgi()),
     *runs_routes,
     *chat_routes,
+    *arena_routes,
 ]

@@ -44,6 +44,7 @@ INSTALLED_APPS = [
     "nanochat_site",
     "runs",
     "chat",
+    "arena",
 ]
 
 MIDDLEWARE = [

@@ -18,6 +18,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
+from arena import services as arena_services
 from nanochat_site import limits
 from runs import artifacts, lineage, scaling, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
@@ -450,8 +451,9 @@ def checkpoint_lineage(request, ckpt_id: int):
 def leaderboard(request):
     sort = request.GET.get("sort", "ChatCORE")
     model = _text_filter(request, "model")
-    rows = selectors.leaderboard(sort, model=model)
-    context = {"rows": rows, "columns": list(selectors.LEADERBOARD_COLUMNS), "sort": sort,
+    rows = selectors.leaderboard(sort, model=model, ratings=arena_services.ratings_by_checkpoint())
+    columns = [*selectors.LEADERBOARD_COLUMNS, selectors.ARENA_COLUMN]
+    context = {"rows": rows, "columns": columns, "sort": sort,
                "model": model, "families": selectors.families()}  # fmt: skip
     return render(request, "runs/leaderboard.html", context)
 

@@ -42,6 +42,9 @@ LEADERBOARD_COLUMNS: dict[str, tuple[str, ...]] = {
     "SpellingBee": ("SpellingBee", "spelling_bee"),
     "ChatCORE": ("ChatCORE", "chatcore"),
 }
+# The arena's rating column (arena/ratings.py): not an eval task, so not fed by eval results;
+# the leaderboard page passes the ratings in.
+ARENA_COLUMN = "Arena"
 # The metric that counts for a column when a task reports several (e.g. accuracy and format).
 HEADLINE_METRICS = ("accuracy", "centered", "score", "value")
 STAGE_ORDER = {"rl": 0, "sft": 1, "mid": 2, "base": 3}
@@ -97,6 +100,7 @@ class LeaderboardRow:
     checkpoint: Checkpoint
     scores: dict[str, float | None] = field(default_factory=dict)
     offline: set[str] = field(default_factory=set)  # columns scored on offline sample data
+    arena: Any = None  # the arena Rating (rating, low, high, margin, votes), None when unrated
 
     @property
     def cells(self) -> list[float | None]:
@@ -123,9 +127,15 @@ def _column_of(task: str) -> str | None:
     return None
 
 
-def leaderboard(sort: str = "ChatCORE", model: str = "") -> list[LeaderboardRow]:
+def leaderboard(
+    sort: str = "ChatCORE", model: str = "", ratings: Mapping[int, Any] | None = None
+) -> list[LeaderboardRow]:
     """One row per evaluated checkpoint with its latest score per column, best `sort` first;
-    with `model`, only the checkpoints of that model family."""
+    with `model`, only the checkpoints of that model family.
+
+    `ratings` ({checkpoint id: arena Rating}) fills the Arena column, and a rated checkpoint
+    without evals gets a row of its own (it has been compared, if not evaluated); sort
+    "Arena" orders by rating."""
     rows: dict[int, LeaderboardRow] = {}
     results = EvalResult.objects.filter(checkpoint__isnull=False)
     if model:
@@ -148,12 +158,33 @@ def leaderboard(sort: str = "ChatCORE", model: str = "") -> list[LeaderboardRow]
             row.offline.add(column)
         else:
             row.offline.discard(column)
+    if ratings:
+        _add_ratings(rows, ratings, model)
+    if sort == ARENA_COLUMN:
+        return sorted(
+            rows.values(),
+            key=lambda r: (
+                r.arena is None,
+                -(r.arena.rating if r.arena else 0.0),
+                -r.checkpoint.pk,
+            ),
+        )
     if sort not in LEADERBOARD_COLUMNS:
         sort = "ChatCORE"
     return sorted(
         rows.values(),
         key=lambda r: (r.scores.get(sort) is None, -(r.scores.get(sort) or 0.0), -r.checkpoint.pk),
     )
+
+
+def _add_ratings(rows: dict[int, LeaderboardRow], ratings: Mapping[int, Any], model: str) -> None:
+    missing = Checkpoint.objects.filter(pk__in=[pk for pk in ratings if pk not in rows])
+    if model:
+        missing = missing.filter(family_q(model))
+    for checkpoint in missing.select_related("run"):
+        rows[checkpoint.pk] = LeaderboardRow(checkpoint)
+    for pk, row in rows.items():
+        row.arena = ratings.get(pk)
 
 
 def eval_highlights(limit: int = 5) -> list[LeaderboardRow]:

@@ -45,6 +45,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from arena.models import Battle
 from runs.models import EvalResult
 
 pytestmark = pytest.mark.django_db
@@ -87,7 +88,12 @@ def real_ids(alice, finished_run, ready_dataset, ready_tokenizer, redis_url) -> 
     EvalResult.objects.create(
         run=finished_run, checkpoint=checkpoint, task="core", metric="core", value=0.21
     )
+    battle = Battle.objects.create(
+        owner=alice, status=Battle.Status.READY, prompt="hi", label_a="a", label_b="b",
+        checkpoint_a=checkpoint, checkpoint_b=finished_run.checkpoints.order_by("step").first(),
+    )  # fmt: skip
     return {
+        "/api/arena/battles/": battle.pk,
         "/api/runs/": finished_run.pk,
         "/api/datasets/": ready_dataset.pk,
         "/api/tokenizers/": ready_tokenizer.pk,
