@@ -51,6 +51,7 @@ urlpatterns = [
         login_required(SpectacularSwaggerView.as_view(url_name="api-schema")),
         name="api-docs",
     ),
+    path("api/chat/", include("chat.corrections_urls")),
     path("api/", include("runs.api.urls")),
     path("", include("runs.urls")),
     path("chat/", include("chat.page_urls")),
