@@ -54,6 +54,7 @@ export function addFeedback(article, message, redraw) {
   mark.textContent = "corrected";
   footer.append(up, down, correct, mark);
   const send = async (body) => {
+    if (!article.dataset.id) return null; // still streaming: not saved yet
     try {
       const feedback = await post(`${state.urls.feedback}${article.dataset.id}/feedback/`, body);
       show(article, feedback);
