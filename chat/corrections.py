@@ -36,6 +36,7 @@ from runs import layout
 from runs import services as run_services
 from runs.models import Checkpoint, Kind, Run
 from runs.programs import program_for
+from training.flags import ConfigError
 from training.tasks.customjson import parse_conversation
 
 NAME_LENGTH = 100
@@ -92,6 +93,8 @@ def give_feedback(
         if rating is not None:
             feedback.rating = rating
         if correction is not None:
+            others = message.conversation.messages.exclude(pk=message.pk)
+            limits.conversation_size([len(m.content) for m in others] + [len(correction)], lim)
             _apply_correction(message, feedback, correction)
         feedback.save()
     return feedback
@@ -366,11 +369,15 @@ def finetune(
     base_mixture = program.validate(preset, {})["mixture"]  # ConfigError for a bad preset
     path = write_export(dataset)
     mixture = f"customjson:{path}*{weight},{base_mixture}"
-    return run_services.submit_run(
-        user, Kind.SFT, preset=preset, config={"mixture": mixture},
-        parent_checkpoint=dataset.source_checkpoint,
-        name=f"SFT on conversation dataset {dataset.pk}",
-    )  # fmt: skip
+    try:
+        return run_services.submit_run(
+            user, Kind.SFT, preset=preset, config={"mixture": mixture},
+            parent_checkpoint=dataset.source_checkpoint,
+            name=f"SFT on conversation dataset {dataset.pk}",
+        )  # fmt: skip
+    except ConfigError:
+        path.unlink(missing_ok=True)  # no run will read it
+        raise
 
 
 def corrections_dataset(user, checkpoint_id: int) -> ConversationDataset:
