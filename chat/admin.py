@@ -1,8 +1,9 @@
-"""Admin for conversations and messages: browse who chatted with what, and each reply's cost."""
+"""Admin for conversations and messages: browse who chatted with what, and each reply's cost;
+and for the feedback on replies and the conversation datasets made of them."""
 
 from django.contrib import admin
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, ConversationDataset, DatasetEntry, Feedback, Message
 
 
 class MessageInline(admin.TabularInline):
@@ -41,3 +42,32 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="content")
     def short_content(self, message: Message) -> str:
         return message.content if len(message.content) <= 80 else message.content[:77] + "..."
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(admin.ModelAdmin):
+    list_display = ("id", "message", "rating", "corrected", "updated")
+    list_filter = ("rating", "corrected", "updated")
+    search_fields = (
+        "message__content",
+        "original_content",
+        "message__conversation__owner__username",
+    )
+    raw_id_fields = ("message",)
+
+
+class DatasetEntryInline(admin.TabularInline):
+    model = DatasetEntry
+    extra = 0
+    fields = ("conversation", "message", "messages", "updated")
+    readonly_fields = ("updated",)
+    raw_id_fields = ("conversation", "message")
+
+
+@admin.register(ConversationDataset)
+class ConversationDatasetAdmin(admin.ModelAdmin):
+    list_display = ("id", "name", "owner", "source_checkpoint", "updated", "created")
+    search_fields = ("name", "owner__username")
+    list_select_related = ("owner", "source_checkpoint")
+    raw_id_fields = ("owner", "source_checkpoint")
+    inlines = [DatasetEntryInline]

@@ -90,3 +90,84 @@ class Message(models.Model):
     def as_chat(self) -> dict:
         """The message in the chat format the tokenizer renders (SPEC §3)."""
         return {"role": self.role, "content": self.parts or self.content}
+
+
+# ---- corrections become data (issue 17) ---------------------------------------------------
+
+
+class Feedback(models.Model):
+    """A user's verdict on one assistant reply: a thumb, and/or a corrected text.
+
+    A correction replaces the reply's text in the conversation (so the chat shows it and later
+    turns build on it) while the reply as generated stays here, beside it, for the record.
+    Lives in its own row so that a message without feedback costs nothing.
+    """
+
+    class Rating(models.IntegerChoices):
+        DOWN = -1, "thumbs down"
+        NONE = 0, "no rating"
+        UP = 1, "thumbs up"
+
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="feedback")
+    rating = models.SmallIntegerField(choices=Rating.choices, default=Rating.NONE)
+    corrected = models.BooleanField(default=False)
+    # The reply as the model wrote it, kept once it has been corrected.
+    original_content = models.TextField(blank=True)
+    original_parts = models.JSONField(default=list, blank=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"feedback on message {self.message_id}"
+
+
+class ConversationDataset(models.Model):
+    """A user's named collection of conversations to fine-tune on (exported as CustomJSON)."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversation_datasets"
+    )
+    name = models.CharField(max_length=100)
+    # The model the conversations were had with: a fine-tune starts from it.
+    source_checkpoint = models.ForeignKey(
+        "runs.Checkpoint",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="conversation_datasets",
+    )
+    created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="chat_dataset_owner_name")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DatasetEntry(models.Model):
+    """One conversation of a dataset, as it will be trained (a snapshot: editing the entry or
+    the source conversation later does not change the other)."""
+
+    dataset = models.ForeignKey(
+        ConversationDataset, on_delete=models.CASCADE, related_name="entries"
+    )
+    conversation = models.ForeignKey(
+        Conversation, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # The last reply taken (the conversation was cut after it).
+    message = models.ForeignKey(
+        Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    messages = models.JSONField(default=list)  # the chat format of SPEC §3
+    created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"entry {self.pk} of {self.dataset}"

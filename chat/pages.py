@@ -23,7 +23,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 
-from chat import checkpoints, services
+from chat import checkpoints, corrections, services
 from chat.models import Conversation, Message
 from nanochat_site import limits
 
@@ -63,7 +63,10 @@ def chat_page(request, conversation_id: int | None = None):
             "page": reverse("chat-page"),
             "conversations": reverse("chat-conversations-json"),
             "socket": "/ws/chat/",
+            "feedback": "/api/chat/messages/",  # + <id>/feedback/ (chat/corrections_api.py)
+            "datasets": "/api/chat/datasets/",
         },
+        "datasets": [{"id": d.pk, "name": d.name} for d in corrections.datasets_of(request.user)],
     }
     context = {
         "conversation": conversation,
@@ -130,7 +133,7 @@ def conversation_data(conversation: Conversation) -> dict:
         "mode": conversation.mode,
         "system": conversation.system_prompt,
         "url": reverse("chat-conversation", args=[conversation.pk]),
-        "messages": [message_data(m) for m in conversation.messages.all()],
+        "messages": [message_data(m) for m in conversation.messages.select_related("feedback")],
     }
 
 
@@ -146,6 +149,7 @@ def message_data(message: Message) -> dict:
         "time_to_first_token": message.time_to_first_token,
         "tokens_per_second": message.tokens_per_second,
         "context_start": message.context_start_id,
+        "feedback": corrections.feedback_data(corrections.feedback_of(message)),
     }
 
 

@@ -52,6 +52,7 @@ urlpatterns = [
         name="api-docs",
     ),
     path("api/arena/", include("arena.api_urls")),
+    path("api/chat/", include("chat.corrections_urls")),
     path("api/", include("runs.api.urls")),
     path("", include("runs.urls")),
     path("arena/", include("arena.urls")),

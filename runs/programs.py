@@ -372,8 +372,9 @@ PROGRAMS: dict[str, Program] = {
     "sft": Program(
         "sft", chat_sft.FLAGS, ("parent_checkpoint",),
         finetune_commands("training.chat_sft", chat_sft.FLAGS), distributed=True,
-        stage="sft", check=checks(parent_stages("base", "mid"), check_mixtures, check_finetune_memory),
-        description="Fine-tune a base or mid model into a chat model (SFT).",
+        # From sft too: fine-tuning a chat model further on its users' corrections (chat/corrections.py).
+        stage="sft", check=checks(parent_stages("base", "mid", "sft"), check_mixtures, check_finetune_memory),
+        description="Fine-tune a base or mid model into a chat model (SFT), or a chat model further.",
     ),
     "rl": Program(
         "rl", chat_rl.FLAGS, ("parent_checkpoint",),

@@ -21,6 +21,7 @@ import hljs from "../vendor/highlight/core.min.js";
 import python from "../vendor/highlight/languages/python.min.js";
 import javascript from "../vendor/highlight/languages/javascript.min.js";
 import bash from "../vendor/highlight/languages/bash.min.js";
+import { addFeedback, initDatasetControls } from "./feedback.js";
 
 hljs.registerLanguage("python", python);
 hljs.registerLanguage("javascript", javascript);
@@ -157,7 +158,10 @@ function messageElement(message) {
     footer.append(again);
   }
   article.append(footer);
-  if (message.role === "assistant") showStats(article, message);
+  if (message.role === "assistant") {
+    showStats(article, message);
+    addFeedback(article, message, (replyEl, text) => redraw(replyEl, [{ type: "text", text }]));
+  }
   return article;
 }
 
@@ -423,6 +427,7 @@ function onDone(frame) {
   replyEl.classList.remove("streaming");
   replyEl.querySelector(".typing")?.remove();
   replyEl.dataset.id = frame.message;
+  replyEl.dataset.text = frame.content;
   redraw(replyEl, partsOf(frame));
   showContextStart(frame.context_start);
   showStats(replyEl, frame);
@@ -621,5 +626,6 @@ openedConversation(state.conversation);
 applyModel();
 if (state.conversation) renderThread(state.conversation.messages);
 refreshActions();
+initDatasetControls(() => conversationId);
 connect();
 prompt.focus();
