@@ -101,8 +101,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _on_send(self, frame: dict) -> None:
         self._check_idle()
         conversation = limits.object_id(frame, "conversation", required=False)
-        run = limits.object_id(frame, "run", required=False)
-        checkpoint = limits.object_id(frame, "checkpoint", required=run is None)
+        # Following a run ("run", read with the settings) stands for choosing a checkpoint.
+        checkpoint = limits.object_id(frame, "checkpoint", required=frame.get("run") is None)
         content = limits.content(frame, self.limits)
         sampling = limits.sampling(frame, self.limits)
         pending = await database_sync_to_async(services.begin_send)(
