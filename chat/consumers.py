@@ -2,6 +2,8 @@
 
 Client frames:
     {"type": "send", "conversation": id|null, "checkpoint": id, "content": str,
+     "run": id,                 (instead of checkpoint: follow the run -- its newest checkpoint
+                                 when the frame arrives answers; in every reply frame too)
      "temperature": 0.8, "top_k": 50, "max_tokens": 512,     (sampling fields optional)
      "mode": "chat"|"completion", "system": str}  (optional: a new conversation's mode; the
                                                    system prompt, stored on the conversation)
@@ -10,12 +12,14 @@ Client frames:
     {"type": "stop"}
 Server frames:
     {"type": "started", "conversation": id, "message": id, "context_start": id|null,
-     "max_tokens": n}       the user message answered; the first message the model sees when
-                            older ones were left out to fit its context; max_tokens as capped
+     "max_tokens": n, "checkpoint": id, "step": n}
+                            the user message answered; the first message the model sees when
+                            older ones were left out to fit its context; max_tokens as capped;
+                            the checkpoint (and its step) that answers
     {"type": "token", "text": str, "part": "text"|"python"|"python_output"}   as generated
     {"type": "done", "conversation": id, "message": id, "content", "parts", "finish_reason",
      "prompt_tokens", "completion_tokens", "time_to_first_token", "tokens_per_second",
-     "batch_rows", "context_start"}
+     "batch_rows", "context_start", "checkpoint", "step"}
     {"type": "error", "field": name|null, "message": str}       the socket stays usable
 
 One reply at a time per socket. The consumer only validates, calls chat/services.py and relays
@@ -97,7 +101,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _on_send(self, frame: dict) -> None:
         self._check_idle()
         conversation = limits.object_id(frame, "conversation", required=False)
-        checkpoint = limits.object_id(frame, "checkpoint", required=True)
+        # Following a run ("run", read with the settings) stands for choosing a checkpoint.
+        checkpoint = limits.object_id(frame, "checkpoint", required=frame.get("run") is None)
         content = limits.content(frame, self.limits)
         sampling = limits.sampling(frame, self.limits)
         pending = await database_sync_to_async(services.begin_send)(
@@ -134,7 +139,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.reply.stop()
 
     def _conversation_settings(self, frame: dict) -> dict:
-        return {"mode": limits.mode(frame), "system": limits.system_prompt(frame, self.limits)}
+        return {
+            "mode": limits.mode(frame),
+            "system": limits.system_prompt(frame, self.limits),
+            "run_id": limits.object_id(frame, "run", required=False),
+        }
 
     # ---- the reply ----------------------------------------------------------------------
 
@@ -153,6 +162,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "message": pending.anchor_id,
                 "context_start": pending.context_start_id,
                 "max_tokens": sampling.max_tokens,
+                "checkpoint": pending.checkpoint_id,
+                "step": pending.step,
             }
         )
         used = {**sampling.as_dict(), "seed": seed}
@@ -193,6 +204,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "content": final.content,
                 "parts": final.parts,
                 "context_start": message.context_start_id,
+                "checkpoint": message.checkpoint_id,
+                "step": message.checkpoint_step,
                 **final.stats(),
             }
         )

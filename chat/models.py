@@ -78,6 +78,12 @@ class Message(models.Model):
     context_start = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # The checkpoint and step that answered: a conversation following a run (`run-<id>`)
+    # is answered by whichever checkpoint was the run's newest when the message was sent.
+    checkpoint = models.ForeignKey(
+        "runs.Checkpoint", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    checkpoint_step = models.IntegerField(null=True, blank=True)
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:

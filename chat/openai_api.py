@@ -18,6 +18,10 @@ so a missing engine is a plain 503 (after CHAT_ENGINE_ACCEPT_TIMEOUT), not a bro
 Models are checkpoints, named `ckpt-<id>` (listed chat-tuned first, newest first); the
 aliases `latest` (the first of that list) and `latest-<stage>` (`latest-sft`, ...) work too,
 and are listed after the checkpoints with `alias_of` naming the checkpoint they stand for.
+`run-<id>` follows a run (running ones too): each request is answered by the checkpoint the
+run saved last when the request came, and is listed (per run that saved one) with `alias_of`
+naming that checkpoint. Every response's `model` is the checkpoint that answered
+(`ckpt-<id>`, whatever alias was asked for); GET /v1/models/ckpt-<id> gives its step.
 
 `n` choices are one engine request of n rows (one prefill); `/v1/completions` with a list of
 prompts sends one request per prompt, all at once, and numbers the choices prompt by prompt.
@@ -52,9 +56,11 @@ from chat.openai_format import ApiError, CompletionParams, TextCompletionParams
 from chat.protocol import Chunk, EngineError, Final, GenerationRequest, Reply
 from chat.services import chat_limits, checkpoints_for_picker
 from nanochat_site import limits
+from runs import selectors
 from runs.models import Checkpoint
 
 MODEL_ID = re.compile(r"ckpt-(\d{1,18})")
+RUN_ID = re.compile(r"run-(\d{1,18})")
 AUTH_SCHEMES = ("bearer", "token")  # the OpenAI clients' scheme, and DRF's own
 
 View = Callable[..., Awaitable[HttpResponse]]
@@ -93,6 +99,8 @@ async def models(request: HttpRequest) -> HttpResponse:
         aliases.setdefault("latest", checkpoint)
         aliases.setdefault(f"latest-{checkpoint.stage}", checkpoint)
     data += [model_object(checkpoint, alias) for alias, checkpoint in aliases.items()]
+    followed = await sync_to_async(selectors.followable_runs)()
+    data += [model_object(checkpoint, f"run-{run.pk}") for run, checkpoint in followed]
     return JsonResponse({"object": "list", "data": data})
 
 
@@ -436,6 +444,8 @@ async def find_checkpoint(name: str) -> Checkpoint:
     found = None
     if match := MODEL_ID.fullmatch(name):
         found = await checkpoints.filter(pk=int(match[1])).afirst()
+    elif match := RUN_ID.fullmatch(name):
+        found = await sync_to_async(selectors.newest_checkpoint)(int(match[1]))
     elif name == "latest":
         found = await checkpoints.afirst()
     elif name.startswith("latest-") and name[7:] in Checkpoint.Stage.values:

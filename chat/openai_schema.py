@@ -77,7 +77,7 @@ def _completion_post(summary: str, request: str, answer: str, chunk: str) -> dic
 def _paths() -> dict:
     get_models = {
         "operationId": "v1_models_list",
-        "summary": "The checkpoints as models, then their aliases (latest, latest-<stage>)",
+        "summary": "The checkpoints as models, then their aliases (latest, latest-<stage>, run-<id>)",
         "tags": [TAG],
         "security": SECURITY,
         "responses": {
@@ -87,7 +87,7 @@ def _paths() -> dict:
     }
     get_model = {
         "operationId": "v1_models_retrieve",
-        "summary": "One model (`ckpt-<id>` or an alias)",
+        "summary": "One model (`ckpt-<id>` or an alias: `latest`, `latest-<stage>`, `run-<id>`)",
         "tags": [TAG],
         "security": SECURITY,
         "parameters": [
@@ -142,7 +142,11 @@ def _schemas() -> dict[str, dict]:
         },
     }
     sampling = {
-        "model": {"type": "string", "description": "`ckpt-<id>`, `latest` or `latest-<stage>`"},
+        "model": {
+            "type": "string",
+            "description": "`ckpt-<id>`, `latest`, `latest-<stage>` or `run-<id>` "
+            "(the run's newest checkpoint)",
+        },
         "max_tokens": _int(1, lim.max_max_tokens, f"default {lim.default_max_tokens}"),
         "temperature": {
             "type": "number",

@@ -26,6 +26,7 @@ from django.views.decorators.http import require_GET
 from chat import checkpoints, corrections, services
 from chat.models import Conversation, Message
 from nanochat_site import limits
+from runs import selectors
 
 # The sidebar shows this many of the most recently used conversations.
 CONVERSATIONS_SHOWN = 200
@@ -46,7 +47,7 @@ def chat_page(request, conversation_id: int | None = None):
     conversation = None
     if conversation_id is not None:
         conversation = _own_conversation(request.user, conversation_id)
-    options = checkpoints.picker_entries(services.checkpoints_for_picker())
+    options = picker_options()
     ids = {option["id"] for option in options}
     selected = conversation.checkpoint_id if conversation else None
     if selected is None:
@@ -78,6 +79,19 @@ def chat_page(request, conversation_id: int | None = None):
         "state": state,
     }
     return render(request, "chat/chat.html", context)
+
+
+def picker_options() -> list[dict]:
+    """The checkpoints to chat with, then a "follow run" entry per run that saved one
+    (id `run-<id>`: its newest checkpoint answers each message; the card is that one's)."""
+    followed = selectors.followable_runs()
+    entries = checkpoints.picker_entries(
+        [*services.checkpoints_for_picker(), *(checkpoint for _, checkpoint in followed)]
+    )
+    follows = entries[len(entries) - len(followed) :]
+    for (run, _), entry in zip(followed, follows, strict=True):
+        entry.update(id=f"run-{run.pk}", label=f"follow run #{run.pk} · {run}", run=run.pk)
+    return entries[: len(entries) - len(followed)] + follows
 
 
 def _json_login_required(view):
@@ -150,6 +164,8 @@ def message_data(message: Message) -> dict:
         "tokens_per_second": message.tokens_per_second,
         "context_start": message.context_start_id,
         "feedback": corrections.feedback_data(corrections.feedback_of(message)),
+        "checkpoint": message.checkpoint_id,
+        "step": message.checkpoint_step,
     }
 
 

@@ -14,6 +14,10 @@ turns left out when the whole would not leave the reply room in the model's cont
 (chat/context.py). The reply's max_tokens is capped by what the context leaves, and the
 reply remembers where the model's view began.
 
+A reply is answered by the checkpoint chosen, or -- following a run (`run_id`, the picker's
+"follow run" entries and the API's `run-<id>` models) -- by that run's newest checkpoint at the
+time of the action; the reply records the checkpoint and step that answered.
+
 Another user's conversation is reported exactly like a missing one: ids leak nothing.
 """
 
@@ -31,6 +35,7 @@ from chat.context import chat_prompt, completion_prompt, fit_chat, fit_completio
 from chat.limits import FieldError, Limits, Sampling
 from chat.models import Conversation, Message
 from chat.protocol import Final, GenerationRequest
+from runs import selectors
 from runs.models import Checkpoint
 
 TITLE_CHARS = 80
@@ -106,17 +111,18 @@ def get_conversation(user, conversation_id: int) -> Conversation:
 def begin_send(
     user,
     conversation_id: int | None,
-    checkpoint_id: int,
+    checkpoint_id: int | None,
     content: str,
     lim: Limits,
     sampling: Sampling | None = None,
     *,
     mode: str | None = None,
     system: str | None = None,
+    run_id: int | None = None,
 ) -> PendingReply:
     """Save the user's message (in a new conversation, of `mode`, when conversation_id is
     None); `system`, when given, becomes the conversation's system prompt."""
-    checkpoint = _checkpoint(checkpoint_id)
+    checkpoint = model_checkpoint(checkpoint_id, run_id)
     with transaction.atomic():
         created = conversation_id is None
         if created:
@@ -156,6 +162,7 @@ def begin_regenerate(
     *,
     mode: str | None = None,
     system: str | None = None,
+    run_id: int | None = None,
 ) -> PendingReply:
     """A new reply to the conversation's last user message, to replace the reply after it."""
     conversation = get_conversation(user, conversation_id)
@@ -164,7 +171,7 @@ def begin_regenerate(
     if not users:
         raise FieldError("conversation", "the conversation has no message to reply to")
     kept = history[: users[-1] + 1]
-    checkpoint = _conversation_checkpoint(conversation, checkpoint_id)
+    checkpoint = _conversation_checkpoint(conversation, checkpoint_id, run_id)
     prompt = [m.as_chat() for m in kept]
     fitted = _fit(conversation, checkpoint, prompt, sampling or limits.sampling({}, chat_limits()),
                   mode=mode, system=system)  # fmt: skip
@@ -183,6 +190,7 @@ def begin_edit(
     *,
     mode: str | None = None,
     system: str | None = None,
+    run_id: int | None = None,
 ) -> PendingReply:
     """A reply to a user message with new text; the conversation will end there."""
     conversation = get_conversation(user, conversation_id)
@@ -192,7 +200,7 @@ def begin_edit(
         raise FieldError("message", "no such user message in this conversation")
     kept = history[:index]
     limits.conversation_size([len(m.content) for m in kept] + [len(content)], lim)
-    checkpoint = _conversation_checkpoint(conversation, checkpoint_id)
+    checkpoint = _conversation_checkpoint(conversation, checkpoint_id, run_id)
     prompt = [m.as_chat() for m in kept] + [{"role": "user", "content": content}]
     fitted = _fit(conversation, checkpoint, prompt, sampling or limits.sampling({}, lim),
                   mode=mode, system=system)  # fmt: skip
@@ -223,8 +231,10 @@ def finish_reply(pending: PendingReply, final: Final, sampling: dict[str, Any]) 
             tokens_per_second=final.tokens_per_second,
             finish_reason=final.finish_reason,
             context_start_id=_existing_message_id(conversation, pending.context_start_id),
+            checkpoint_id=_existing_checkpoint_id(pending.checkpoint_id),
+            checkpoint_step=pending.step,
         )
-        conversation.checkpoint_id = _existing_checkpoint_id(pending.checkpoint_id)
+        conversation.checkpoint_id = reply.checkpoint_id
         conversation.checkpoint_step = pending.step
         conversation.save(update_fields=["checkpoint", "checkpoint_step", "updated"])
     return reply
@@ -319,6 +329,19 @@ def _pending(
     )
 
 
+def model_checkpoint(checkpoint_id: int | None, run_id: int | None = None) -> Checkpoint:
+    """The checkpoint that answers: the newest of the followed run when `run_id` is given
+    (read now, so each message gets the run's latest model), else the one chosen."""
+    if run_id is not None:
+        found = selectors.newest_checkpoint(run_id)
+        if found is None:
+            raise FieldError("run", f"run {run_id} does not exist or has saved no checkpoint yet")
+        return found
+    if checkpoint_id is None:
+        raise FieldError("checkpoint", "checkpoint is required")
+    return _checkpoint(checkpoint_id)
+
+
 def _checkpoint(checkpoint_id: int) -> Checkpoint:
     try:
         return Checkpoint.objects.get(pk=checkpoint_id)
@@ -326,9 +349,11 @@ def _checkpoint(checkpoint_id: int) -> Checkpoint:
         raise FieldError("checkpoint", "no such checkpoint") from None
 
 
-def _conversation_checkpoint(conversation: Conversation, checkpoint_id: int | None) -> Checkpoint:
-    if checkpoint_id is not None:
-        return _checkpoint(checkpoint_id)
+def _conversation_checkpoint(
+    conversation: Conversation, checkpoint_id: int | None, run_id: int | None = None
+) -> Checkpoint:
+    if checkpoint_id is not None or run_id is not None:
+        return model_checkpoint(checkpoint_id, run_id)
     if conversation.checkpoint_id is None:
         raise FieldError("checkpoint", "choose a checkpoint: this conversation's model is gone")
     return conversation.checkpoint

@@ -27,6 +27,7 @@ from runs.models import (
     Dataset,
     EvalResult,
     MetricPoint,
+    ProbeAnswer,
     Report,
     Run,
     RunEvent,
@@ -417,6 +418,22 @@ class SampleAdmin(WorkerWrittenAdmin):
     @admin.display(description="completion")
     def completion_preview(self, obj: Sample) -> str:
         return truncatechars(obj.completion, 100)
+
+
+@admin.register(ProbeAnswer)
+class ProbeAnswerAdmin(WorkerWrittenAdmin):
+    list_display = ("id", "run_ref", "step", "index", "prompt_preview", "text_preview", "error")
+    list_filter = (("run", admin.RelatedOnlyFieldListFilter),)
+    raw_id_fields = ("run", "checkpoint")
+    search_fields = ("prompt", "text")
+
+    @admin.display(description="prompt")
+    def prompt_preview(self, obj: ProbeAnswer) -> str:
+        return truncatechars(obj.prompt, 60)
+
+    @admin.display(description="answer")
+    def text_preview(self, obj: ProbeAnswer) -> str:
+        return truncatechars(obj.text, 100)
 
 
 @admin.register(Report)

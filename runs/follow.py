@@ -17,7 +17,7 @@ from pathlib import Path
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from runs import broadcast, ingest, selectors
+from runs import broadcast, ingest, probes, selectors
 from runs.models import ACTIVE_STATUSES, Kind, Run, Status
 from runs.pipeline_stages import (
     STAGE_END,
@@ -70,7 +70,8 @@ class Follower:
         for line in result.bad_lines:
             log.warning("run %s: ignored a malformed event line: %.200s", self.run.pk, line)
         parsed = ingest.parse_events(result.events)
-        ingest.apply(self.run, parsed, result.offset)
+        saved = ingest.apply(self.run, parsed, result.offset)
+        probes.request_answers(self.run, saved)
         if self.run.pipeline_id:
             record_stage_config(self.run, parsed)
         if parsed.end is not None:

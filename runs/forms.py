@@ -13,7 +13,7 @@ from typing import Any
 from django import forms
 
 from engine.models import registry
-from runs import selectors, services
+from runs import probes, selectors, services
 from runs.artifacts import dataset_source_flags
 from runs.models import ArtifactStatus, Checkpoint, Dataset, Tokenizer
 from runs.predictions import memory_prediction
@@ -109,6 +109,8 @@ class RunForm(FieldErrorsMixin, forms.Form):
     def __init__(self, program: Program, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.program = program
+        if program.kind in probes.KINDS:
+            self.fields["probe_prompts"] = probe_prompts_field()
         self.fields["preset"].choices = [("", "none (defaults)")] + [
             (p, _preset_label(program, p)) for p in program.flags.presets()
         ]
@@ -187,10 +189,30 @@ class RunForm(FieldErrorsMixin, forms.Form):
                 parent_checkpoint=data.get("parent_checkpoint"),
                 nproc_per_node=data.get("nproc_per_node") or 1,
                 name=data.get("name") or "",
+                probe_prompts=data.get("probe_prompts"),
             )
         except ConfigError as error:
             self.add_service_errors(error)
             return None
+
+
+def probe_prompts_field() -> forms.CharField:
+    """One prompt per line; runs.probes checks the bounds (the run page's form uses it too)."""
+    return forms.CharField(
+        required=False, label="probe prompts",
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": "The capital of France is"}),
+        max_length=probes.MAX_PROMPTS * (probes.MAX_PROMPT_CHARS + 2),
+        help_text=f"one per line, at most {probes.MAX_PROMPTS}: every checkpoint of the run "
+        "answers them, and the run page shows the answers step by step",
+    )  # fmt: skip
+
+
+class ProbePromptsForm(FieldErrorsMixin, forms.Form):
+    """The run page's form: the owner changes a run's probe prompts."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["probe_prompts"] = probe_prompts_field()
 
 
 def _preset_label(program: Program, preset: str) -> str:

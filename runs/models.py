@@ -162,6 +162,9 @@ class Run(models.Model):
     # How far the event file has been read (bytes) and how many events were stored.
     events_offset = models.BigIntegerField(default=0)
     events_count = models.IntegerField(default=0)
+    # Prompts every saved checkpoint answers, so the run page shows the model learning to
+    # speak (runs/probes.py); [] for none.
+    probe_prompts = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-created", "-id"]
@@ -307,6 +310,33 @@ class Sample(models.Model):
 
     def __str__(self) -> str:
         return f"sample at step {self.step} (run {self.run_id})"
+
+
+class ProbeAnswer(models.Model):
+    """One checkpoint's answer to one of its run's probe prompts (runs/probes.py).
+
+    An engine worker answers after the checkpoint is saved; `error` says why one could not
+    (no engine worker, say), so the page shows a gap with its reason instead of nothing."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="probe_answers")
+    checkpoint = models.ForeignKey(
+        Checkpoint, on_delete=models.CASCADE, related_name="probe_answers"
+    )
+    step = models.IntegerField()
+    index = models.PositiveSmallIntegerField()  # which of the run's probe prompts
+    prompt = models.TextField()  # as it was asked (the run's list may change later)
+    text = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["run", "step", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["checkpoint", "index"], name="probe_answer_index")
+        ]
+
+    def __str__(self) -> str:
+        return f"probe {self.index} at step {self.step} (run {self.run_id})"
 
 
 class Report(models.Model):

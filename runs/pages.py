@@ -20,9 +20,9 @@ from django.views.decorators.http import require_GET, require_POST
 
 from arena import services as arena_services
 from nanochat_site import limits
-from runs import artifacts, lineage, scaling, selectors, series, services
+from runs import artifacts, lineage, probes, scaling, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
-from runs.forms import DatasetForm, RunForm
+from runs.forms import DatasetForm, ProbePromptsForm, RunForm
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
 from runs.predictions import memory_prediction
 from runs.programs import PROGRAMS
@@ -174,6 +174,7 @@ def _run_context(request, run: Run) -> dict:
         "config": sorted(run.config.items()),
         "follow_up": {k: k in PROGRAMS for k in ("sft", "mid", "rl", "base_eval", "chat_eval")},
         "stage_runs": run.stage_runs.order_by("id"),
+        "probes": probes.timeline(run),
         "chat_checkpoint": chat_checkpoint_of(run),
         "memory": memory_prediction(
             run.kind,
@@ -233,6 +234,9 @@ def run_detail(request, run_id: int):
     }
     context["log"] = log_tail(Path(run.run_dir) / LOG_FILE, LOG_LINES) if run.run_dir else ""
     context["open_chat"] = request.GET.get("then") == "chat"
+    if run.kind in probes.KINDS and context["can_manage"]:
+        text = "\n".join(run.probe_prompts)
+        context["probe_form"] = ProbePromptsForm(initial={"probe_prompts": text})
     return render(request, "runs/run_detail.html", context)
 
 
@@ -270,6 +274,22 @@ def run_action(request, run_id: int, action: str):
     except (services.PermissionDenied, services.Conflict, ConfigError) as exc:
         messages.error(request, str(exc))
         return redirect("run-detail", run_id=run_id)
+
+
+@login_required
+@require_POST
+def run_probes(request, run_id: int):
+    """The owner sets the run's probe prompts (one per line) from its page."""
+    run = get_object_or_404(Run, pk=run_id)
+    form = ProbePromptsForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ConfigError({"probe_prompts": "; ".join(form.errors.get("probe_prompts", []))})
+        services.set_probe_prompts(run, request.user, form.cleaned_data["probe_prompts"])
+        messages.success(request, "Probe prompts saved: the next checkpoints answer them.")
+    except (services.PermissionDenied, ConfigError) as exc:
+        messages.error(request, str(exc))
+    return redirect(reverse("run-detail", args=[run_id]) + "#probes-panel")
 
 
 # The compare page's x axes (value: what the picker says).

@@ -530,6 +530,30 @@ def run_checkpoints(run: Run) -> QuerySet:
     return Checkpoint.objects.filter(run_id__in=pipeline_run_ids(run)).select_related("run")
 
 
+def newest_checkpoint(run_id: int) -> Checkpoint | None:
+    """What a chat following run `run_id` talks to: the checkpoint it saved last (a
+    pipeline's: its latest stage's), read when each message is sent, so a running run's
+    replies improve as it trains. None for an unknown run or one with no checkpoint yet."""
+    run = Run.objects.filter(pk=run_id).first()
+    if run is None:
+        return None
+    return run_checkpoints(run).order_by("-created", "-id").first()
+
+
+def followable_runs() -> list[tuple[Run, Checkpoint]]:
+    """[(run, its newest checkpoint)] for every run that saved one (running ones included;
+    a pipeline through its stages too), most recently saved first: the chat picker's
+    "follow run" entries and the `run-<id>` models of /v1/models."""
+    newest: dict[int, Checkpoint] = {}
+    checkpoints = Checkpoint.objects.filter(run__isnull=False).select_related("run")
+    for checkpoint in checkpoints.order_by("-created", "-id"):
+        for run_id in (checkpoint.run_id, checkpoint.run.pipeline_id):
+            if run_id is not None:
+                newest.setdefault(run_id, checkpoint)
+    runs = Run.objects.in_bulk(list(newest))
+    return [(runs[pk], checkpoint) for pk, checkpoint in newest.items() if pk in runs]
+
+
 def run_eval_results(run: Run) -> QuerySet:
     """A run's eval results; a pipeline's are its stages' (each with its `run`, the stage)."""
     return EvalResult.objects.filter(run_id__in=pipeline_run_ids(run)).select_related(

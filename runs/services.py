@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from runs import broadcast, layout
+from runs import broadcast, layout, probes
 from runs.follow import catch_up
 from runs.models import (
     ACTIVE_STATUSES,
@@ -118,6 +118,7 @@ def submit_run(
     parent_checkpoint: Checkpoint | None = None,
     nproc_per_node: int = 1,
     name: str = "",
+    probe_prompts: Any = None,
 ) -> Run:
     """Validate a run of `kind` and queue it; ConfigError names each bad field."""
     program = program_for(kind)
@@ -148,6 +149,10 @@ def submit_run(
         except ConfigError as exc:
             errors.update(exc.errors)
     try:
+        probe_prompts = probes.clean_prompts(probe_prompts, kind)
+    except ConfigError as exc:
+        errors.update(exc.errors)
+    try:
         full = program.validate(preset, config or {})
     except ConfigError as exc:
         errors.update(exc.errors)
@@ -162,7 +167,7 @@ def submit_run(
 
     try:
         return _create_run(owner, kind, preset, config, full, dataset, tokenizer,
-                           parent_checkpoint, nproc_per_node, name)  # fmt: skip
+                           parent_checkpoint, nproc_per_node, name, probe_prompts)  # fmt: skip
     except IntegrityError:  # a concurrent request took the tokenizer name
         raise ConfigError({"name": f"tokenizer {name!r} already exists"}) from None
 
@@ -176,17 +181,26 @@ def quick_start(owner) -> Run:
 
 
 def _create_run(owner, kind, preset, config, full, dataset, tokenizer, parent_checkpoint,
-                nproc_per_node, name) -> Run:  # fmt: skip
+                nproc_per_node, name, probe_prompts=()) -> Run:  # fmt: skip
     with transaction.atomic():
         run = Run.objects.create(
             kind=kind, preset=preset, overrides=dict(config or {}), config=full, owner=owner,
             dataset=dataset, tokenizer=tokenizer, parent_checkpoint=parent_checkpoint,
-            nproc_per_node=nproc_per_node, name=name,
+            nproc_per_node=nproc_per_node, name=name, probe_prompts=list(probe_prompts),
         )  # fmt: skip
         _allocate_dir(run)
         if kind == Kind.TOKENIZER:
             _attach_new_tokenizer(run, name)
         _enqueue(run)
+    return run
+
+
+def set_probe_prompts(run: Run, user, prompts: Any) -> Run:
+    """The owner changes the run's probe prompts; checkpoints saved from now on answer them
+    (answers already stored stay, each with the prompt it answered)."""
+    _require_manage(user, run, "change the probe prompts of")
+    run.probe_prompts = probes.clean_prompts(prompts, run.kind)
+    run.save(update_fields=["probe_prompts"])
     return run
 
 
@@ -398,7 +412,7 @@ def retry_run(run: Run, user) -> Run:
         retry = submit_run(
             user, run.kind, preset=run.preset, config=run.overrides, dataset=run.dataset,
             tokenizer=run.tokenizer, parent_checkpoint=run.parent_checkpoint,
-            nproc_per_node=run.nproc_per_node, name=run.name,
+            nproc_per_node=run.nproc_per_node, name=run.name, probe_prompts=run.probe_prompts,
         )  # fmt: skip
         retry.retry_of = run
         retry.save(update_fields=["retry_of"])

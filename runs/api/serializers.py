@@ -14,7 +14,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from nanochat_site.limits import BoundedJSONDecoder
-from runs import artifacts, selectors, services
+from runs import artifacts, probes, selectors, services
 from runs.models import (
     Checkpoint,
     Dataset,
@@ -125,6 +125,11 @@ class RunCreateSerializer(serializers.Serializer):
     )
     nproc_per_node = serializers.IntegerField(required=False, default=1)
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    probe_prompts = serializers.ListField(
+        child=serializers.CharField(max_length=probes.MAX_PROMPT_CHARS),
+        max_length=probes.MAX_PROMPTS, required=False, default=list,
+        help_text="prompts every checkpoint of the run answers (shown on the run page)",
+    )  # fmt: skip
 
     def validate_config(self, value):
         return _object(value, "config")
@@ -186,7 +191,7 @@ class RunDetailSerializer(RunSummarySerializer):
         fields = [
             *RunSummarySerializer.Meta.fields, "parent_checkpoint", "retry_of", "pipeline",
             "stage_runs",
-            "nproc_per_node", "overrides", "config", "resume_step", "attempts",
+            "nproc_per_node", "overrides", "config", "probe_prompts", "resume_step", "attempts",
             "cancel_requested", "host", "worker", "pid", "heartbeat_at", "duration_seconds",
             "exit_code", "log_tail", "run_dir", "counts", "can_manage", "links", "memory",
         ]  # fmt: skip

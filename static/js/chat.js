@@ -38,7 +38,9 @@ const picker = $("checkpoint");
 const controls = { temperature: $("temperature"), top_k: $("top_k"), max_tokens: $("max_tokens") };
 const modeSelect = $("mode");
 const systemInput = $("system");
-const models = new Map(state.checkpoints.map((c) => [c.id, c]));
+// Keyed by the picker's value: a checkpoint's id, or "run-<id>" to follow a run (its newest
+// checkpoint answers each message; the reply's stats name the step that answered).
+const models = new Map(state.checkpoints.map((c) => [String(c.id), c]));
 const PROMPT_HINTS = {
   chat: prompt.placeholder,
   completion: "Text for the model to continue, as it is (no chat template). Enter sends.",
@@ -117,6 +119,7 @@ function statsText(m) {
   }
   if (m.finish_reason === "stopped") bits.push("stopped");
   if (m.finish_reason === "length") bits.push("hit max tokens");
+  if (m.step != null) bits.push(`step ${m.step}`);
   return bits.join(" · ");
 }
 
@@ -228,7 +231,8 @@ const ERROR_SLOTS = ["checkpoint", "mode", "system", "temperature", "top_k", "ma
 const ERROR_CONTROLS = { content: prompt, checkpoint: picker, mode: modeSelect, system: systemInput };
 
 function showError(field, message) {
-  const slot = ERROR_SLOTS.includes(field) ? field : "content";
+  const named = field === "run" ? "checkpoint" : field; // a followed run is picked there too
+  const slot = ERROR_SLOTS.includes(named) ? named : "content";
   document.querySelector(`[data-error-for="${slot}"]`).textContent = message;
   if (slot === "system") $("system-prompt").open = true;
   (ERROR_CONTROLS[slot] || controls[slot]).setAttribute("aria-invalid", "true");
@@ -256,7 +260,7 @@ function settings() {
 // Show the selected model's card, fit max tokens to its context and, for a new
 // conversation, pick the mode its stage suits.
 function applyModel() {
-  const model = models.get(checkpointId());
+  const model = models.get(picker.value);
   document.querySelectorAll(".model-card").forEach((card) => {
     card.hidden = !model || card.dataset.checkpoint !== String(model.id);
   });
@@ -291,8 +295,11 @@ function openedConversation(conversation) {
   applyMode();
 }
 
-function checkpointId() {
-  return picker.value ? Number(picker.value) : null;
+// The frame's model fields: {checkpoint: id}, or {run: id} for a "follow run" entry.
+function modelFields() {
+  const model = models.get(picker.value);
+  if (model && model.run) return { run: model.run };
+  return { checkpoint: picker.value ? Number(picker.value) : null };
 }
 
 // Send a frame that starts a reply, and show the reply's bubble with a typing indicator.
@@ -324,7 +331,7 @@ function send(text) {
   const userEl = messageElement({ role: "user", content: text });
   thread.append(userEl);
   prompt.value = "";
-  const frame = { type: "send", conversation: conversationId, checkpoint: checkpointId() };
+  const frame = { type: "send", conversation: conversationId, ...modelFields() };
   if (!startReply("send", { ...frame, content: text }, { userEl, text })) {
     userEl.remove();
     prompt.value = text;
@@ -334,7 +341,7 @@ function send(text) {
 function regenerate() {
   const replies = thread.querySelectorAll(".msg.assistant");
   const last = replies[replies.length - 1];
-  const frame = { type: "regenerate", conversation: conversationId, checkpoint: checkpointId() };
+  const frame = { type: "regenerate", conversation: conversationId, ...modelFields() };
   if (last) last.remove();
   if (!startReply("regenerate", frame, {}) && last) thread.append(last);
 }
@@ -374,7 +381,7 @@ function submitEdit(article, content) {
     type: "edit",
     conversation: conversationId,
     message: Number(article.dataset.id),
-    checkpoint: checkpointId(),
+    ...modelFields(),
     content,
   };
   if (!startReply("edit", frame, {})) resync();

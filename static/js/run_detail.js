@@ -139,7 +139,8 @@ async function refreshLog() {
   if (atBottom) log.scrollTop = log.scrollHeight;
 }
 
-const PANEL_EVENTS = new Set(["checkpoint", "sample", "eval_result", "report", "end", "stage"]);
+// "probe": a checkpoint's probe answers were stored (runs/probes.py).
+const PANEL_EVENTS = new Set(["checkpoint", "sample", "eval_result", "report", "end", "stage", "probe"]);
 
 function onFrame(msg) {
   if (msg.type !== "run") return;

@@ -8,6 +8,7 @@ channel of its own so that nothing else sharing the Redis server can take its re
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -192,3 +193,33 @@ async def frames_until(communicator, *types: str, timeout: float = 60) -> list[d
 def run(coroutine_function):
     """Run an async test body (with its own event loop, like a server would)."""
     return async_to_sync(coroutine_function)()
+
+
+class FollowedRun:
+    """A running SFT run whose checkpoint directory (a copy of the tiny one) gains steps during
+    a test, as a training run's does: `save(step)` writes the step's files and its row."""
+
+    def __init__(self, source: Path, directory: Path, owner) -> None:
+        from runs.models import Run
+
+        shutil.copytree(source, directory)
+        self.directory = directory
+        self.run = Run.objects.create(kind="sft", owner=owner, status="running")
+
+    def save(self, step: int):
+        from runs.models import Checkpoint
+
+        if step != STEP:
+            for name in ("model_{:06d}.pt", "meta_{:06d}.json"):
+                shutil.copy(self.directory / name.format(STEP), self.directory / name.format(step))
+        return Checkpoint.objects.create(
+            run=self.run, stage=Checkpoint.Stage.SFT, step=step, path=str(self.directory)
+        )
+
+
+@pytest.fixture
+def followed_run(tmp_path, tiny_checkpoint_dir, alice) -> FollowedRun:
+    """A running run that has saved the tiny model (step STEP) so far."""
+    followed = FollowedRun(tiny_checkpoint_dir, tmp_path / "sft_checkpoints" / "d2", alice)
+    followed.save(STEP)
+    return followed

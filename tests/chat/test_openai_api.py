@@ -100,6 +100,19 @@ def test_a_reply_comes_whole_with_usage(client, checkpoint, engine):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 20
 
 
+def test_run_model_follows_the_runs_newest_checkpoint(client, followed_run, engine):
+    model = f"run-{followed_run.run.pk}"
+    first = followed_run.run.checkpoints.get()
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed[model].alias_of == f"ckpt-{first.pk}" and listed[model].step == first.step
+    ask = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert client.chat.completions.create(**ask).model == f"ckpt-{first.pk}"
+    newer = followed_run.save(first.step + 10)
+    # The response names the checkpoint that answered; its model entry gives the step.
+    assert client.chat.completions.create(**ask).model == f"ckpt-{newer.pk}"
+    assert client.models.retrieve(f"ckpt-{newer.pk}").step == first.step + 10
+
+
 def test_a_streamed_reply_is_the_same_text_in_pieces(client, checkpoint, engine):
     ask = {
         "model": "latest-sft",  # an alias of the newest SFT checkpoint

@@ -8,14 +8,27 @@ lost-worker test SIGKILLs the worker and waits for the beat-driven reconciler.
 from __future__ import annotations
 
 import time
+import uuid
 
 import psutil
 import pytest
 from django.contrib.auth import get_user_model
+from django.test import Client
+from django.utils.html import escape
 from rest_framework.test import APIClient
 
-from runs.models import Checkpoint, Dataset, MetricPoint, Run, RunEvent, Status, Tokenizer
+from runs.models import (
+    Checkpoint,
+    Dataset,
+    MetricPoint,
+    ProbeAnswer,
+    Run,
+    RunEvent,
+    Status,
+    Tokenizer,
+)
 from runs.programs import PROGRAMS
+from tests.chat.conftest import EngineWorkerProcess
 from tests.runs.live_workers import LiveWorker, build_small_inputs, run_processes, wait_for
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.django_db(transaction=True)]
@@ -31,9 +44,11 @@ def prebuilt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workers(redis_url, tmp_path_factory, django_db_setup, django_db_blocker):
-    """A training worker and a default worker running beat (reconciler every 2 s)."""
+    """A training worker and a default worker running beat (reconciler every 2 s); probes
+    ask the engine channel of the `engine` fixture."""
     logs = tmp_path_factory.mktemp("workers")
-    env = {"RUNS_RECONCILE_SECONDS": "2", "RUNS_STALE_SECONDS": "8", "RUNS_HEARTBEAT_SECONDS": "1"}
+    env = {"RUNS_RECONCILE_SECONDS": "2", "RUNS_STALE_SECONDS": "8", "RUNS_HEARTBEAT_SECONDS": "1",
+           "CHAT_ENGINE_CHANNEL": f"engine-test-{uuid.uuid4().hex[:12]}"}  # fmt: skip
     with django_db_blocker.unblock():
         pool = {
             "training": LiveWorker("training", logs, **env),
@@ -43,6 +58,15 @@ def workers(redis_url, tmp_path_factory, django_db_setup, django_db_blocker):
     yield pool
     for key in ("training", "default"):
         pool[key].stop()
+
+
+@pytest.fixture(scope="module")
+def engine(workers):
+    """An engine worker on the channel the default worker's probe tasks ask."""
+    channel = workers["env"]["CHAT_ENGINE_CHANNEL"]
+    worker = EngineWorkerProcess(channel, workers["logs"] / "engine.log")
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture
@@ -89,12 +113,12 @@ def wait_status(run_id: int, statuses, timeout: float, workers=None) -> Run:
     )  # fmt: skip
 
 
-def submit_base(api, inputs, **config) -> int:
+def submit_base(api, inputs, probe_prompts=(), **config) -> int:
     dataset, tokenizer = inputs
     response = api.post(
         "/api/runs/",
         {"kind": "base", "preset": "tiny", "config": {**TINY, **config},
-         "dataset": dataset.pk, "tokenizer": tokenizer.pk},
+         "dataset": dataset.pk, "tokenizer": tokenizer.pk, "probe_prompts": list(probe_prompts)},
         format="json",
     )  # fmt: skip
     assert response.status_code == 201, response.content
@@ -102,7 +126,7 @@ def submit_base(api, inputs, **config) -> int:
 
 
 @pytest.mark.services
-def test_dataset_tokenizer_and_base_run_through_a_real_worker(api, workers):
+def test_dataset_tokenizer_and_base_run_through_a_real_worker(api, alice, workers, engine):
     response = api.post(
         "/api/datasets/",
         {"name": "docs", "source": "builtin", "options": {"max_chars": 200000, "shards": 3}},
@@ -127,8 +151,9 @@ def test_dataset_tokenizer_and_base_run_through_a_real_worker(api, workers):
     assert tokenizer.status == "ready"
     assert tokenizer.stats["tok/bytes_per_token/val"] > 1.0
 
-    run_id = submit_base(api, (dataset, tokenizer))
-    run = wait_status(run_id, [Status.SUCCEEDED, Status.FAILED], 180, workers)
+    prompts = ["The capital of France is", "Once upon a time"]
+    run_id = submit_base(api, (dataset, tokenizer), prompts, save_every=75)
+    run = wait_status(run_id, [Status.SUCCEEDED, Status.FAILED], 240, workers)
     assert run.status == Status.SUCCEEDED, run_info(run_id, workers)()
     assert run.exit_code == 0 and run.step == 150 and run.progress == 1.0
     assert run.host and run.pid and run.started_at < run.finished_at
@@ -136,12 +161,29 @@ def test_dataset_tokenizer_and_base_run_through_a_real_worker(api, workers):
 
     assert MetricPoint.objects.filter(run=run, name="train/loss").count() == 150
     assert MetricPoint.objects.filter(run=run, name="val/bpb").count() == 4  # 0, 50, 100, 150
-    checkpoint = Checkpoint.objects.get(run=run)
-    assert checkpoint.step == 150 and checkpoint.stage == "base"
+    middle, checkpoint = Checkpoint.objects.filter(run=run).order_by("step")
+    assert (middle.step, checkpoint.step) == (75, 150) and checkpoint.stage == "base"
     assert checkpoint.size_bytes > 0 and checkpoint.model_config["n_layer"] == 2
     types = set(RunEvent.objects.filter(run=run).values_list("type", flat=True))
     assert {"start", "metrics", "eval", "checkpoint", "report", "end"} <= types
     assert run.reports.filter(section="Base model training").exists()
+
+    # Each checkpoint answered the probes on the engine worker, and the run page shows them.
+    def probe_answers():
+        rows = list(ProbeAnswer.objects.filter(run=run).order_by("step", "index"))
+        return rows if len(rows) == 4 else None
+
+    answers = wait_for(probe_answers, 90, "the probe answers",
+                       info=lambda: workers["default"].log() + engine.log())  # fmt: skip
+    assert [(a.step, a.index, a.prompt) for a in answers] == [
+        (75, 0, prompts[0]), (75, 1, prompts[1]), (150, 0, prompts[0]), (150, 1, prompts[1])
+    ]  # fmt: skip
+    assert [a.error for a in answers] == [""] * 4
+    browser = Client()
+    browser.force_login(alice)
+    page = browser.get(f"/runs/{run_id}/").content.decode()
+    assert 'id="probes-panel"' in page and 'data-step="75"' in page and 'data-step="150"' in page
+    assert all(escape(a.text) in page for a in answers) and escape(prompts[0]) in page
 
     response = api.get(f"/api/runs/{run_id}/metrics/", {"names": "train/loss", "max_points": 100})
     assert response.status_code == 200, response.content
