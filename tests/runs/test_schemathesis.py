@@ -16,7 +16,7 @@ is needed (Redis runs: the chat stats endpoint reads it).
 The OpenAI-compatible /v1 endpoints are in the schema too (chat/openai_schema.py) and fuzzed
 the same way, with the same token (they take `Token <key>` as well as `Bearer <key>`). No
 engine worker runs here: a request valid enough to reach the engine (a model id that exists)
-is sent to a channel nobody reads and answers the documented 503 after one second
+is sent to a channel nobody reads and answers the documented 503 after 0.1 s
 (`no_engine`), so the run stays fast; tests/chat/test_openai_*.py cover real generation.
 
 Bounded for CI on 2 cores: MAX_EXAMPLES per operation, derandomized so a failure reproduces;
@@ -124,7 +124,7 @@ def no_engine():
     derandomized seed, and with it the examples generated for every operation, stay as they
     were before /v1 joined the schema."""
     with override_settings(
-        CHAT_ENGINE_CHANNEL="engine-schemathesis-nobody", CHAT_ENGINE_ACCEPT_TIMEOUT=1
+        CHAT_ENGINE_CHANNEL="engine-schemathesis-nobody", CHAT_ENGINE_ACCEPT_TIMEOUT=0.1
     ):
         yield
 
