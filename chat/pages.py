@@ -83,11 +83,14 @@ def chat_page(request, conversation_id: int | None = None):
 
 def picker_options() -> list[dict]:
     """The checkpoints to chat with, then a "follow run" entry per run that saved one
-    (id `run-<id>`: its newest checkpoint answers each message; the card is that one's)."""
+    (id `run-<id>`: its newest checkpoint answers each message; the card is that one's).
+    Every entry's `checkpoint` is the id of the checkpoint its card describes."""
     followed = selectors.followable_runs()
     entries = checkpoints.picker_entries(
         [*services.checkpoints_for_picker(), *(checkpoint for _, checkpoint in followed)]
     )
+    for entry in entries:
+        entry["checkpoint"] = entry["id"]
     follows = entries[len(entries) - len(followed) :]
     for (run, _), entry in zip(followed, follows, strict=True):
         entry.update(id=f"run-{run.pk}", label=f"follow run #{run.pk} · {run}", run=run.pk)

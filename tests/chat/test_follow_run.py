@@ -54,7 +54,12 @@ def test_following_a_run_without_checkpoints_is_a_field_error(alice, django_user
 
 
 def test_the_picker_offers_to_follow_each_run_with_a_checkpoint(client, alice, followed_run):
+    newest = followed_run.save(STEP + 10)
     client.force_login(alice)
-    page = client.get(reverse("chat-page")).content.decode()
+    response = client.get(reverse("chat-page"))
+    assert response.status_code == 200
+    page = response.content.decode()
     assert f'value="run-{followed_run.run.pk}"' in page
     assert f"follow run #{followed_run.run.pk} · " in page
+    # The entry's card is its newest checkpoint's, lineage link included.
+    assert reverse("checkpoint-lineage", args=[newest.pk]) in page
