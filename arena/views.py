@@ -17,6 +17,7 @@ from django.views.decorators.http import require_GET
 
 from arena import services
 from chat.services import chat_limits, checkpoints_for_picker
+from runs import pages as runs_pages
 
 PICKER_SIZE = 200
 
@@ -35,3 +36,11 @@ def arena_page(request):
     context = {"checkpoints": options, "limits": limits, "state": state,
                "ratings": services.rating_rows()[:10]}  # fmt: skip
     return render(request, "arena/arena.html", context)
+
+
+@login_required
+@require_GET
+def leaderboard(request):
+    """The eval leaderboard with the Arena column: runs/pages.py draws it; the ratings are
+    this app's, and runs sits below arena, so the page is served from here."""
+    return runs_pages.leaderboard(request, ratings=services.ratings_by_checkpoint())

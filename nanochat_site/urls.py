@@ -19,6 +19,7 @@ from drf_spectacular.utils import extend_schema, extend_schema_view
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.permissions import IsAuthenticated
 
+from arena import views as arena_views
 from nanochat_site import views
 from runs.api.responses import with_errors
 
@@ -54,6 +55,7 @@ urlpatterns = [
     path("api/arena/", include("arena.api_urls")),
     path("api/chat/", include("chat.corrections_urls")),
     path("api/", include("runs.api.urls")),
+    path("leaderboard/", arena_views.leaderboard, name="leaderboard"),
     path("", include("runs.urls")),
     path("arena/", include("arena.urls")),
     path("chat/", include("chat.page_urls")),

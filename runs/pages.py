@@ -18,7 +18,6 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from arena import services as arena_services
 from nanochat_site import limits
 from runs import artifacts, lineage, probes, scaling, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
@@ -468,11 +467,15 @@ def checkpoint_lineage(request, ckpt_id: int):
 
 @login_required
 @require_GET
-def leaderboard(request):
+def leaderboard(request, ratings: dict | None = None):
+    """The eval leaderboard; with `ratings` (arena/views.py serves the page with the arena's,
+    from the floor above this one) it has the Arena column too."""
     sort = request.GET.get("sort", "ChatCORE")
     model = _text_filter(request, "model")
-    rows = selectors.leaderboard(sort, model=model, ratings=arena_services.ratings_by_checkpoint())
-    columns = [*selectors.LEADERBOARD_COLUMNS, selectors.ARENA_COLUMN]
+    rows = selectors.leaderboard(sort, model=model, ratings=ratings)
+    columns = [*selectors.LEADERBOARD_COLUMNS]
+    if ratings is not None:
+        columns.append(selectors.ARENA_COLUMN)
     context = {"rows": rows, "columns": columns, "sort": sort,
                "model": model, "families": selectors.families()}  # fmt: skip
     return render(request, "runs/leaderboard.html", context)

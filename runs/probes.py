@@ -3,8 +3,8 @@ page shows the model learning to speak, step by step, beside its loss curve.
 
 A run's prompts are set at submission or later by its owner (at most MAX_PROMPTS, each at
 most MAX_PROMPT_CHARS). When ingest records a checkpoint, the run's worker queues
-`runs.probe_checkpoint` on the `default` queue (by name: runs/follow.py sits below the
-tasks); that task asks an engine worker -- never the training process -- to answer each
+`chat.probe_checkpoint` on the `default` queue (by name: talking to engine workers is the chat
+floor's, above this one; chat/probes.py); that task asks an engine worker -- never the training process -- to answer each
 prompt greedily (temperature 0, a fixed seed: the same checkpoint always answers the same)
 in a few tokens, and stores one ProbeAnswer per prompt. A base checkpoint continues the
 prompt as raw text (it never learned the chat template, as in /v1/completions); the others
@@ -18,14 +18,10 @@ answers.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
 
-from asgiref.sync import async_to_sync
-
-from chat.protocol import EngineError, Final, GenerationRequest, Reply
 from runs import broadcast, selectors
 from runs.models import Checkpoint, Kind, ProbeAnswer, Run
 from training.flags import ConfigError
@@ -36,7 +32,7 @@ MAX_PROMPTS = 8
 MAX_PROMPT_CHARS = 500
 MAX_TOKENS = 32  # enough to see whether it speaks; cheap on a busy engine worker
 SEED = 0
-TASK = "runs.probe_checkpoint"
+TASK = "chat.probe_checkpoint"  # chat/tasks.py: asking an engine worker is chat's floor
 QUEUE = "default"  # never the training queue: a probe must not wait behind a run
 FIELD = "probe_prompts"
 # The kinds whose runs save checkpoints (a pipeline through its stages).
@@ -88,19 +84,6 @@ def request_answers(run: Run, checkpoints: Iterable[Checkpoint]) -> None:
             store(checkpoint, prompts, [("", f"could not queue the probes: {exc}")] * len(prompts))
 
 
-def answer(checkpoint_id: int) -> int:
-    """Answer the run's probes with one checkpoint and store them; how many were answered."""
-    checkpoint = Checkpoint.objects.select_related("run").filter(pk=checkpoint_id).first()
-    if checkpoint is None or checkpoint.run is None:
-        return 0
-    prompts = prompts_of(checkpoint.run)
-    if not prompts:
-        return 0
-    results = async_to_sync(_answer_all)(checkpoint, prompts)
-    store(checkpoint, prompts, results)
-    return sum(1 for _, error in results if not error)
-
-
 def store(checkpoint: Checkpoint, prompts: list[str], results: list[tuple[str, str]]) -> None:
     """One row per prompt (a checkpoint asked again replaces its answers); the run page
     refetches its panels."""
@@ -114,33 +97,6 @@ def store(checkpoint: Checkpoint, prompts: list[str], results: list[tuple[str, s
     event = [{"type": "probe", "step": checkpoint.step}]
     for target in filter(None, [run, run.pipeline]):
         broadcast.send(target, events=event)
-
-
-def request(checkpoint: Checkpoint, prompt: str) -> GenerationRequest:
-    """The engine request for one probe: raw text for a base model, a user message else."""
-    raw = checkpoint.stage == Checkpoint.Stage.BASE
-    return GenerationRequest(
-        checkpoint_path=checkpoint.path, step=checkpoint.step,
-        messages=[] if raw else [{"role": "user", "content": prompt}],
-        prompt=prompt if raw else None,
-        temperature=0.0, top_k=0, max_tokens=MAX_TOKENS, seed=SEED,
-    )  # fmt: skip
-
-
-async def _answer_all(checkpoint: Checkpoint, prompts: list[str]) -> list[tuple[str, str]]:
-    """(text, error) per prompt, all asked at once (a worker batches them)."""
-    return list(await asyncio.gather(*(_answer_one(request(checkpoint, p)) for p in prompts)))
-
-
-async def _answer_one(generation: GenerationRequest) -> tuple[str, str]:
-    try:
-        async with Reply(generation) as reply:
-            async for event in reply:
-                if isinstance(event, Final):
-                    return event.content, ""
-    except EngineError as exc:
-        return "", str(exc)
-    return "", "the engine worker sent no answer"
 
 
 def timeline(run: Run) -> dict[str, Any] | None:

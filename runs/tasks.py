@@ -1,5 +1,5 @@
-"""Celery tasks: execute a run (queue `training`); reconcile lost runs and answer a new
-checkpoint's probe prompts (queue `default`: names outside `runs.tasks.*`, see settings).
+"""Celery tasks: execute a run (queue `training`); reconcile lost runs (queue `default`: names
+outside `runs.tasks.*`, see settings). A new checkpoint's probes are chat/tasks.py's.
 
 `execute_run` is acknowledged late and never re-delivered after a lost worker
 (reject_on_worker_lost=False): half a training run must not silently start over on another
@@ -11,7 +11,7 @@ from __future__ import annotations
 from celery import shared_task
 from celery.signals import worker_ready
 
-from runs import execution, probes
+from runs import execution
 
 
 @shared_task(
@@ -25,11 +25,6 @@ def execute_run(self, run_id: int, token: str) -> str:
 @shared_task(name="runs.reconcile", ignore_result=True)
 def reconcile() -> list[int]:
     return execution.reconcile()
-
-
-@shared_task(name=probes.TASK, ignore_result=True)
-def probe_checkpoint(checkpoint_id: int) -> int:
-    return probes.answer(checkpoint_id)
 
 
 @worker_ready.connect

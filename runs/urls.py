@@ -19,7 +19,6 @@ urlpatterns = [
     path("tokenizers/", pages.tokenizers, name="tokenizers"),
     path("checkpoints/", pages.checkpoints, name="checkpoints"),
     path("checkpoints/<int:ckpt_id>/lineage/", pages.checkpoint_lineage, name="checkpoint-lineage"),
-    path("leaderboard/", pages.leaderboard, name="leaderboard"),
     path("reports/", pages.reports, name="reports"),
     path("reports/<int:run_id>/", pages.report_detail, name="report-detail"),
 ]

@@ -10,6 +10,7 @@ import pytest
 from django.urls import reverse
 from rest_framework.test import APIClient
 
+from chat import probes as chat_probes
 from runs import probes
 from runs.models import Checkpoint, ProbeAnswer, Run
 from training.flags import ConfigError
@@ -65,7 +66,7 @@ def test_no_engine_worker_is_recorded_and_shown(client, alice, redis_url, settin
     settings.CHAT_ENGINE_ACCEPT_TIMEOUT = 0.5
     run = Run.objects.create(kind="sft", owner=alice, status="running", probe_prompts=["Hi"])
     checkpoint = Checkpoint.objects.create(run=run, stage="sft", step=7, path=str(tmp_path))
-    assert probes.answer(checkpoint.pk) == 0
+    assert chat_probes.answer(checkpoint.pk) == 0
     (row,) = ProbeAnswer.objects.filter(checkpoint=checkpoint)
     assert (row.step, row.index, row.prompt, row.text) == (7, 0, "Hi", "") and row.error
     client.force_login(alice)
