@@ -6,8 +6,12 @@ Standard library only and no import from the project, so the file also works cop
 laptop that has nothing but Python. The server comes from --url or NANOCHAT_URL, the token from
 --token or NANOCHAT_TOKEN (get one with `nanochat token`).
 
+`plot` and `compare` draw metric curves into a local image file with matplotlib (imported only by
+those two commands, so everything else still needs nothing beyond the standard library).
+
 Exit status: 0 done, 1 a watched run did not succeed, 2 the server refused the request (its
-messages are printed one per line, `field: message`) or could not be reached, 141 the reader of
+messages are printed one per line, `field: message`) or could not be reached, or the client
+refused it (an unknown run or metric, too many of them, --out a directory), 141 the reader of
 the output went away (`nanochat list | head -1`), as a shell reports a command that SIGPIPE
 ended -- silently, like other Unix tools.
 """
@@ -53,6 +57,11 @@ class ApiError(Exception):
         if isinstance(payload, list):
             return [str(m) for m in payload]
         return [f"HTTP {self.status}: {str(payload).strip()[:500]}"]
+
+
+class UsageError(Exception):
+    """A request the client refuses itself (the server cannot: it answers an unknown metric
+    with an empty series, and knows nothing of the local --out file); exits 2 like ApiError."""
 
 
 def _multipart(fields: dict[str, str], files: list[Path]) -> tuple[bytes, str]:
@@ -328,11 +337,199 @@ def cmd_tokenizer_create(args, client: Client) -> int:
     return 0
 
 
+# ---- plots --------------------------------------------------------------------------------
+
+MAX_PLOT_RUNS = 10  # more curves per axes than a legend can tell apart
+MAX_PLOT_METRICS = 8  # subplots stacked in one figure stay readable up to about this many
+PLOT_POINTS = 2000  # per curve: the server keeps each bucket's min and max, so spikes survive
+
+
+def _metric_names(text: str) -> list[str]:
+    """--metrics: comma-separated names, duplicates dropped, at most MAX_PLOT_METRICS."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated metric names")
+    if len(names) > MAX_PLOT_METRICS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_PLOT_METRICS} metrics per figure (got {len(names)})"
+        )
+    return names
+
+
+def _out_file(text: str) -> Path:
+    """--out: the user's own file, overwritten if it is one, refused if it is a directory (a
+    file would otherwise land inside it under a name nobody chose)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise UsageError(f"--out {text}: is a directory; give a file name such as {text}/loss.png")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {text}: no directory {path.parent}")
+    return path
+
+
+def fetch_curves(client: Client, run_ids: list[int], metrics: list[str]) -> list[dict]:
+    """[{"run": run detail, "series": {metric: series}}] per run, in the order given.
+
+    Every run and metric is checked before anything is drawn: an unknown one is named in the
+    error (the server's 404 says only "No Run matches", and an unknown metric comes back as an
+    empty series, indistinguishable from one that has no points yet).
+    """
+    if len(run_ids) > MAX_PLOT_RUNS:
+        raise UsageError(f"at most {MAX_PLOT_RUNS} runs per figure (got {len(run_ids)})")
+    curves = []
+    for run_id in run_ids:
+        try:
+            run = client.call("GET", f"/api/runs/{run_id}/")
+        except ApiError as exc:
+            if exc.status == 404:
+                raise ApiError(404, {"detail": f"run {run_id}: no such run"}) from None
+            raise
+        query = {"names": ",".join(metrics), "max_points": PLOT_POINTS}
+        data = client.call("GET", f"/api/runs/{run_id}/metrics/", query=query)
+        unknown = [m for m in metrics if m not in data["names"]]
+        if unknown:
+            known = ", ".join(data["names"]) or "none yet"
+            raise UsageError(f"run {run_id} has no metric {', '.join(unknown)} (it has: {known})")
+        curves.append({"run": run, "series": data["series"]})
+    return curves
+
+
+def _label(run: dict) -> str:
+    return f"#{run['id']} {run['name'] or run['kind']}"
+
+
+def metrics_figure(curves: list[dict], metrics: list[str]):
+    """A matplotlib Figure: one subplot per metric (x = step), one line per run.
+
+    Built on a bare Figure with the Agg canvas rather than pyplot, so no GUI backend is ever
+    chosen (the client runs on servers without a display) and no global figure state is left
+    behind; returned rather than saved so tests can count the lines on each axes.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("plot and compare need matplotlib: pip install matplotlib") from None
+    figure = Figure(figsize=(8, 2.6 * len(metrics) + 0.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        for curve in curves:
+            series = curve["series"][metric]
+            values = [float("nan") if v is None else v for v in series["value"]]
+            # sparse series (evals every few hundred steps) get markers: each point is real
+            marker = "." if len(values) <= 50 else None
+            ax.plot(series["step"], values, label=_label(curve["run"]), marker=marker, lw=1.2)
+        ax.set_title(metric, loc="left", fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=8)
+    axes[-1].set_xlabel("step")
+    return figure
+
+
+def _save(figure, path: Path) -> str:
+    """Write the figure (format from the file's suffix, PNG when it has none)."""
+    try:
+        figure.savefig(path, dpi=100, format=None if path.suffix else "png")
+    except ValueError as exc:  # "Format 'xyz' is not supported"
+        raise UsageError(f"--out {path}: {exc}") from None
+    return str(path.resolve())
+
+
+def _last(series: dict) -> float | None:
+    """A series' last value (the server's downsampling always keeps the last point)."""
+    return series["value"][-1] if series["value"] else None
+
+
+def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys, so a diff names the exact setting that differs."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+_ABSENT = object()
+
+
+def config_diff(runs: list[dict]) -> dict[str, list[Any]]:
+    """{setting: [value per run]} for the settings whose values differ (absent counts as a
+    value: a setting only one run has is a difference), in sorted order."""
+    configs = [_flat(run.get("config") or {}) for run in runs]
+    keys = sorted(set().union(*configs))
+    diff = {}
+    for key in keys:
+        values = [c.get(key, _ABSENT) for c in configs]
+        if any(v != values[0] for v in values[1:]):
+            diff[key] = [None if v is _ABSENT else v for v in values]
+    return diff
+
+
+def _table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6g}" if isinstance(value, float) else json.dumps(value)
+
+
+def cmd_plot(args, client: Client) -> int:
+    out = _out_file(args.out)
+    curves = fetch_curves(client, [args.id], args.metrics)
+    path = _save(metrics_figure(curves, args.metrics), out)
+    _output(args, {"out": path}, lambda d: print(f"wrote {d['out']}"))
+    return 0
+
+
+def cmd_compare(args, client: Client) -> int:
+    run_ids = list(dict.fromkeys(args.ids))
+    if len(run_ids) < 2:
+        raise UsageError("compare needs two or more different runs (one run: use plot)")
+    out = _out_file(args.out)
+    curves = fetch_curves(client, run_ids, args.metrics)
+    runs = [c["run"] for c in curves]
+    data = {
+        "out": _save(metrics_figure(curves, args.metrics), out),
+        "final": [
+            {"run": run["id"], "name": run["name"],
+             "metrics": {m: _last(c["series"][m]) for m in args.metrics}}
+            for run, c in zip(runs, curves, strict=True)
+        ],
+        "config_diff": config_diff(runs),
+    }  # fmt: skip
+
+    def human(d: dict) -> None:
+        print(f"wrote {d['out']}\n\nfinal metrics")
+        rows = [["run", *args.metrics]]
+        rows += [[_label(run), *(_value(f["metrics"][m]) for m in args.metrics)]
+                 for run, f in zip(runs, d["final"], strict=True)]  # fmt: skip
+        _table(rows)
+        if not d["config_diff"]:
+            print("\nconfig diff: none (the runs' configs are identical)")
+            return
+        print("\nconfig diff")
+        rows = [["setting", *(f"#{run['id']}" for run in runs)]]
+        rows += [[key, *map(_value, values)] for key, values in d["config_diff"].items()]
+        _table(rows)
+
+    _output(args, data, human)
+    return 0
+
+
 COMMANDS = {
     "token": cmd_token, "programs": cmd_programs, "submit": cmd_submit, "list": cmd_list,
     "show": cmd_show, "cancel": cmd_action, "resume": cmd_action, "retry": cmd_action,
     "metrics": cmd_metrics, "log": cmd_log, "watch": cmd_watch,
     "dataset-create": cmd_dataset_create, "tokenizer-create": cmd_tokenizer_create,
+    "plot": cmd_plot, "compare": cmd_compare,
 }  # fmt: skip
 
 
@@ -398,6 +595,18 @@ def parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("name")
     tokenizer.add_argument("--dataset", type=int, required=True)
     tokenizer.add_argument("--set", action="append", default=[], type=_pair, metavar="KEY=VALUE")
+
+    plot = commands.add_parser("plot", help="draw a run's metric curves into an image file")
+    plot.add_argument("id", type=int)
+    compare = commands.add_parser(
+        "compare", help="overlay runs' curves; print their final metrics and config diff"
+    )
+    compare.add_argument("ids", type=int, nargs="+", metavar="id")
+    for sub, default in ((plot, "metrics.png"), (compare, "compare.png")):
+        sub.add_argument("--metrics", type=_metric_names, required=True,
+                         help=f"comma-separated, at most {MAX_PLOT_METRICS}")  # fmt: skip
+        sub.add_argument("--out", default=default,
+                         help="image file to write, format from its suffix (default %(default)s)")  # fmt: skip
     return p
 
 
@@ -408,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     except ApiError as exc:
         for line in exc.messages():
             print(line, file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
         return 2
     except BrokenPipeError:
         # Whatever is left in stdout's buffer can never be written: point stdout at /dev/null

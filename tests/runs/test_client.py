@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from rest_framework.authtoken.models import Token
 
-from runs.models import Dataset, Run, Status, Tokenizer
+from runs import client as nanochat
+from runs.models import Dataset, MetricPoint, Run, Status, Tokenizer
+from runs.programs import PROGRAMS
 from tests.runs.conftest import LOSS_POINTS, PASSWORD
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -131,3 +134,85 @@ def test_dataset_upload_and_tokenizer_create(cli, token, tmp_path, ready_dataset
     assert Tokenizer.objects.get(name="tok300").vocab_size == 300
     for pk in Run.objects.filter(status=Status.QUEUED).values_list("pk", flat=True):
         assert cli("cancel", str(pk), token=token).returncode == 0
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def deeper_run(alice, make_run):
+    """A second succeeded run to compare with finished_run: two settings differ, 100 steps."""
+    config = PROGRAMS["base"].validate("tiny", {"depth": 3, "matrix_lr": 0.03})
+    run = make_run(alice, Status.SUCCEEDED, name="deeper", config=config, step=99,
+                   total_steps=100, progress=1.0, exit_code=0)  # fmt: skip
+    points = [MetricPoint(run=run, name="train/loss", step=i, value=4.0 - i / 100, time=i)
+              for i in range(100)]  # fmt: skip
+    points += [MetricPoint(run=run, name="val/bpb", step=i, value=v, time=i)
+               for i, v in [(0, 2.75), (99, 1.875)]]  # fmt: skip
+    MetricPoint.objects.bulk_create(points)
+    return run
+
+
+def test_plot_writes_a_png_and_names_the_file(cli, token, finished_run, tmp_path):
+    out = tmp_path / "loss.png"
+    result = cli("plot", str(finished_run.pk), "--metrics", "train/loss,val/bpb",
+                 "--out", str(out), token=token)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote {out}\n"
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+def test_compare_prints_final_metrics_and_the_config_diff(
+    cli, token, finished_run, deeper_run, tmp_path
+):
+    out = tmp_path / "compare.png"
+    result = cli("compare", str(finished_run.pk), str(deeper_run.pk), "--metrics",
+                 "train/loss,val/bpb", "--out", str(out), token=token)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    a, b = finished_run.pk, deeper_run.pk
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert lines[0] == ["wrote", str(out)]
+    final = lines[lines.index(["final", "metrics"]) + 1 :][:3]
+    # train/loss ends at 5 - 999/400 and 4 - 99/100; val/bpb at 3 - 900/1000 and 1.875
+    assert final == [["run", "train/loss", "val/bpb"], [f"#{a}", "tiny", "run", "2.5025", "2.1"],
+                     [f"#{b}", "deeper", "3.01", "1.875"]]  # fmt: skip
+    diff = lines[lines.index(["config", "diff"]) + 1 :]
+    assert diff == [["setting", f"#{a}", f"#{b}"], ["depth", "2", "3"],
+                    ["matrix_lr", "0.02", "0.03"]]  # fmt: skip
+
+
+def test_the_figure_has_one_axes_per_metric_and_one_line_per_run(
+    live_server, alice, finished_run, deeper_run
+):
+    client = nanochat.Client(live_server.url, Token.objects.create(user=alice).key)
+    metrics = ["train/loss", "val/bpb"]
+    curves = nanochat.fetch_curves(client, [finished_run.pk, deeper_run.pk], metrics)
+    figure = nanochat.metrics_figure(curves, metrics)
+    assert [ax.get_title(loc="left") for ax in figure.axes] == metrics
+    assert [len(ax.get_lines()) for ax in figure.axes] == [2, 2]
+    loss = figure.axes[0].get_lines()
+    labels = [f"#{finished_run.pk} tiny run", f"#{deeper_run.pk} deeper"]
+    assert [line.get_label() for line in loss] == labels
+    assert len(loss[0].get_xdata()) == LOSS_POINTS  # all of them: fewer than PLOT_POINTS
+    assert list(loss[1].get_xdata()) == list(range(100))
+
+
+def test_unknown_metric_or_run_and_a_directory_out_are_refused(
+    cli, token, finished_run, deeper_run, tmp_path
+):
+    out = str(tmp_path / "x.png")
+    metric = cli("compare", str(finished_run.pk), str(deeper_run.pk), "--metrics",
+                 "train/loss,val/nope", "--out", out, token=token)  # fmt: skip
+    assert metric.returncode == 2
+    assert metric.stderr.startswith(f"run {finished_run.pk} has no metric val/nope (it has: ")
+    missing = cli("plot", "999999", "--metrics", "train/loss", "--out", out, token=token)
+    assert missing.returncode == 2 and missing.stderr.strip() == "run 999999: no such run"
+    directory = cli("plot", str(finished_run.pk), "--metrics", "train/loss",
+                    "--out", str(tmp_path), token=token)  # fmt: skip
+    assert directory.returncode == 2 and "is a directory" in directory.stderr
+    too_many = cli("plot", str(finished_run.pk), "--metrics", ",".join(f"m{i}" for i in range(9)),
+                   token=token)  # fmt: skip
+    assert too_many.returncode == 2 and "at most 8 metrics" in too_many.stderr
+    assert not Path(out).exists()
