@@ -19,7 +19,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from nanochat_site import limits
-from runs import artifacts, lineage, probes, scaling, selectors, series, services
+from runs import artifacts, exports, lineage, probes, scaling, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
 from runs.forms import DatasetForm, ProbePromptsForm, RunForm
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
@@ -298,6 +298,7 @@ COMPARE_AXES = {
     "flops": "training FLOPs",
     "elapsed": "time since start",
 }
+COMPARE_IDS_IN_FILENAME = 10  # more runs: the download is named by their count
 
 
 @login_required
@@ -348,7 +349,18 @@ def compare(request):
             "max_points": CHART_POINTS,
         },
     }
+    if request.GET.get("download") == "csv":
+        return compare_csv(context)
     return render(request, "runs/compare.html", context)
+
+
+def compare_csv(context: dict):
+    """The compare page's final metrics and config diff as CSV (?download=csv on the page's
+    own query, so the file has the runs and metrics the page shows); named by run ids."""
+    ids = [r.pk for r in context["runs"]]
+    label = "-".join(map(str, ids)) if len(ids) <= COMPARE_IDS_IN_FILENAME else f"{len(ids)}-runs"
+    header, rows = exports.compare_table(context)
+    return exports.csv_download(header, rows, f"compare-{label or 'none'}.csv")
 
 
 def scaling_context(runs) -> dict:
@@ -476,6 +488,10 @@ def leaderboard(request, ratings: dict | None = None):
     columns = [*selectors.LEADERBOARD_COLUMNS]
     if ratings is not None:
         columns.append(selectors.ARENA_COLUMN)
+    if request.GET.get("download") == "csv":
+        # The same sort and model filter as the page: the file is the table being looked at.
+        header, table = exports.leaderboard_table(rows, columns, selectors.ARENA_COLUMN)
+        return exports.csv_download(header, table, "leaderboard.csv")
     context = {"rows": rows, "columns": columns, "sort": sort,
                "model": model, "families": selectors.families()}  # fmt: skip
     return render(request, "runs/leaderboard.html", context)

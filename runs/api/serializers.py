@@ -15,6 +15,7 @@ from rest_framework import serializers
 
 from nanochat_site.limits import BoundedJSONDecoder
 from runs import artifacts, probes, selectors, services
+from runs.exports import MAX_EXPORT_NAMES, MAX_NAME_LENGTH
 from runs.models import (
     Checkpoint,
     Dataset,
@@ -231,6 +232,15 @@ class MetricsQuerySerializer(serializers.Serializer):
         required=False, default=DEFAULT_MAX_POINTS, min_value=2, max_value=MAX_POINTS_LIMIT
     )
     after_step = serializers.IntegerField(required=False, help_text="only steps after this one")
+
+
+class MetricsExportQuerySerializer(serializers.Serializer):
+    names = serializers.CharField(
+        required=False,
+        max_length=(MAX_NAME_LENGTH + 1) * MAX_EXPORT_NAMES,
+        help_text=f"comma-separated metric names the run has (default: all; at most "
+        f"{MAX_EXPORT_NAMES}, each at most {MAX_NAME_LENGTH} characters)",
+    )
 
 
 class SeriesSerializer(serializers.Serializer):

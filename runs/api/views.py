@@ -10,16 +10,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from drf_spectacular.utils import extend_schema, extend_schema_view, inline_serializer
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+    inline_serializer,
+)
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from nanochat_site import limits
-from runs import artifacts, lineage, selectors, services
+from runs import artifacts, exports, lineage, selectors, services
 from runs.api import serializers as s
 from runs.api.errors import ServiceErrorsMixin
 from runs.api.responses import with_errors
@@ -37,6 +44,26 @@ def query(request, serializer_class) -> dict:
     if errors := limits.out_of_range(params.validated_data):
         raise ValidationError({name: [message] for name, message in errors.items()})
     return params.validated_data
+
+
+class JSONErrorsNegotiation(DefaultContentNegotiation):
+    """For downloads: the file is the answer whatever the Accept header says, and an error is
+    JSON like every other (DRF would answer 406 to `Accept: text/csv`, having no such renderer,
+    and read `?format=` as a renderer's name)."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+def metrics_export_schema(fmt: str, description: str):
+    media = exports.METRIC_FORMATS[fmt].split(";")[0]
+    return extend_schema(
+        parameters=[s.MetricsExportQuerySerializer],
+        responses={
+            (200, media): OpenApiResponse(OpenApiTypes.STR, description=description),
+            **with_errors(400, 404),
+        },
+    )
 
 
 class ProgramsView(APIView):
@@ -148,6 +175,29 @@ class RunViewSet(
         names = [n for n in params.get("names", "").split(",") if n] or every
         data = series(run.pk, names, params["max_points"], params.get("after_step"))
         return Response({"run": run.pk, "names": every, "series": data})
+
+    def _metrics_download(self, request, fmt: str):
+        run = self.get_object()
+        params = query(request, s.MetricsExportQuerySerializer)
+        try:
+            names = exports.parse_names(params.get("names"), metric_names(run.pk))
+        except exports.ExportError as exc:
+            raise ValidationError({exc.field: [exc.message]}) from exc
+        return exports.metrics_download(run.pk, names, fmt)
+
+    @metrics_export_schema("csv", "columns name, step, value, time; by name, then step")
+    @action(detail=True, methods=["get"], url_path="metrics/csv", url_name="metrics-csv",
+            content_negotiation_class=JSONErrorsNegotiation)  # fmt: skip
+    def metrics_csv(self, request, pk=None):
+        """Every point of the run's metrics (or of `names`) as CSV, streamed, not downsampled."""
+        return self._metrics_download(request, "csv")
+
+    @metrics_export_schema("jsonl", 'one {"name", "step", "value", "time"} object per line')
+    @action(detail=True, methods=["get"], url_path="metrics/jsonl", url_name="metrics-jsonl",
+            content_negotiation_class=JSONErrorsNegotiation)  # fmt: skip
+    def metrics_jsonl(self, request, pk=None):
+        """Every point of the run's metrics (or of `names`) as JSON lines, streamed."""
+        return self._metrics_download(request, "jsonl")
 
     @extend_schema(
         parameters=[s.LogQuerySerializer], responses={200: s.LogSerializer, **with_errors(400, 404)}
