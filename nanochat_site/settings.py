@@ -48,6 +48,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so it times the whole stack and sees the final status (nanochat_site/metrics.py).
+    "nanochat_site.metrics.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -163,6 +165,13 @@ CELERY_BEAT_SCHEDULE = {
     }
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(NANOCHAT_HOME / "celerybeat-schedule")
+
+# --- Prometheus /metrics (nanochat_site/metrics.py) ------------------------------------------
+# With a token set a scraper must send `Authorization: Bearer <token>`; without one only these
+# client addresses (or CIDR networks) may read it. REMOTE_ADDR is what counts: behind a proxy
+# that is the proxy's address, so set a token there.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+METRICS_ALLOWED_IPS = env.csv("METRICS_ALLOWED_IPS", default="127.0.0.1,::1")
 
 # --- auth, i18n, static -------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -20,7 +20,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.permissions import IsAuthenticated
 
 from arena import views as arena_views
-from nanochat_site import views
+from nanochat_site import metrics, views
 from runs.api.responses import with_errors
 
 
@@ -42,6 +42,8 @@ handler404 = not_found
 
 urlpatterns = [
     path("health/", views.health_view, name="health"),
+    # No trailing slash: Prometheus' default metrics_path, and no APPEND_SLASH redirect.
+    path("metrics", metrics.metrics_view, name="metrics"),
     path("favicon.ico", views.favicon, name="favicon"),
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
