@@ -14,6 +14,7 @@ from django import forms
 
 from engine.models import registry
 from runs import probes, selectors, services
+from runs import tags as tags_module
 from runs.artifacts import dataset_source_flags
 from runs.models import ArtifactStatus, Checkpoint, Dataset, Tokenizer
 from runs.predictions import memory_prediction
@@ -213,6 +214,24 @@ class ProbePromptsForm(FieldErrorsMixin, forms.Form):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["probe_prompts"] = probe_prompts_field()
+
+
+class RunNotesForm(FieldErrorsMixin, forms.Form):
+    """The run page's form: the owner changes a run's tags (comma-separated) and its note.
+    Only the shape is checked here; runs/tags.py decides what a tag may be."""
+
+    tags = forms.CharField(
+        required=False,
+        help_text=f"comma-separated, at most {tags_module.MAX_TAGS}, e.g. baseline, sweep:lr",
+        widget=forms.TextInput(attrs={"placeholder": "baseline, sweep:lr"}),
+    )
+    note = forms.CharField(
+        required=False,
+        strip=False,
+        max_length=tags_module.NOTE_MAX_LENGTH,
+        help_text="markdown; shown as written (no HTML)",
+        widget=forms.Textarea(attrs={"rows": 6}),
+    )
 
 
 def _preset_label(program: Program, preset: str) -> str:

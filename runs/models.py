@@ -104,6 +104,21 @@ class Tokenizer(models.Model):
         return self.name
 
 
+class Tag(models.Model):
+    """A label on runs ("baseline", "ablation:lr"), normalized by runs/tags.py.
+
+    A table of its own rather than a JSON list on Run: filtering a JSON list by one of its
+    items (`contains`) is not supported on SQLite, the default database."""
+
+    name = models.CharField(max_length=40, unique=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Run(models.Model):
     name = models.CharField(max_length=200, blank=True)
     kind = models.CharField(max_length=16, choices=Kind.choices)
@@ -165,6 +180,9 @@ class Run(models.Model):
     # Prompts every saved checkpoint answers, so the run page shows the model learning to
     # speak (runs/probes.py); [] for none.
     probe_prompts = models.JSONField(default=list, blank=True)
+    # What the owner says about the run: labels to find it by and a markdown note.
+    tags = models.ManyToManyField(Tag, blank=True, related_name="runs")
+    note = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created", "-id"]

@@ -21,7 +21,7 @@ from django.views.decorators.http import require_GET, require_POST
 from nanochat_site import limits
 from runs import artifacts, exports, lineage, probes, scaling, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
-from runs.forms import DatasetForm, ProbePromptsForm, RunForm
+from runs.forms import DatasetForm, ProbePromptsForm, RunForm, RunNotesForm
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
 from runs.predictions import memory_prediction
 from runs.programs import PROGRAMS
@@ -99,7 +99,7 @@ def quick_start(request):
 @login_required
 @require_GET
 def run_list(request):
-    params = {k: _text_filter(request, k) for k in ("kind", "status", "owner", "search")}
+    params = {k: _text_filter(request, k) for k in ("kind", "status", "owner", "search", "tag")}
     params["mine"] = request.GET.get("mine") == "1"
     runs = selectors.filter_runs(selectors.run_list(), params, request.user)
     page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
@@ -236,6 +236,9 @@ def run_detail(request, run_id: int):
     if run.kind in probes.KINDS and context["can_manage"]:
         text = "\n".join(run.probe_prompts)
         context["probe_form"] = ProbePromptsForm(initial={"probe_prompts": text})
+    if context["can_manage"]:
+        tags = ", ".join(tag.name for tag in run.tags.all())
+        context["notes_form"] = RunNotesForm(initial={"tags": tags, "note": run.note})
     return render(request, "runs/run_detail.html", context)
 
 
@@ -291,6 +294,24 @@ def run_probes(request, run_id: int):
     return redirect(reverse("run-detail", args=[run_id]) + "#probes-panel")
 
 
+@login_required
+@require_POST
+def run_notes(request, run_id: int):
+    """The owner changes the run's tags and note from its page (the API's PATCH does the same
+    through the same service)."""
+    run = get_object_or_404(Run, pk=run_id)
+    form = RunNotesForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ConfigError({k: "; ".join(v) for k, v in form.errors.items()})
+        data = form.cleaned_data
+        services.set_tags_note(run, request.user, tags=data["tags"], note=data["note"])
+        messages.success(request, "Tags and note saved.")
+    except (services.PermissionDenied, ConfigError) as exc:
+        messages.error(request, str(exc))
+    return redirect(reverse("run-detail", args=[run_id]) + "#run-notes")
+
+
 # The compare page's x axes (value: what the picker says).
 COMPARE_AXES = {
     "step": "step",
@@ -298,6 +319,7 @@ COMPARE_AXES = {
     "flops": "training FLOPs",
     "elapsed": "time since start",
 }
+COMPARE_TAGGED_RUNS = 20  # the most runs one ?tag= adds to a comparison
 COMPARE_IDS_IN_FILENAME = 10  # more runs: the download is named by their count
 
 
@@ -311,6 +333,10 @@ def compare(request):
             ids.append(limits.to_int(item, "ids", lo=1))
         except limits.QueryParamError as exc:
             _ignored(request, exc)
+    # ?tag=x adds the newest runs with that tag: a sweep tagged once is compared in one link.
+    tag = _text_filter(request, "tag")
+    if tag:
+        ids += selectors.runs_tagged(tag, COMPARE_TAGGED_RUNS)
     runs = selectors.attach_families(selectors.runs_by_ids(ids))
     scales = selectors.training_scales(runs)
     names: list[str] = []
@@ -323,6 +349,7 @@ def compare(request):
     x_axis = request.GET.get("x", "step")
     context = {
         "x_axis": x_axis if x_axis in COMPARE_AXES else "step",
+        "tag": tag,
         "axes": COMPARE_AXES,
         "runs": runs,
         "ids": ",".join(str(r.pk) for r in runs),
@@ -484,7 +511,8 @@ def leaderboard(request, ratings: dict | None = None):
     from the floor above this one) it has the Arena column too."""
     sort = request.GET.get("sort", "ChatCORE")
     model = _text_filter(request, "model")
-    rows = selectors.leaderboard(sort, model=model, ratings=ratings)
+    tag = _text_filter(request, "tag")
+    rows = selectors.leaderboard(sort, model=model, ratings=ratings, tag=tag)
     columns = [*selectors.LEADERBOARD_COLUMNS]
     if ratings is not None:
         columns.append(selectors.ARENA_COLUMN)
@@ -492,7 +520,7 @@ def leaderboard(request, ratings: dict | None = None):
         # The same sort and model filter as the page: the file is the table being looked at.
         header, table = exports.leaderboard_table(rows, columns, selectors.ARENA_COLUMN)
         return exports.csv_download(header, table, "leaderboard.csv")
-    context = {"rows": rows, "columns": columns, "sort": sort,
+    context = {"rows": rows, "columns": columns, "sort": sort, "tag": tag,
                "model": model, "families": selectors.families()}  # fmt: skip
     return render(request, "runs/leaderboard.html", context)
 

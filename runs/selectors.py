@@ -29,6 +29,7 @@ from runs.models import (
 from runs.predictions import StageTime
 from runs.programs import PROGRAMS
 from runs.scaling import Point
+from runs.tags import filter_tag
 
 # Leaderboard columns and the event-file task names that feed each (chat_eval writes task ids,
 # base_eval the CORE score; either spelling is accepted).
@@ -51,7 +52,8 @@ STAGE_ORDER = {"rl": 0, "sft": 1, "mid": 2, "base": 3}
 
 
 def filter_runs(runs: QuerySet, params: Mapping[str, Any], user=None) -> QuerySet:
-    """Runs matching the list filters (kind, status, owner username, mine, search by name)."""
+    """Runs matching the list filters (kind, status, owner username, mine, search by name,
+    tag: one of the run's tags, written as it is stored or with other case and spaces)."""
     if params.get("kind"):
         runs = runs.filter(kind=params["kind"])
     if params.get("status"):
@@ -62,11 +64,15 @@ def filter_runs(runs: QuerySet, params: Mapping[str, Any], user=None) -> QuerySe
         runs = runs.filter(owner=user)
     if params.get("search"):
         runs = runs.filter(name__icontains=params["search"])
+    if params.get("tag"):
+        runs = runs.filter(tags__name=filter_tag(params["tag"]))
     return runs
 
 
 def run_list() -> QuerySet:
-    return Run.objects.select_related("owner", "dataset", "tokenizer", "parent_checkpoint")
+    return Run.objects.select_related(
+        "owner", "dataset", "tokenizer", "parent_checkpoint"
+    ).prefetch_related("tags")
 
 
 def active_runs() -> list[Run]:
@@ -128,10 +134,14 @@ def _column_of(task: str) -> str | None:
 
 
 def leaderboard(
-    sort: str = "ChatCORE", model: str = "", ratings: Mapping[int, Any] | None = None
+    sort: str = "ChatCORE",
+    model: str = "",
+    ratings: Mapping[int, Any] | None = None,
+    tag: str = "",
 ) -> list[LeaderboardRow]:
     """One row per evaluated checkpoint with its latest score per column, best `sort` first;
-    with `model`, only the checkpoints of that model family.
+    with `model`, only the checkpoints of that model family; with `tag`, only those whose run
+    carries that tag (so a sweep's or a baseline's checkpoints can be ranked among themselves).
 
     `ratings` ({checkpoint id: arena Rating}) fills the Arena column, and a rated checkpoint
     without evals gets a row of its own (it has been compared, if not evaluated); sort
@@ -140,6 +150,8 @@ def leaderboard(
     results = EvalResult.objects.filter(checkpoint__isnull=False)
     if model:
         results = results.filter(family_q(model, "checkpoint__model_config"))
+    if tag:
+        results = results.filter(checkpoint__run__tags__name=filter_tag(tag))
     results = results.select_related("checkpoint", "checkpoint__run").order_by("created", "id")
     rank = {m: i for i, m in enumerate(HEADLINE_METRICS)}
     chosen: dict[tuple[int, str], int] = {}
@@ -159,7 +171,7 @@ def leaderboard(
         else:
             row.offline.discard(column)
     if ratings:
-        _add_ratings(rows, ratings, model)
+        _add_ratings(rows, ratings, model, tag)
     if sort == ARENA_COLUMN:
         return sorted(
             rows.values(),
@@ -177,10 +189,14 @@ def leaderboard(
     )
 
 
-def _add_ratings(rows: dict[int, LeaderboardRow], ratings: Mapping[int, Any], model: str) -> None:
+def _add_ratings(
+    rows: dict[int, LeaderboardRow], ratings: Mapping[int, Any], model: str, tag: str = ""
+) -> None:
     missing = Checkpoint.objects.filter(pk__in=[pk for pk in ratings if pk not in rows])
     if model:
         missing = missing.filter(family_q(model))
+    if tag:
+        missing = missing.filter(run__tags__name=filter_tag(tag))
     for checkpoint in missing.select_related("run"):
         rows[checkpoint.pk] = LeaderboardRow(checkpoint)
     for pk, row in rows.items():
@@ -233,6 +249,13 @@ def runs_by_ids(ids: Iterable[int]) -> list[Run]:
     ids = list(dict.fromkeys(ids))
     found = {run.pk: run for run in run_list().filter(pk__in=ids)}
     return [found[i] for i in ids if i in found]
+
+
+def runs_tagged(tag: str, limit: int = 20) -> list[int]:
+    """The ids of the newest `limit` runs carrying `tag`, oldest first: what the compare
+    page's `?tag=` adds to its runs."""
+    ids = Run.objects.filter(tags__name=filter_tag(tag)).order_by("-created", "-id")
+    return list(reversed(ids.values_list("pk", flat=True)[:limit]))
 
 
 def recent_finished_runs(limit: int = 20) -> QuerySet:

@@ -19,6 +19,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from runs import broadcast, layout, probes
+from runs import tags as tags_module
 from runs.follow import catch_up
 from runs.models import (
     ACTIVE_STATUSES,
@@ -28,6 +29,7 @@ from runs.models import (
     Kind,
     Run,
     Status,
+    Tag,
     Tokenizer,
 )
 from runs.programs import Program, program_for, url_errors
@@ -201,6 +203,24 @@ def set_probe_prompts(run: Run, user, prompts: Any) -> Run:
     _require_manage(user, run, "change the probe prompts of")
     run.probe_prompts = probes.clean_prompts(prompts, run.kind)
     run.save(update_fields=["probe_prompts"])
+    return run
+
+
+def set_tags_note(run: Run, user, tags: Any = None, note: Any = None) -> Run:
+    """The owner (or staff) labels the run and writes its note; None leaves that one as it is.
+
+    Both are checked before either is saved (runs/tags.py), so a bad tag does not leave a
+    half-applied edit behind."""
+    _require_manage(user, run, "change the tags and note of")
+    clean = tags_module.clean_tags(tags) if tags is not None else None
+    text = tags_module.clean_note(note) if note is not None else None
+    with transaction.atomic():
+        if text is not None:
+            run.note = text
+            run.save(update_fields=["note"])
+        if clean is not None:
+            rows = [Tag.objects.get_or_create(name=name)[0] for name in clean]
+            run.tags.set(rows)
     return run
 
 

@@ -13,6 +13,7 @@ urlpatterns = [
     path("runs/<int:run_id>/", pages.run_detail, name="run-detail"),
     path("runs/<int:run_id>/log/", pages.run_log, name="run-log"),
     path("runs/<int:run_id>/probes/", pages.run_probes, name="run-probes"),
+    path("runs/<int:run_id>/notes/", pages.run_notes, name="run-notes"),
     path("runs/<int:run_id>/<str:action>/", pages.run_action, name="run-action"),
     path("runs/<int:run_id>/files/<str:name>", files.run_file, name="run-file"),
     path("datasets/", pages.datasets, name="datasets"),

@@ -15,6 +15,7 @@ from rest_framework import serializers
 
 from nanochat_site.limits import BoundedJSONDecoder
 from runs import artifacts, probes, selectors, services
+from runs import tags as tags_module
 from runs.exports import MAX_EXPORT_NAMES, MAX_NAME_LENGTH
 from runs.models import (
     Checkpoint,
@@ -107,6 +108,28 @@ class RunFilterSerializer(serializers.Serializer):
     owner = serializers.CharField(required=False, help_text="username")
     mine = serializers.BooleanField(required=False, help_text="only my runs")
     search = serializers.CharField(required=False, help_text="part of the run's name")
+    tag = serializers.CharField(required=False, help_text="one of the run's tags")
+
+
+class RunNotesSerializer(serializers.Serializer):
+    """PATCH /api/runs/<id>/: the run's tags and note; a field left out stays as it is.
+    runs/tags.py decides what a tag may be (the same rules as the run page's form)."""
+
+    tags = serializers.ListField(
+        child=serializers.CharField(allow_blank=True, trim_whitespace=False),
+        required=False,
+        help_text=(
+            f"replaces the run's tags: at most {tags_module.MAX_TAGS}, each trimmed and "
+            f"lowercased, 1-{tags_module.TAG_MAX_LENGTH} letters, digits, spaces or - _ . : /"
+        ),
+    )
+    note = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        max_length=tags_module.NOTE_MAX_LENGTH,
+        help_text="markdown, shown escaped on the run page",
+    )
 
 
 class RunCreateSerializer(serializers.Serializer):
@@ -147,12 +170,13 @@ class RunSummarySerializer(serializers.ModelSerializer):
     model = serializers.SerializerMethodField(
         help_text=f"{MODEL_HELP}; null for dataset and tokenizer runs"
     )
+    tags = serializers.SlugRelatedField(many=True, read_only=True, slug_field="name")
 
     class Meta:
         model = Run
         fields = [
             "id", "url", "name", "kind", "preset", "status", "owner", "dataset", "tokenizer",
-            "model", "step", "total_steps", "progress", "eta_seconds", "best_val_bpb", "error",
+            "model", "tags", "step", "total_steps", "progress", "eta_seconds", "best_val_bpb", "error",
             "created", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields
@@ -191,7 +215,7 @@ class RunDetailSerializer(RunSummarySerializer):
     class Meta(RunSummarySerializer.Meta):
         fields = [
             *RunSummarySerializer.Meta.fields, "parent_checkpoint", "retry_of", "pipeline",
-            "stage_runs",
+            "stage_runs", "note",
             "nproc_per_node", "overrides", "config", "probe_prompts", "resume_step", "attempts",
             "cancel_requested", "host", "worker", "pid", "heartbeat_at", "duration_seconds",
             "exit_code", "log_tail", "run_dir", "counts", "can_manage", "links", "memory",

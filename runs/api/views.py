@@ -98,9 +98,11 @@ class RunViewSet(
     mixins.RetrieveModelMixin,
     viewsets.GenericViewSet,
 ):
-    """Training runs: submit, follow, cancel, resume, retry, delete."""
+    """Training runs: submit, follow, tag and annotate, cancel, resume, retry, delete."""
 
-    queryset = Run.objects.select_related("owner", "dataset", "tokenizer", "parent_checkpoint")
+    queryset = Run.objects.select_related(
+        "owner", "dataset", "tokenizer", "parent_checkpoint"
+    ).prefetch_related("tags")
 
     def get_serializer_class(self):
         return s.RunSummarySerializer if self.action == "list" else s.RunDetailSerializer
@@ -136,6 +138,17 @@ class RunViewSet(
         params.is_valid(raise_exception=True)
         run = services.submit_run(request.user, **params.validated_data)
         return self._detail(run, status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=s.RunNotesSerializer,
+        responses={200: s.RunDetailSerializer, **with_errors(400, 404)},
+    )
+    def partial_update(self, request, pk=None):
+        """Change the run's tags and/or note (owner or staff; others 403)."""
+        params = s.RunNotesSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        run = services.set_tags_note(self.get_object(), request.user, **params.validated_data)
+        return self._detail(run)
 
     @extend_schema(responses={204: None, **with_errors(404, 409)})
     def destroy(self, request, pk=None):
