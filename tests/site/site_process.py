@@ -23,6 +23,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 UP_BANNER = "nanochat is up: "
+UP_BLOCK_END = "Ctrl-C stops everything"  # the last line of `up`'s ready block
 
 
 def free_port() -> int:
@@ -94,6 +95,7 @@ class SiteProcess:
             self.lines.append(line)
             if UP_BANNER in line:
                 self.url = line.split(UP_BANNER, 1)[1].strip()
+            elif self.url and UP_BLOCK_END in line:  # up only once the whole block is read
                 self._up.set()
 
     @property

@@ -55,11 +55,8 @@ def newcomer_env(home: Path) -> dict[str, str]:
 
 
 def console_login(site: SiteProcess) -> tuple[str, str]:
-    """The user name and password as `up`'s ready block tells a first-time user."""
-    deadline = time.monotonic() + 30
-    while "Ctrl-C stops everything" not in site.output:
-        assert time.monotonic() < deadline, site.output
-        time.sleep(0.2)
+    """The user name and password as `up`'s ready block (read whole by wait_up) tells a
+    first-time user."""
     user = re.search(r"^  log in as +(\S+)$", site.output, re.M)
     password = re.search(r"^  password +(\S+)  \(saved to (\S+), readable only by you\)$",
                          site.output, re.M)  # fmt: skip
