@@ -105,13 +105,22 @@ class Generation:
     def key(self) -> ModelKey:
         return ModelKey(self.request.checkpoint_path, self.request.step)
 
+    def time_to_first_token(self) -> float | None:
+        """Seconds from the worker taking the request to this choice's first token."""
+        return None if self.first_token_at is None else self.first_token_at - self.accepted_at
+
+    def decode_speed(self) -> float | None:
+        """Tokens per second after the first (whose time is the prefill's), None below two."""
+        completion = self.row.num_generated if self.row is not None else 0
+        if completion > 1 and self.last_token_at and self.last_token_at > self.first_token_at:
+            return (completion - 1) / (self.last_token_at - self.first_token_at)
+        return None
+
     def final(self, finish_reason: str) -> Final:
         row, builder = self.row, self.builder
         completion = row.num_generated if row is not None else 0
-        speed = None
-        if completion > 1 and self.last_token_at and self.last_token_at > self.first_token_at:
-            speed = (completion - 1) / (self.last_token_at - self.first_token_at)
-        ttft = None if self.first_token_at is None else self.first_token_at - self.accepted_at
+        speed = self.decode_speed()
+        ttft = self.time_to_first_token()
         content = builder.content if builder else ""
         if self.stopper is not None:
             content = self.stopper.text

@@ -16,7 +16,8 @@ than `max_rows` choices is refused at once). Models are loaded on demand into a 
 model that cannot be loaded yet (every cached model busy) wait in the worker until one goes
 idle. Every second the worker publishes its stats to Redis (chat/stats.py) and sends a
 keepalive to replies that have had no message for a while, so a front end can tell a slow
-reply from a dead worker. The stats key expires CHAT_ENGINE_ALIVE_TTL seconds after the last
+reply from a dead worker. Each finished reply adds its time to first token and decode speed to
+two in-memory histograms that go out with those stats (for /metrics). The stats key expires CHAT_ENGINE_ALIVE_TTL seconds after the last
 write: a front end whose worker's key is gone knows the worker died (chat/protocol.py) and
 says so within seconds.
 
@@ -52,7 +53,7 @@ from chat.protocol import (
     alive,
     error,
 )
-from chat.stats import StatsPublisher
+from chat.stats import DECODE_SPEED_BUCKETS, TTFT_BUCKETS, ReplyHistogram, StatsPublisher
 
 log = logging.getLogger("chat.engine")
 
@@ -105,6 +106,8 @@ class EngineWorker:
         self._started = time.time()
         self.requests_served = 0
         self._evicted_tokens = 0  # tokens served by models no longer loaded
+        self.ttft = ReplyHistogram(TTFT_BUCKETS)  # per request: its earliest choice
+        self.decode_speed = ReplyHistogram(DECODE_SPEED_BUCKETS)  # per choice
         self._closing = False
 
     async def run(self) -> None:
@@ -148,10 +151,16 @@ class EngineWorker:
         if first.slots:
             first.slots -= 1
             self._slots.release()
+        if final is not None and (speed := gen.decode_speed()) is not None:
+            self.decode_speed.observe(speed)
         if all(member.done for member in gen.group):
             del self._inflight[gen.request.id]
             if final is not None:
                 self.requests_served += 1
+                # What the client waited for: the first token of any of its choices.
+                waits = [w for m in gen.group if (w := m.time_to_first_token()) is not None]
+                if waits:
+                    self.ttft.observe(min(waits))
 
     def loop_idle(self, loop: ModelLoop) -> None:
         waiting, self._waiting = self._waiting, deque()
@@ -179,6 +188,8 @@ class EngineWorker:
             "models": models,
             "requests_served": self.requests_served,
             "tokens_served": sum(m["tokens_served"] for m in models) + self._evicted_tokens,
+            "time_to_first_token": self.ttft.snapshot(),
+            "decode_tokens_per_second": self.decode_speed.snapshot(),
             "started": self._started,
             "updated": time.time(),
         }

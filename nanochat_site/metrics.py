@@ -11,20 +11,34 @@ Two kinds of numbers, collected two ways:
   or sum them in PromQL; the numbers restart from zero when a process restarts, which
   Prometheus' rate() handles as a counter reset.
 
-Engine workers publish running totals (tokens and requests served), not per-reply timings, so
-there is no time-to-first-token or decode tokens/s histogram here; those would need the worker
-to publish them first (chat/stats.py).
+Engine workers publish, with their running totals, two histograms of their replies since they
+started (chat/stats.py): time to first token and decode tokens/s. They are exposed per worker
+rather than summed over workers: a worker that stops takes its counts with it, and a sum that
+drops would read to rate() as a counter reset (a false burst); per-worker series just end.
+`sum by (le)` in PromQL aggregates them. They are not labelled by model: a worker serves any
+number of checkpoints over its life, which would make the series unbounded.
+
+Ingest lag, per running run: `nanochat_run_ingest_lag_bytes` is how much of the run's event
+file the worker following it has not stored yet (file size minus the stored read position;
+a file the web process cannot see, such as on a GPU node's own disk, gives no sample), and
+`nanochat_run_last_event_age_seconds` is how long ago the newest stored event was written (by
+the program's clock): growing bytes mean the follower is stuck; a growing age with no bytes
+behind means the program itself went quiet.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 import time
+from functools import reduce
+from operator import or_
+from pathlib import Path
 
 import redis
 from django.conf import settings
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
@@ -36,12 +50,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from chat.stats import read_stats
+from chat.stats import histogram_buckets, read_stats
 from nanochat_site import health
-from runs.models import Kind, Run, Status
+from runs.models import Kind, Run, RunEvent, Status
+from training.events import EVENTS_FILE
 
 # A scrape waits this long for Celery workers to answer the broadcast; it is the floor of every
 # scrape's duration, so it stays well under Prometheus' default 10 s scrape timeout.
@@ -119,13 +135,52 @@ class SiteCollector(Collector):
             labels=["run", "kind"],
         )
         now = timezone.now()
-        running = Run.objects.filter(status=Status.RUNNING).values("id", "kind", "heartbeat_at")
+        running = list(
+            Run.objects.filter(status=Status.RUNNING).values(
+                "id", "kind", "heartbeat_at", "run_dir", "events_offset", "events_count"
+            )
+        )
         for run in running:
             if run["heartbeat_at"] is not None:
                 age.add_metric(
                     [str(run["id"]), run["kind"]], (now - run["heartbeat_at"]).total_seconds()
                 )
         yield age
+        yield from self._ingest_lag(running, now.timestamp())
+
+    def _ingest_lag(self, running: list[dict], now: float):
+        behind = GaugeMetricFamily(
+            "nanochat_run_ingest_lag_bytes",
+            "Bytes of a running run's event file not stored yet (absent where this web process "
+            "cannot see the file)",
+            labels=["run", "kind"],
+        )
+        last = GaugeMetricFamily(
+            "nanochat_run_last_event_age_seconds",
+            "Seconds since the newest stored event of a running run was written",
+            labels=["run", "kind"],
+        )
+        for run in running:
+            if not run["run_dir"]:
+                continue
+            try:  # one stat per running run; run_dir is the site's own layout, never user text
+                size = (Path(run["run_dir"]) / EVENTS_FILE).stat().st_size
+            except OSError:
+                continue
+            behind.add_metric([str(run["id"]), run["kind"]], max(0, size - run["events_offset"]))
+        # The newest stored event of each run is its last sequence number: one indexed query.
+        newest = [
+            Q(run_id=r["id"], seq=r["events_count"] - 1) for r in running if r["events_count"]
+        ]
+        if newest:
+            kinds = {r["id"]: r["kind"] for r in running}
+            for run_id, written in RunEvent.objects.filter(reduce(or_, newest)).values_list(
+                "run_id", "time"
+            ):
+                if math.isfinite(written):
+                    last.add_metric([str(run_id), kinds[run_id]], max(0.0, now - written))
+        yield behind
+        yield last
 
     def _queues(self):
         depth = GaugeMetricFamily(
@@ -184,6 +239,18 @@ class SiteCollector(Collector):
                 labels=labels,
             ),
         }
+        histograms = {
+            "time_to_first_token": HistogramMetricFamily(
+                "nanochat_engine_time_to_first_token_seconds",
+                "From a worker taking a request to the first token of any of its choices",
+                labels=labels,
+            ),
+            "decode_tokens_per_second": HistogramMetricFamily(
+                "nanochat_engine_decode_tokens_per_second",
+                "A reply's tokens after the first divided by the time they took, per choice",
+                labels=labels,
+            ),
+        }
         heartbeat = GaugeMetricFamily(
             "nanochat_engine_heartbeat_age_seconds",
             "Seconds since the worker last published its stats (it is dropped past "
@@ -200,12 +267,20 @@ class SiteCollector(Collector):
             for key, family in (*gauges.items(), *counters.items()):
                 family.add_metric(values, w[key])
             heartbeat.add_metric(values, max(0.0, now - w["updated"]))
+            for key, family in histograms.items():
+                read = histogram_buckets(w.get(key))
+                if read is not None:  # a worker of an older version publishes none
+                    buckets, total = read
+                    family.add_metric(
+                        values, [(floatToGoString(le), n) for le, n in buckets], total
+                    )
             for model in w["models"]:
                 models.add_metric(
                     [*values, model["checkpoint"], str(model["step"]), model["state"]], 1
                 )
         yield from gauges.values()
         yield from counters.values()
+        yield from histograms.values()
         yield heartbeat
         yield models
 
