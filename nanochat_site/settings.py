@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "nanochat_site",
     "runs",
+    "alerts",
     "chat",
     "arena",
 ]
@@ -162,9 +163,38 @@ CELERY_BEAT_SCHEDULE = {
         "task": "runs.reconcile",
         "schedule": RUNS_RECONCILE_SECONDS,
         "options": {"queue": "default", "expires": RUNS_RECONCILE_SECONDS},
-    }
+    },
+    # Alerts whose queued message was lost (Redis down when it was sent, a killed worker).
+    "resend-alerts": {
+        "task": "alerts.resend_due",
+        "schedule": 60.0,
+        "options": {"queue": "default", "expires": 60.0},
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(NANOCHAT_HOME / "celerybeat-schedule")
+
+# --- alerts: webhooks and e-mail when a run ends or a metric crosses a threshold (alerts/) ----
+# Links in notifications point here (scheme://host[:port], no trailing slash).
+SITE_URL = os.environ.get("SITE_URL", f"http://localhost:{os.environ.get('PORT', '8000')}")
+SITE_URL = SITE_URL.rstrip("/")
+# Webhooks go only to public addresses; hosts (or host:port) named here may be private,
+# loopback or link-local ones (a chat server on the LAN). Checked on save and on every send.
+ALERT_WEBHOOK_ALLOWED_HOSTS = env.csv("ALERT_WEBHOOK_ALLOWED_HOSTS", default="")
+ALERT_WEBHOOK_TIMEOUT = float(os.environ.get("ALERT_WEBHOOK_TIMEOUT", "10"))  # seconds
+# A failed delivery is tried again after base, 2*base, 4*base ... seconds, this often in all.
+ALERT_MAX_ATTEMPTS = int(os.environ.get("ALERT_MAX_ATTEMPTS", "5"))
+ALERT_RETRY_BASE_SECONDS = float(os.environ.get("ALERT_RETRY_BASE_SECONDS", "30"))
+
+# --- e-mail (alerts); the console backend writes messages to the worker's log -----------------
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = int(os.environ.get("EMAIL_PORT", "25"))
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env.flag("EMAIL_USE_TLS", default=False)
+EMAIL_USE_SSL = env.flag("EMAIL_USE_SSL", default=False)
+EMAIL_TIMEOUT = float(os.environ.get("EMAIL_TIMEOUT", "10"))
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "nanochat@localhost")
 
 # --- Prometheus /metrics (nanochat_site/metrics.py) ------------------------------------------
 # With a token set a scraper must send `Authorization: Bearer <token>`; without one only these

@@ -24,7 +24,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from nanochat_site.proctree import TreeWatcher
-from runs import broadcast
+from runs import broadcast, signals
 from runs.follow import LOG_FILE, Follower, StageFollowers, log_tail
 from runs.models import Kind, Run, Status
 from runs.programs import program_for
@@ -167,6 +167,7 @@ def _finish(run: Run, status: str, exit_code: int | None, error: str, tail: str)
         StageFollowers(run).end_all(status, error)
     log.info("run %s: %s%s", run.pk, status, f" ({error})" if error else "")
     broadcast.send(run)
+    signals.send_run_finished(run)
 
 
 def reconcile(stale_after: float | None = None) -> list[int]:
@@ -202,6 +203,7 @@ def mark_lost(run: Run, why: str) -> bool:
     if run.kind == Kind.PIPELINE:
         StageFollowers(run).end_all(Status.FAILED, message)
     broadcast.send(run)
+    signals.send_run_finished(run)
     log.warning("run %s: %s", run.pk, message)
     return True
 

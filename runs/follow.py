@@ -17,7 +17,7 @@ from pathlib import Path
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from runs import broadcast, ingest, probes, selectors
+from runs import broadcast, ingest, probes, selectors, signals
 from runs.models import ACTIVE_STATUSES, Kind, Run, Status
 from runs.pipeline_stages import (
     STAGE_END,
@@ -72,6 +72,7 @@ class Follower:
         parsed = ingest.parse_events(result.events)
         saved = ingest.apply(self.run, parsed, result.offset)
         probes.request_answers(self.run, saved)
+        signals.send_metrics_stored(self.run, parsed.metrics)
         if self.run.pipeline_id:
             record_stage_config(self.run, parsed)
         if parsed.end is not None:
@@ -155,7 +156,7 @@ class StageFollowers:
         follower.poll()  # whatever it wrote last
 
         tail = log_tail(Path(child.run_dir) / LOG_FILE)
-        Run.objects.filter(pk=child.pk, status__in=ACTIVE_STATUSES).update(
+        ended = Run.objects.filter(pk=child.pk, status__in=ACTIVE_STATUSES).update(
             status=status, error=error[:5000], finished_at=timezone.now(), log_tail=tail,
             progress=1.0 if status == Status.SUCCEEDED else child.progress,
             eta_seconds=0.0 if status == Status.SUCCEEDED else None,
@@ -163,6 +164,8 @@ class StageFollowers:
         child.refresh_from_db()
         child.mark_artifacts()
         broadcast.send(child)
+        if ended:
+            signals.send_run_finished(child)
         self.refresh()
 
     def end_all(self, status: str, error: str) -> None:

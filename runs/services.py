@@ -18,7 +18,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from runs import broadcast, layout, probes
+from runs import broadcast, layout, probes, signals
 from runs import tags as tags_module
 from runs.follow import catch_up
 from runs.models import (
@@ -358,6 +358,7 @@ def cancel_run(run: Run, user) -> Run:
             run.error = "cancelled before it started"
             run.save(update_fields=["status", "finished_at", "error"])
             run.mark_artifacts()
+            signals.send_run_finished(run)
         elif run.status == Status.RUNNING:
             run.cancel_requested = True
             run.save(update_fields=["cancel_requested"])

@@ -223,20 +223,28 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
 
 
 def open_url(
-    url: str, timeout: float, allowed: Iterable[str] | None = None
-) -> http.client.HTTPResponse:
+    url: str, timeout: float, allowed: Iterable[str] | None = None, *,
+    data: bytes | None = None, headers: dict[str, str] | None = None,
+    follow_redirects: bool = True,
+) -> http.client.HTTPResponse:  # fmt: skip
     """urlopen for a URL that passes the policy, at every hop and every connection.
 
-    `allowed` defaults to the `NANOCHAT_FETCH_ALLOWED_HOSTS` environment variable.
+    `allowed` defaults to the `NANOCHAT_FETCH_ALLOWED_HOSTS` environment variable. With
+    `data` the request is a POST of those bytes (the alerts' webhooks); with
+    `follow_redirects=False` a 3xx answer raises HTTPError like any other non-2xx status,
+    since a POST that a redirect turns into a GET would be sent nowhere useful.
     Raises FetchRefused (a ValueError) when the policy refuses, else what urlopen raises.
     """
     allowed = allowed_from_env() if allowed is None else normalize_allowed(allowed)
     split_url(url)
     opener = urllib.request.OpenerDirector()
-    for handler in (
+    handlers: list[urllib.request.BaseHandler] = [
         urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
-        urllib.request.HTTPErrorProcessor(), _RedirectHandler(), _HTTPHandler(allowed),
-        _HTTPSHandler(allowed),
-    ):  # fmt: skip
+        urllib.request.HTTPErrorProcessor(), _HTTPHandler(allowed), _HTTPSHandler(allowed),
+    ]  # fmt: skip
+    if follow_redirects:
+        handlers.append(_RedirectHandler())
+    for handler in handlers:
         opener.add_handler(handler)
-    return opener.open(url, timeout=timeout)
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    return opener.open(request, timeout=timeout)

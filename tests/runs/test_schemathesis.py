@@ -45,6 +45,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from alerts.models import AlertRule, Delivery, Notification
 from arena.models import Battle
 from runs.models import EvalResult
 
@@ -92,7 +93,12 @@ def real_ids(alice, finished_run, ready_dataset, ready_tokenizer, redis_url) -> 
         owner=alice, status=Battle.Status.READY, prompt="hi", label_a="a", label_b="b",
         checkpoint_a=checkpoint, checkpoint_b=finished_run.checkpoints.order_by("step").first(),
     )  # fmt: skip
+    rule = AlertRule.objects.create(user=alice, metric="val/bpb", comparison="below", value=1.5)
+    sent = Notification.objects.create(user=alice, event="test", text="hi", payload={"text": "hi"})
+    delivery = Delivery.objects.create(notification=sent, channel="webhook", target="http://x/")
     return {
+        "/api/alerts/rules/": rule.pk,
+        "/api/alerts/deliveries/": delivery.pk,
         "/api/arena/battles/": battle.pk,
         "/api/runs/": finished_run.pk,
         "/api/datasets/": ready_dataset.pk,
