@@ -273,9 +273,11 @@ def collect(user, dataset_id: int, checkpoint_id: int | None = None) -> list[Dat
 
 
 def get_entry(user, dataset_id: int, entry_id: int) -> DatasetEntry:
-    entry = DatasetEntry.objects.filter(
-        pk=entry_id, dataset_id=dataset_id, dataset__owner=user
-    ).first()
+    # The dataset by its primary key first: Django turns an out-of-range id in a pk lookup into
+    # "no rows", but a foreign-key lookup (dataset_id=...) would send it to the database, where
+    # SQLite raises OverflowError and PostgreSQL an out-of-range error (a 500 either way).
+    dataset = get_dataset(user, dataset_id)
+    entry = dataset.entries.filter(pk=entry_id).first()
     if entry is None:
         raise NotFound("no such entry")
     return entry

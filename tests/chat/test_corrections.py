@@ -238,3 +238,24 @@ def test_no_one_sees_or_changes_another_users_feedback_or_datasets(client, alice
     assert anonymous.get("/api/chat/datasets/").status_code in (401, 403)
     client.logout()
     assert client.get("/chat/datasets/").status_code == 302  # to the login page
+
+
+def test_ids_past_int64_are_404_not_500(client, alice, checkpoint):
+    """Schemathesis found DELETE .../datasets/<2**64>/entries/<id>/ answering 500 on SQLite."""
+    conversation = chat_with(alice, checkpoint)
+    corrections.give_feedback(alice, reply_of(conversation).pk, rating=1, lim=chat_limits())
+    dataset = corrections.create_dataset(alice, "mine")
+    entry = corrections.add_conversation(alice, dataset.pk, conversation.pk)
+    huge = 2**64
+    as_alice = api(alice)
+    answers = [
+        as_alice.get(f"/api/chat/datasets/{huge}/"),
+        as_alice.delete(f"/api/chat/datasets/{huge}/entries/{entry.pk}/"),
+        as_alice.patch(f"/api/chat/datasets/{huge}/entries/{huge}/", {"messages": []}, "json"),
+        as_alice.delete(f"/api/chat/datasets/{dataset.pk}/entries/{huge}/"),
+        as_alice.post(f"/api/chat/messages/{huge}/feedback/", {"rating": 1}, format="json"),
+    ]
+    assert [a.status_code for a in answers] == [404] * len(answers)
+    client.force_login(alice)
+    assert client.get(f"/chat/datasets/{huge}/entries/{entry.pk}/").status_code == 404
+    assert dataset.entries.count() == 1
