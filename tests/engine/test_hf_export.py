@@ -425,3 +425,14 @@ def test_cli_exports_zips_and_imports(tokenizer, tmp_path, capsys):
     # A second import into the same step is refused with the reason, exit status 1.
     assert export_main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 1
     assert "already has a checkpoint" in capsys.readouterr().err
+
+
+def test_model_card_usage_snippet_runs(exported, tokenizer):
+    """The card's Python block, run as written (with the folder filled in), chats."""
+    pytest.importorskip("engine.hf_tokenizer")
+    name, _, folder = exported
+    card = (folder / CARD_FILE).read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    snippet = snippet.replace('"path/to/this/folder"', repr(str(folder)))
+    snippet = snippet.replace("max_new_tokens=64", "max_new_tokens=4")
+    exec(compile(snippet, "README.md", "exec"), {})
