@@ -436,3 +436,19 @@ def test_model_card_usage_snippet_runs(exported, tokenizer):
     snippet = snippet.replace('"path/to/this/folder"', repr(str(folder)))
     snippet = snippet.replace("max_new_tokens=64", "max_new_tokens=4")
     exec(compile(snippet, "README.md", "exec"), {})
+
+
+def test_a_checkpoint_saved_without_tokenizer_exports_its_weights(tmp_path):
+    """The committed checkpoint of 2026-12 (no tokenizer beside it) exports, and transformers
+    reproduces the logits recorded with it."""
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "gpt_checkpoint_2026_12"
+    files = {p.name for p in export_checkpoint(fixture, tmp_path / "export")}
+    assert TOKENIZER_COPY_FILE not in files and "tokenizer.json" not in files
+    config = json.loads((tmp_path / "export" / CONFIG_FILE).read_text())
+    assert config["bos_token_id"] is None and config["eos_token_id"] is None
+    expected = json.loads((fixture / "expected.json").read_text())
+    model = load_hf(tmp_path / "export", "gpt")
+    with torch.no_grad():
+        logits = model(torch.tensor([expected["prompt"]])).logits[0, -1]
+    torch.testing.assert_close(logits, torch.tensor(expected["last_logits"]), atol=1e-4, rtol=0)
+    assert not import_folder(tmp_path / "export", tmp_path / "back").has_tokenizer
