@@ -15,7 +15,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-TOP_LEVEL = ("datasets", "tokenizers", "runs")
+TOP_LEVEL = ("datasets", "tokenizers", "runs", "imports", "tmp")
 
 
 def data_home() -> Path:
@@ -32,6 +32,11 @@ def dataset_dir(dataset_id: int) -> Path:
 
 def tokenizer_dir(tokenizer_id: int) -> Path:
     return data_home() / "tokenizers" / f"tokenizer-{tokenizer_id:06d}"
+
+
+def import_dir(checkpoint_id: int) -> Path:
+    """Where an imported checkpoint (manage.py import_checkpoint) lives."""
+    return data_home() / "imports" / f"checkpoint-{checkpoint_id:06d}"
 
 
 def inside(path: str | Path, root: str | Path) -> bool:

@@ -269,6 +269,12 @@ class Checkpoint(models.Model):
     stage = models.CharField(max_length=8, choices=Stage.choices)
     step = models.IntegerField()
     path = models.CharField(max_length=500)  # the checkpoint directory (all steps)
+    # Who imported it (manage.py import_checkpoint); a run's checkpoints belong to the run's
+    # owner and leave this empty.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="imported_checkpoints",
+    )  # fmt: skip
     model_config = models.JSONField(default=dict, blank=True)
     val_bpb = models.FloatField(null=True, blank=True)
     size_bytes = models.BigIntegerField(null=True, blank=True)

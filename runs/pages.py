@@ -22,6 +22,7 @@ from nanochat_site import limits
 from runs import artifacts, exports, lineage, probes, scaling, selectors, series, services
 from runs.follow import LOG_FILE, log_tail
 from runs.forms import DatasetForm, ProbePromptsForm, RunForm, RunNotesForm
+from runs.model_export import ExportUnavailable, can_download, download_response
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
 from runs.predictions import memory_prediction
 from runs.programs import PROGRAMS
@@ -502,6 +503,23 @@ def checkpoint_lineage(request, ckpt_id: int):
     context = {"lineage": ladder, "rows": rows, "family": family,
                "family_label": selectors.family_label(family)}  # fmt: skip
     return render(request, "runs/lineage.html", context)
+
+
+@login_required
+@require_GET
+def checkpoint_export(request, ckpt_id: int):
+    """The checkpoint as a Hugging Face folder, zipped and streamed (runs/model_export.py)."""
+    checkpoint = get_object_or_404(Checkpoint.objects.select_related("run"), pk=ckpt_id)
+    if not can_download(request.user, checkpoint):
+        raise Http404("no such checkpoint")
+    try:
+        return download_response(checkpoint)
+    except ExportUnavailable as exc:
+        if exc.status == 404:
+            raise Http404(exc.message) from exc
+        return HttpResponse(
+            exc.message, status=exc.status, content_type="text/plain; charset=utf-8"
+        )
 
 
 @login_required

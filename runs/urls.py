@@ -20,6 +20,7 @@ urlpatterns = [
     path("tokenizers/", pages.tokenizers, name="tokenizers"),
     path("checkpoints/", pages.checkpoints, name="checkpoints"),
     path("checkpoints/<int:ckpt_id>/lineage/", pages.checkpoint_lineage, name="checkpoint-lineage"),
+    path("checkpoints/<int:ckpt_id>/export.zip", pages.checkpoint_export, name="checkpoint-export"),
     path("reports/", pages.reports, name="reports"),
     path("reports/<int:run_id>/", pages.report_detail, name="report-detail"),
 ]

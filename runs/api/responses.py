@@ -27,6 +27,7 @@ ERRORS = {
     403: OpenApiResponse(_DETAIL, description="signed in but not allowed"),
     404: OpenApiResponse(_DETAIL, description="no such object (or page)"),
     409: OpenApiResponse(_DETAIL, description="not possible in the object's current state"),
+    503: OpenApiResponse(_DETAIL, description="busy or short of resources: try again later"),
 }
 SIGNED_IN = (401, 403)
 

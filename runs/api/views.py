@@ -20,15 +20,15 @@ from drf_spectacular.utils import (
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from nanochat_site import limits
-from runs import artifacts, exports, lineage, selectors, services
+from runs import artifacts, exports, lineage, model_export, selectors, services
 from runs.api import serializers as s
-from runs.api.errors import ServiceErrorsMixin
+from runs.api.errors import ConflictError, ServiceErrorsMixin
 from runs.api.responses import with_errors
 from runs.follow import LOG_FILE, log_tail
 from runs.models import Checkpoint, Dataset, EvalResult, Report, Run, Tokenizer
@@ -44,6 +44,12 @@ def query(request, serializer_class) -> dict:
     if errors := limits.out_of_range(params.validated_data):
         raise ValidationError({name: [message] for name, message in errors.items()})
     return params.validated_data
+
+
+class ServiceUnavailable(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "Busy; try again later."
+    default_code = "unavailable"
 
 
 class JSONErrorsNegotiation(DefaultContentNegotiation):
@@ -378,6 +384,33 @@ class CheckpointViewSet(viewsets.ReadOnlyModelViewSet):
         with each step's scores and their change from the step before, and its children."""
         checkpoint = self.get_object()
         return Response(s.LineageSerializer(lineage.lineage(checkpoint)).data)
+
+    @extend_schema(
+        responses={
+            (200, model_export.ZIP_TYPE): OpenApiResponse(
+                OpenApiTypes.BINARY,
+                description="a Hugging Face folder, zipped: model.safetensors, config.json, "
+                "generation_config.json, the tokenizer, README.md (model card) and, for models "
+                "transformers has no class for, their modeling code",
+            ),
+            **with_errors(404, 409, 503),
+        }
+    )
+    @action(detail=True, methods=["get"], content_negotiation_class=JSONErrorsNegotiation)
+    def export(self, request, pk=None):
+        """The checkpoint as a Hugging Face folder (AutoModelForCausalLM / AutoTokenizer load
+        it), zipped and streamed."""
+        checkpoint = self.get_object()
+        if not model_export.can_download(request.user, checkpoint):
+            raise NotFound("no such checkpoint")
+        try:
+            return model_export.download_response(checkpoint)
+        except model_export.ExportUnavailable as exc:
+            if exc.status == 404:
+                raise NotFound(exc.message) from exc
+            if exc.status == 409:
+                raise ConflictError(exc.message) from exc
+            raise ServiceUnavailable(exc.message) from exc
 
 
 class EvalResultViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
