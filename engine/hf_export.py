@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from engine.checkpoint import load_checkpoint, tokenizer_dir
+from engine.hf_tokenizer import write_hf_tokenizer
 from engine.models.registry import config_from_dict, family_of
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,10 @@ def export_checkpoint(
     _write_json(out / GENERATION_CONFIG_FILE, _generation_config(specials))
     if tokenizer is not None:
         _write_json(out / TOKENIZER_COPY_FILE, tokenizer_copy(tokenizer))
-        _write_hf_tokenizer(tokenizer, out)
+        base = card.stage == "base" or Path(checkpoint_dir).parent.name == "base_checkpoints"
+        _write_hf_tokenizer(
+            tokenizer, out, base=base, context=getattr(config, "sequence_len", None)
+        )
     for name in exported.remote_files:
         shutil.copyfile(REMOTE_DIR / name, out / name)
     (out / CARD_FILE).write_text(
@@ -466,14 +470,14 @@ def _load_tokenizer(checkpoint_dir: str | Path) -> Any:
     return load_tokenizer_for(checkpoint_dir)
 
 
-def _write_hf_tokenizer(tokenizer: Any, out: Path) -> None:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json (engine/hf_tokenizer)."""
-    try:
-        from engine.hf_tokenizer import write_hf_tokenizer
-    except ImportError:  # until engine/hf_tokenizer.py is merged
-        log.warning("engine.hf_tokenizer is missing: no tokenizer.json in the export")
-        return
-    write_hf_tokenizer(tokenizer, out)
+def _write_hf_tokenizer(tokenizer: Any, out: Path, *, base: bool, context: int | None) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json (engine/hf_tokenizer).
+
+    A base model ends a document by starting the next one, so its EOS is <|bos|>; a chat model
+    stops at <|assistant_end|> (the writer's default)."""
+    write_hf_tokenizer(
+        tokenizer, out, eos_token="<|bos|>" if base else None, model_max_length=context
+    )
 
 
 def _special_ids(tokenizer: Any) -> dict[str, Any]:
