@@ -452,3 +452,16 @@ def test_a_checkpoint_saved_without_tokenizer_exports_its_weights(tmp_path):
         logits = model(torch.tensor([expected["prompt"]])).logits[0, -1]
     torch.testing.assert_close(logits, torch.tensor(expected["last_logits"]), atol=1e-4, rtol=0)
     assert not import_folder(tmp_path / "export", tmp_path / "back").has_tokenizer
+
+
+def test_tokenizer_eos_follows_the_stage_and_context_is_recorded(tokenizer, tmp_path):
+    """A base model ends a document with <|bos|>; a chat model stops at <|assistant_end|>."""
+    found = {}
+    for stage in ("base", "sft"):
+        checkpoint = make_checkpoint(tmp_path / f"{stage}_checkpoints" / "d2", "gpt", tokenizer)
+        export_checkpoint(checkpoint, tmp_path / f"{stage}-hf")
+        config = json.loads((tmp_path / f"{stage}-hf" / "tokenizer_config.json").read_text())
+        found[stage] = config["eos_token"]
+        context = load_model(checkpoint)[0].config.sequence_len
+        assert config["model_max_length"] == context
+    assert found == {"base": "<|bos|>", "sft": "<|assistant_end|>"}
