@@ -25,6 +25,7 @@ from runs.forms import DatasetForm, ProbePromptsForm, RunForm, RunNotesForm
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
 from runs.predictions import memory_prediction
 from runs.programs import PROGRAMS
+from runs.wandb_info import wandb_info
 from training.flags import ConfigError
 
 RUNS_PER_PAGE = 50
@@ -232,6 +233,7 @@ def run_detail(request, run_id: int):
         "active": run.is_active,
     }
     context["log"] = log_tail(Path(run.run_dir) / LOG_FILE, LOG_LINES) if run.run_dir else ""
+    context["wandb"] = wandb_info(run)
     context["open_chat"] = request.GET.get("then") == "chat"
     if run.kind in probes.KINDS and context["can_manage"]:
         text = "\n".join(run.probe_prompts)
