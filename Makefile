@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-smoke lint format clean-venv gpu-check
+.PHONY: run test test-smoke lint format clean-venv gpu-check install-wandb
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11"; exit 1; }
@@ -25,6 +25,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml | $(VENV)/bin/python
 $(VENV)/.installed-test: requirements.txt requirements-test.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-test.txt
 	@touch $@
+
+# Optional Weights & Biases logging (README: "Weights & Biases"); `make test` works without it,
+# and CI installs it first (.ci/run) so the W&B tests run there.
+$(VENV)/.installed-wandb: requirements-wandb.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-wandb.txt
+	@touch $@
+
+install-wandb: $(VENV)/.installed-wandb
 
 run: $(VENV)/.installed
 	$(PY) manage.py up $(ARGS)

@@ -26,6 +26,7 @@ from runs.model_export import ExportUnavailable, can_download, download_response
 from runs.models import Checkpoint, Dataset, Kind, Run, Status, Tokenizer
 from runs.predictions import memory_prediction
 from runs.programs import PROGRAMS
+from runs.wandb_info import wandb_info
 from training.flags import ConfigError
 
 RUNS_PER_PAGE = 50
@@ -233,6 +234,7 @@ def run_detail(request, run_id: int):
         "active": run.is_active,
     }
     context["log"] = log_tail(Path(run.run_dir) / LOG_FILE, LOG_LINES) if run.run_dir else ""
+    context["wandb"] = wandb_info(run)
     context["open_chat"] = request.GET.get("then") == "chat"
     if run.kind in probes.KINDS and context["can_manage"]:
         text = "\n".join(run.probe_prompts)

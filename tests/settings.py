@@ -13,6 +13,11 @@ import tempfile
 _home = tempfile.mkdtemp(prefix="nanochat-test-")
 os.environ["NANOCHAT_HOME"] = _home
 atexit.register(shutil.rmtree, _home, ignore_errors=True)
+# No test logs to the developer's Weights & Biases: a WANDB_PROJECT in their shell would make
+# every training test a W&B run (tests/training/test_wandb.py sets its own, offline).
+for _name in [n for n in os.environ if n.startswith("WANDB_")]:
+    del os.environ[_name]
+os.environ["WANDB_MODE"] = "offline"
 
 from nanochat_site.settings import *  # noqa: E402,F403
 

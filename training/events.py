@@ -26,6 +26,10 @@ benchmark -- or "hub", the public benchmark data (downloaded, or a copy given by
 from event files written before it existed have none.
 
 The same module reads the file (`read_events`), so both sides share one definition.
+
+A writer may also hand every event to sinks (`EventSink`): another place the same stream goes,
+such as a Weights & Biases run (training/wandb_sink.py). Because every program reports through
+this one writer, a sink gives all of them the feature without a line of per-program code.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 EVENTS_FILE = "events.jsonl"
 OFFLINE, HUB = "offline", "hub"  # the values of `data_source` (see above)
@@ -75,12 +79,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class EventWriter:
-    """Appends events to `<run_dir>/events.jsonl`; a no-op when run_dir is None or not rank 0."""
+class EventSink(Protocol):
+    """Somewhere else the events go. `observe` sees each event (JSON-ready, as it will be
+    written) before the line is written and may return fields to add to it (a `start` event
+    records where the sink's copy is); `close` runs after the last line, `end` included.
+    A sink must never raise (the run matters more than its copy), but for KeyboardInterrupt:
+    a cancel that arrives while a sink works is the run's, and still ends it."""
 
-    def __init__(self, run_dir: str | os.PathLike | None, rank: int = 0):
+    def observe(self, record: dict[str, Any]) -> Mapping[str, Any] | None: ...
+
+    def close(self) -> None: ...
+
+
+class EventWriter:
+    """Appends events to `<run_dir>/events.jsonl` and hands them to `sinks`; the file part is a
+    no-op when run_dir is None or not rank 0 (callers give sinks on rank 0 only)."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike | None,
+        rank: int = 0,
+        sinks: Sequence[EventSink] = (),
+    ):
         self.path: Path | None = None
         self._file = None
+        self._sinks = list(sinks)
         if run_dir is not None and rank == 0:
             self.path = Path(run_dir) / EVENTS_FILE
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,10 +115,15 @@ class EventWriter:
         return self._file is not None
 
     def emit(self, type: str, **fields: Any) -> None:
-        if self._file is None:
+        if self._file is None and not self._sinks:
             return
         record = {"type": type, "time": time.time(), **_plain(fields)}
-        self._file.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+        try:
+            for sink in self._sinks:
+                record.update(_plain(sink.observe(record) or {}))
+        finally:  # a cancel (KeyboardInterrupt) inside a sink still leaves the line written
+            if self._file is not None:
+                self._file.write(json.dumps(record, allow_nan=False, default=str) + "\n")
 
     def start(self, config: Mapping, total_steps: int, world_size: int, device: str, **extra):
         self.emit(
@@ -142,6 +170,9 @@ class EventWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
 
     def __enter__(self) -> EventWriter:
         return self

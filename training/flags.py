@@ -14,8 +14,9 @@ help), integers never leave the signed 64-bit range a database column holds, and
 config costs the same for any input, and what passes can be stored and compared safely.
 
 Flags that several programs declare alike are declared once, beside what reads them:
-`output_flags` here (the web app's event log and the report), `training.runtime.runtime_flags`
-(device, precision, seed) and `training.optim.lr_flags` (the optimizer's learning rates).
+`output_flags` here (the web app's event log, the report, optional W&B logging),
+`training.runtime.runtime_flags` (device, precision, seed) and `training.optim.lr_flags` (the
+optimizer's learning rates).
 """
 
 from __future__ import annotations
@@ -336,9 +337,33 @@ REPORT_DIR = Flag(
 )
 
 
+# Optional Weights & Biases logging (training/wandb_sink.py reads them). A W&B project or group
+# name is checked as one folder name is (letters, digits, '_', '.', '-'; at most 64): W&B
+# refuses '/', '#', '?', '%' and ':' in them, and the name ends up in its URLs and paths.
+WANDB_FLAGS = (
+    Flag(
+        "wandb_project",
+        str,
+        "",
+        "also log config and metrics to this Weights & Biases project "
+        "('' = $WANDB_PROJECT if set, else no W&B; needs requirements-wandb.txt)",
+        component=True,
+    ),
+    Flag(
+        "wandb_group",
+        str,
+        "",
+        "W&B group of the run (a pipeline sets it for its stages; '' = $WANDB_RUN_GROUP or none)",
+        component=True,
+    ),
+)
+
+
 def output_flags() -> list[Flag]:
-    """`run_dir` and `report_dir`: where a program's events and its report section go."""
+    """`run_dir` and `report_dir`: where a program's events and its report section go; and the
+    W&B project and group its events are mirrored to, if any."""
     return [
         Flag("run_dir", str, "", "write events.jsonl here for the web app", path=True),
         REPORT_DIR,
+        *WANDB_FLAGS,
     ]

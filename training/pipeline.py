@@ -16,6 +16,9 @@ each stage writes its events to `<run-dir>/stages/<NN>-<name>/` (and a copy of i
 `log.txt` there), and the pipeline's own event file says when each stage starts and ends
 (`stage` events), which is how the web app shows every stage as a run of its own.
 
+With a Weights & Biases project (`--wandb-project` or $WANDB_PROJECT) every training and
+evaluation stage logs to it, the stages of one pipeline in one W&B group (`wandb_args`).
+
 The pipeline stops at the first stage that fails, naming the stage and its error.
 """
 
@@ -39,14 +42,17 @@ from training.flags import (
     MAX_SHARDS,
     MAX_TOKENS,
     MAX_VOCAB,
+    WANDB_FLAGS,
     ConfigError,
     Flag,
     FlagSet,
+    check_component,
     format_config,
     join_inside,
 )
 from training.loop import format_duration
 from training.program import cancel_on_sigterm, run_program
+from training.wandb_sink import requested_project
 
 STAGE_PROGRAMS = {  # stage kind -> training module
     "dataset": "training.dataset",
@@ -173,6 +179,7 @@ FLAGS = FlagSet(
         ),  # fmt: skip
         Flag("out_dir", str, "", "where every output goes (default <NANOCHAT_HOME>)", path=True),
         Flag("run_dir", str, "", "write events.jsonl here (and stage events beneath)", path=True),
+        *WANDB_FLAGS,
     ],
 )
 
@@ -398,15 +405,47 @@ def _run_command(argv: list[str], log_path: Path | None) -> int:
             log.close()
 
 
+def wandb_args(config: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The W&B options every training and eval stage gets, and what the start event records.
+
+    With a project (the pipeline's flag, or $WANDB_PROJECT, which the stages inherit) each such
+    stage logs to it as a run of one group: the pipeline's own group, else its run directory's
+    name (run-<id> under the web app), else a timestamp, so W&B shows the stages together.
+    Nothing without a project.
+    """
+    project = requested_project(config)
+    if not project:
+        return [], {}
+    group = config["wandb_group"] or Path(config["run_dir"]).name
+    try:
+        check_component(group)
+    except ValueError:  # no run directory, or one named as a group cannot be
+        group = time.strftime("pipeline-%Y%m%d-%H%M%S")
+    args = ["--wandb-group", group]
+    if config["wandb_project"]:
+        args += ["--wandb-project", config["wandb_project"]]
+    return args, {"project": project, "group": group}
+
+
+def stage_argv(stage: Stage, argv: list[str], stage_dir: Path | None,
+               wandb: list[str]) -> list[str]:  # fmt: skip
+    """One command of a stage as it runs: its events to the stage's directory, and the W&B
+    options for the programs that train or evaluate a model (those that take `<kind>_args`)."""
+    argv = [*argv, "--run-dir", str(stage_dir)] if stage_dir else list(argv)
+    return [*argv, *wandb] if stage.kind in ARGS_KINDS else argv
+
+
 def run(config: dict[str, Any], events: EventWriter) -> dict[str, Any]:
     stages = plan(config)
     out = Path(config["out_dir"]) if config["out_dir"] else data_home()
     reports = out / "report"
     run_dir = Path(config["run_dir"]) if config["run_dir"] else None
+    stage_wandb, wandb_info = wandb_args(config)
     print(format_config(config), flush=True)
     events.start(config, total_steps=len(stages), world_size=config["nproc_per_node"],
                  device="", program="pipeline",
-                 stages=[{"name": s.name, "kind": s.kind} for s in stages])  # fmt: skip
+                 stages=[{"name": s.name, "kind": s.kind} for s in stages],
+                 **({"wandb": wandb_info} if wandb_info else {}))  # fmt: skip
     if not (config["skip_existing"] and (reports / "header.md").is_file()):
         report.reset(reports)
     started = time.time()
@@ -429,7 +468,7 @@ def run(config: dict[str, Any], events: EventWriter) -> dict[str, Any]:
         t0 = time.time()
         try:
             for argv in stage.commands:
-                argv = [*argv, "--run-dir", str(stage_dir)] if stage_dir else argv
+                argv = stage_argv(stage, argv, stage_dir, stage_wandb)
                 code = _run_command(argv, stage_dir / "log.txt" if stage_dir else None)
                 if code != 0:
                     error = _stage_error(stage_dir, code)

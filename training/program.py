@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from training.events import EventWriter
 from training.flags import FlagSet
+from training.wandb_sink import sink_for
 
 if TYPE_CHECKING:
     from training.runtime import Runtime
@@ -68,7 +69,7 @@ def program_main(
     """Parse `flags`, start the runtime, run `body(config, runtime, events)`; the exit code.
 
     The flag set must declare `device`, `dtype`, `seed` (`training.runtime.runtime_flags`) and
-    `run_dir` (`training.flags.output_flags`). Only rank 0 writes events.
+    `run_dir` (`training.flags.output_flags`, with the W&B flags). Only rank 0 writes events.
     """
     from training.runtime import init_runtime, shutdown  # torch: see the module docstring
 
@@ -76,7 +77,10 @@ def program_main(
     runtime = init_runtime(config["device"], config["dtype"], config["seed"])
     code = None
     try:
-        with EventWriter(config["run_dir"] or None, runtime.rank) as events:
+        # Optional W&B logging of the same events (rank 0, only when a project is named).
+        sink = sink_for(config, flags.program) if runtime.master else None
+        sinks = [sink] if sink is not None else []
+        with EventWriter(config["run_dir"] or None, runtime.rank, sinks) as events:
             code = run_program(events, lambda: body(config, runtime, events))
         return code
     finally:

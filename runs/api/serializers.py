@@ -32,6 +32,7 @@ from runs.models import (
 from runs.predictions import memory_prediction
 from runs.programs import Program
 from runs.series import DEFAULT_MAX_POINTS, MAX_POINTS_LIMIT
+from runs.wandb_info import wandb_info
 
 MAX_LOG_LINES = 5000
 DEFAULT_LOG_LINES = 200
@@ -198,6 +199,19 @@ class MemorySerializer(serializers.Serializer):
     where = serializers.CharField(help_text="the GPU (or memory) the prediction is for")
 
 
+class WandbSerializer(serializers.Serializer):
+    """runs.wandb_info: where the run's Weights & Biases copy is (from its start event)."""
+
+    project = serializers.CharField()
+    group = serializers.CharField(required=False)
+    mode = serializers.CharField(required=False, help_text="online, offline or disabled")
+    run_id = serializers.CharField(required=False)
+    url = serializers.URLField(required=False, help_text="the W&B run's page (online)")
+    dir = serializers.CharField(required=False, help_text="its local directory on the worker")
+    sync_command = serializers.CharField(required=False, help_text="uploads an offline run")
+    error = serializers.CharField(required=False, help_text="why the run was not logged")
+
+
 RUN_LINKS = ("metrics", "log", "events", "samples", "report", "cancel", "resume", "retry")
 
 
@@ -211,6 +225,9 @@ class RunDetailSerializer(RunSummarySerializer):
     memory = serializers.SerializerMethodField(
         help_text="predicted peak memory per GPU of a training step (text: what a user reads)"
     )
+    wandb = serializers.SerializerMethodField(
+        help_text="the run's Weights & Biases copy; null when it does not log to W&B"
+    )
 
     class Meta(RunSummarySerializer.Meta):
         fields = [
@@ -219,6 +236,7 @@ class RunDetailSerializer(RunSummarySerializer):
             "nproc_per_node", "overrides", "config", "probe_prompts", "resume_step", "attempts",
             "cancel_requested", "host", "worker", "pid", "heartbeat_at", "duration_seconds",
             "exit_code", "log_tail", "run_dir", "counts", "can_manage", "links", "memory",
+            "wandb",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -239,6 +257,10 @@ class RunDetailSerializer(RunSummarySerializer):
             run.kind, run.config or {}, tokenizer=run.tokenizer,
             parent_checkpoint=run.parent_checkpoint, nproc_per_node=run.nproc_per_node,
         )  # fmt: skip
+
+    @extend_schema_field(WandbSerializer(allow_null=True))
+    def get_wandb(self, run: Run) -> dict[str, str] | None:
+        return wandb_info(run)
 
     def get_links(self, run: Run) -> dict[str, str]:
         request = self.context["request"]

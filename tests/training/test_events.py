@@ -57,3 +57,56 @@ def test_reader_leaves_a_partial_line_for_later_and_reports_bad_lines(tmp_path):
 def test_reader_of_a_missing_file_returns_nothing(tmp_path):
     result = read_events(tmp_path / "missing.jsonl", 5)
     assert result.events == [] and result.offset == 5
+
+
+class RecordingSink:
+    """A sink that keeps what it sees and stamps the start event, as the W&B sink does."""
+
+    def __init__(self):
+        self.seen, self.closed = [], False
+
+    def observe(self, record):
+        assert not self.closed
+        self.seen.append(dict(record))
+        return {"copy": {"where": "here"}} if record["type"] == "start" else None
+
+    def close(self):
+        self.closed = True
+
+
+def test_sinks_see_every_event_as_written_and_may_stamp_the_start(tmp_path):
+    sink = RecordingSink()
+    with EventWriter(tmp_path, sinks=[sink]) as events:
+        events.start({"depth": 2}, total_steps=2, world_size=1, device="cpu")
+        events.metrics(1, {"train/loss": math.nan})
+        events.end("succeeded")
+    written = read_events(tmp_path / EVENTS_FILE).events
+    assert written[0]["copy"] == {"where": "here"} and "copy" not in sink.seen[0]
+    assert [r["type"] for r in sink.seen] == ["start", "metrics", "end"]
+    assert sink.seen[1]["values"] == {"train/loss": None}  # JSON-ready, as in the file
+    assert sink.seen[1:] == written[1:] and sink.closed
+    # Without a run directory (a shell run) the sink still gets the events.
+    shell = RecordingSink()
+    with EventWriter(None, sinks=[shell]) as events:
+        events.metrics(5, {"a": 1.0})
+    assert [r["step"] for r in shell.seen] == [5] and shell.closed
+
+
+class CancelledSink(RecordingSink):
+    def observe(self, record):
+        if record["type"] == "start":
+            raise KeyboardInterrupt  # the cancel button, pressed while the sink worked
+        return super().observe(record)
+
+
+def test_a_cancel_inside_a_sink_still_writes_the_line(tmp_path):
+    with EventWriter(tmp_path, sinks=[CancelledSink()]) as events:
+        try:
+            events.start({"depth": 2}, total_steps=2, world_size=1, device="cpu")
+        except KeyboardInterrupt:
+            events.end("cancelled", "interrupted")
+    written = read_events(tmp_path / EVENTS_FILE).events
+    assert [(r["type"], r.get("status")) for r in written] == [
+        ("start", None),
+        ("end", "cancelled"),
+    ]
