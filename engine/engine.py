@@ -643,6 +643,7 @@ class StaticCacheRows:
 
     def __init__(self, cache: KVCache, bucket: int) -> None:
         self._stored = cache.lengths[:bucket]
+        self.last_tokens = cache.last_tokens[:bucket]
         self.max_len = cache.max_len
         self._k_by_pos = [layer[:bucket].transpose(1, 2) for layer in cache.k]
         self._v_by_pos = [layer[:bucket].transpose(1, 2) for layer in cache.v]
@@ -736,10 +737,11 @@ class _StaticDecoder:
         """Warm the bucket's forward up on a side stream, then capture it.
 
         The warm-up really runs: it writes keys at each row's next position (which the real
-        step overwrites) and advances the device lengths, which are put back afterwards.
+        step overwrites) and advances the device lengths and overwrites the rows' last tokens
+        (GPT's smear gate reads them), which are put back afterwards.
         """
-        lengths = self.cache.lengths
-        saved = lengths.clone()
+        lengths, last_tokens = self.cache.lengths, self.cache.last_tokens
+        saved, saved_tokens = lengths.clone(), last_tokens.clone()
         with torch.cuda.device(self.device):
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -749,12 +751,14 @@ class _StaticDecoder:
                 for _ in range(2):
                     self._forward(size)
                     lengths.copy_(saved)
+                    last_tokens.copy_(saved_tokens)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: an engine worker's other threads may touch CUDA meanwhile.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self._forward(size)
             lengths.copy_(saved)
+            last_tokens.copy_(saved_tokens)
         return graph, out
 
 

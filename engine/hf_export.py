@@ -64,7 +64,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # keeps the same list). A field added to GPTConfig stops the export until both learn it.
 GPT_FIELDS = frozenset(
     {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-     "window_pattern", "model"}
+     "window_pattern", "model", "rotary_base", "qk_scale", "ve_gate_channels", "ve_gate_range",
+     "short_window_divisor", "short_window_multiple", "smear", "backout", "wte_init_std",
+     "value_embed_init", "c_fc_init_scale", "gate_init_max", "resid_lambda_first",
+     "resid_lambda_last", "x0_lambda_first", "x0_lambda_last"}
 )  # fmt: skip
 HYBRID_FIELDS = frozenset(
     {"sequence_len", "vocab_size", "n_layer", "n_embd", "layer_pattern", "n_head", "n_kv_head",
@@ -322,9 +325,10 @@ def _export_gpt(state: dict[str, torch.Tensor], config: Any) -> FamilyExport:
             "tie_word_embeddings": False,
             "nanochat": {
                 "constants": {
-                    "rotary_base": gpt.ROTARY_BASE,
+                    "rotary_base": config.rotary_base,
                     "logit_softcap": gpt.LOGIT_SOFTCAP,
-                    "ve_gate_channels": gpt.VE_GATE_CHANNELS,
+                    "ve_gate_channels": config.ve_gate_channels,
+                    "smear_gate_channels": gpt.SMEAR_GATE_CHANNELS,
                 },
                 "padded_vocab_size": config.padded_vocab_size,
                 "layers": {

@@ -49,7 +49,8 @@ class KVCache:
 
     `lengths` (on the cache's device) is what the model reads; `host_lengths` mirrors it in
     Python so that planning a step (where to write, how far to attend) never waits on the
-    device.
+    device. `last_tokens` holds each row's latest token for models that look one token back
+    outside attention (GPT's smear gate); the model writes it, rows copy it with their keys.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.last_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.host_lengths = [0] * batch_size
         self.max_len = max_len
         self.batch_size = batch_size
@@ -97,6 +99,7 @@ class KVCache:
         if length:
             self.k[:, dst_start:dst_stop, :, :length] = self.k[:, src : src + 1, :, :length]
             self.v[:, dst_start:dst_stop, :, :length] = self.v[:, src : src + 1, :, :length]
+        self.last_tokens[dst_start:dst_stop] = self.last_tokens[src]
         self.lengths[dst_start:dst_stop] = length
         self.host_lengths[dst_start:dst_stop] = [length] * (dst_stop - dst_start)
 
@@ -106,6 +109,7 @@ class KVCache:
         if length:
             self.k[:, dst, :, :length] = self.k[:, src, :, :length]
             self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        self.last_tokens[dst] = self.last_tokens[src]
         self.lengths[dst] = length
         self.host_lengths[dst] = length
 
@@ -132,6 +136,7 @@ class CacheRows:
         self._k_by_pos = [keys.transpose(1, 2) for keys in self._k]
         self._v_by_pos = [values.transpose(1, 2) for values in self._v]
         self.lengths = cache.lengths[start:stop]
+        self.last_tokens = cache.last_tokens[start:stop]
         self.max_len = cache.max_len
         self._end = 0
         self._k_len = self.lengths

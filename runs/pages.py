@@ -173,6 +173,7 @@ def _run_context(request, run: Run) -> dict:
         "samples": selectors.samples_by_step(run),
         "reports": run.reports.all(),
         "config": sorted(run.config.items()),
+        "optimizer_groups": selectors.optimizer_groups(run),
         "follow_up": {k: k in PROGRAMS for k in ("sft", "mid", "rl", "base_eval", "chat_eval")},
         "stage_runs": run.stage_runs.order_by("id"),
         "probes": probes.timeline(run),

@@ -607,6 +607,48 @@ def planned_stages(run: Run) -> list[dict]:
     return [s for s in stages or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
 
 
+MAX_OPTIMIZER_GROUPS = 64
+
+
+def _shown_number(value: object) -> str:
+    """A number from an event file for display ('-' for anything else, never raw text)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "-"
+    return f"{value:.4g}"
+
+
+def optimizer_groups(run: Run) -> list[dict[str, str]]:
+    """The optimizer's param groups as the run's latest start event recorded them (a training
+    program's derived.optimizer.groups: LRs after batch and width scaling, decay, betas or
+    momentum), as display strings: what the run actually used, not just its flags."""
+    data = (
+        RunEvent.objects.filter(run_id=run.pk, type="start")
+        .order_by("-seq")
+        .values_list("data", flat=True)
+        .first()
+    )
+    derived = data.get("derived") if isinstance(data, dict) else None
+    optimizer = derived.get("optimizer") if isinstance(derived, dict) else None
+    groups = optimizer.get("groups") if isinstance(optimizer, dict) else None
+    rows = []
+    for group in (groups if isinstance(groups, list) else [])[:MAX_OPTIMIZER_GROUPS]:
+        if not isinstance(group, dict):
+            continue
+        betas = group.get("betas")
+        if isinstance(betas, list) and len(betas) == 2:
+            extra = "betas " + ", ".join(_shown_number(b) for b in betas)
+        else:
+            extra = f"momentum {_shown_number(group.get('momentum'))}"
+        rows.append({
+            "name": str(group.get("name", ""))[:64],
+            "kind": str(group.get("kind", ""))[:16],
+            "lr": _shown_number(group.get("lr")),
+            "weight_decay": _shown_number(group.get("weight_decay")),
+            "extra": extra,
+        })  # fmt: skip
+    return rows
+
+
 def typical_stage_seconds(run: Run, limit: int = 200) -> dict[str, float]:
     """{stage name: median seconds it took} in earlier succeeded pipelines: those of the same
     preset when they ran that stage, else any pipeline's (the stage estimates of an ETA)."""

@@ -64,16 +64,28 @@ from training.memory import (
     planning_gpu,
 )
 from training.memory import planned_batch as planned_device_batch
-from training.optim import MAX_WEIGHT_DECAY, build_for, lr_flags, recipe_flags, set_schedule
+from training.optim import (
+    MAX_WEIGHT_DECAY,
+    build_for,
+    effective_groups,
+    lr_flags,
+    recipe_flags,
+    set_schedule,
+)
 from training.program import cancel_on_sigterm, program_main
 from training.report import write_section
 from training.runtime import Runtime, maybe_compile, runtime_flags
 from training.scaling import (
     MAX_BATCH_TOKENS,
     MAX_PARAMS,
+    MOMENTUM_SCHEDULES,
     SCHEDULES,
+    WEIGHT_DECAY_SCALINGS,
+    WEIGHT_DECAY_SCHEDULES,
     Horizon,
-    muon_momentum,
+    OptimizerHyperparameters,
+    momentum_at,
+    optimizer_hyperparameters,
     plan_horizon,
     schedule_multiplier,
     weight_decay_at,
@@ -155,8 +167,9 @@ FLAGS = FlagSet(
         Flag(
             "target_param_data_ratio",
             float,
-            10.5,
-            "training tokens per scaling parameter (<= 0: off)",
+            12.0,
+            "training tokens per scaling parameter (<= 0: off; nanochat's 12 since its 2026 "
+            "scaling-law re-run, 10.5 before)",
             min=-1,
             max=1e6,
         ),
@@ -186,11 +199,34 @@ FLAGS = FlagSet(
         Flag(
             "weight_decay",
             float,
-            0.2,
-            "Muon cautious weight decay at d12 (scaled by depth)",
+            0.28,
+            "Muon cautious weight decay at the d12 reference (scaled by weight_decay_scaling)",
             min=0,
             max=MAX_WEIGHT_DECAY,
         ),  # fmt: skip
+        Flag(
+            "weight_decay_scaling",
+            str,
+            "batch_data",
+            "batch_data: x sqrt(batch / 2^19) x (d12's scaling params / the model's) "
+            "(nanochat); depth: x (12 / depth)^2 (before issue 19); none",
+            choices=WEIGHT_DECAY_SCALINGS,
+        ),
+        Flag(
+            "weight_decay_schedule",
+            str,
+            "cosine",
+            "Muon weight decay to 0 over the run: cosine (nanochat) or linear",
+            choices=WEIGHT_DECAY_SCHEDULES,
+        ),
+        Flag(
+            "muon_momentum_schedule",
+            str,
+            "warmdown",
+            "warmdown: 0.85 -> 0.97 over 400 steps, 0.97 -> 0.90 in the LR warmdown "
+            "(nanochat); ramp: 0.85 -> 0.95 over 300 steps",
+            choices=MOMENTUM_SCHEDULES,
+        ),
         Flag("lr_batch_scaling", bool, True, "scale every LR by sqrt(batch / 2^19)"),
         Flag(
             "lr_schedule",
@@ -200,17 +236,38 @@ FLAGS = FlagSet(
             "cosine: warmup, then cosine to final_lr_frac (GPT-2)",
             choices=SCHEDULES,
         ),
-        Flag("warmup_ratio", float, 0.0, "fraction of steps of linear LR warmup", min=0, max=1),
         Flag(
             "warmup_steps",
             int,
-            -1,
-            "cosine schedule: warmup steps (-1: warmup_ratio)",
+            40,
+            "LR warmup steps (nanochat: 40; -1: warmup_ratio of the steps)",
             min=-1,
             max=MAX_STEPS,
         ),
-        Flag("warmdown_ratio", float, 0.5, "fraction of steps of linear LR warmdown", min=0, max=1),
-        Flag("final_lr_frac", float, 0.0, "LR multiplier at the end of the warmdown", min=0, max=1),
+        Flag(
+            "warmup_ratio",
+            float,
+            0.0,
+            "fraction of steps of LR warmup when warmup_steps is -1",
+            min=0,
+            max=1,
+        ),
+        Flag(
+            "warmdown_ratio",
+            float,
+            0.65,
+            "fraction of steps of linear LR warmdown (nanochat: 0.65; 0.5 before)",
+            min=0,
+            max=1,
+        ),
+        Flag(
+            "final_lr_frac",
+            float,
+            0.05,
+            "LR multiplier at the end of the warmdown (nanochat: 0.05; 0 before)",
+            min=0,
+            max=1,
+        ),
         # evaluation, samples, checkpoints
         Flag(
             "eval_every",
@@ -382,6 +439,24 @@ def plan(
     return replace(horizon, grad_accum_steps=horizon.total_batch_size // tokens_per_pass)
 
 
+def hyperparameters(
+    config: dict[str, Any], vocab_size: int, horizon: Horizon
+) -> OptimizerHyperparameters:
+    """The run's LR scale and Muon weight decay (`training.scaling.optimizer_hyperparameters`,
+    the rule every stage shares): D / D_ref is the model's scaling parameters over those of
+    the depth-12 model of the same flags, as nanochat computes it."""
+    params, _ = scaling_params(model_config_for(config, vocab_size))
+    reference, _ = scaling_params(model_config_for(config, vocab_size, depth=12))
+    return optimizer_hyperparameters(
+        total_batch_size=horizon.total_batch_size,
+        weight_decay=config["weight_decay"],
+        lr_batch_scaling=config["lr_batch_scaling"],
+        weight_decay_scaling=config["weight_decay_scaling"],
+        data_ratio=params / reference,
+        depth=config["depth"],
+    )
+
+
 def uses_gpu(config: dict[str, Any]) -> bool:
     """Whether the run is meant for a GPU (a CPU or MPS device is checked where it runs)."""
     return not config["device"].startswith(("cpu", "mps"))
@@ -454,9 +529,10 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
     flops_per_token = model.estimate_flops()
     params = model.num_scaling_params()
     family = registry.family_of(model_config)
-    # Weight decay was tuned at depth 12 and scales like 1/width^2 (width grows with depth).
-    weight_decay = config["weight_decay"] * (12 / config["depth"]) ** 2
-    optimizer = build_for(model, config, weight_decay=weight_decay, lr_scale=horizon.lr_scale)
+    hparams = hyperparameters(config, tokenizer.vocab_size, horizon)
+    weight_decay = hparams.weight_decay
+    optimizer = build_for(model, config, weight_decay=weight_decay, lr_scale=hparams.lr_scale,
+                          compute_dtype=runtime.dtype)  # fmt: skip
     muon = config["optimizer"] == "muon"
 
     state = LoopState()
@@ -499,8 +575,10 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         "model": family.name,
         "scaling_params": family.scaling_params(model_config),
         "tokens_per_param": horizon.tokens / family.scaling_params(model_config),
-        "lr_scale": horizon.lr_scale,
+        "lr_scale": hparams.lr_scale,
         "weight_decay_scaled": weight_decay,
+        # Every group's LR, betas and decay after all scaling: what the run actually used.
+        "optimizer": {**hparams.to_dict(), "groups": effective_groups(optimizer)},
         "dtype": str(runtime.dtype).removeprefix("torch."),
         **{k: str(v) for k, v in paths.items()},
     }
@@ -565,8 +643,9 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
             inputs, targets, next_state = next(batches)
         lr_mult = schedule_multiplier(config, step, total)
         if muon:
-            set_schedule(optimizer, lr_mult=lr_mult, momentum=muon_momentum(step),
-                         weight_decay=weight_decay_at(step, total, weight_decay))  # fmt: skip
+            wd = weight_decay_at(step, total, weight_decay, config["weight_decay_schedule"])
+            set_schedule(optimizer, lr_mult=lr_mult, momentum=momentum_at(config, step, total),
+                         weight_decay=wd)  # fmt: skip
         else:
             set_schedule(optimizer, lr_mult=lr_mult)
         optimizer.step()
@@ -618,6 +697,15 @@ def report_markdown(config: dict, derived: dict, summary: dict) -> str:
         f"({derived['tokens_per_param']:.1f} per parameter)",
         f"- precision: {derived['dtype']}",
     ]
+    optimizer = derived.get("optimizer")
+    if optimizer:
+        lrs = ", ".join(f"{g['name']} {g['lr']:.4g}" for g in optimizer["groups"])
+        lines.append(f"- learning rates (x{optimizer['lr_scale']:.4g} for the batch): {lrs}")
+        if config.get("optimizer", "muon") == "muon":
+            lines.append(
+                f"- Muon weight decay: {optimizer['weight_decay']:.4g} "
+                f"({config['weight_decay']} {optimizer['weight_decay_rule']})"
+            )
     if derived.get("memory"):
         lines.append(f"- memory per process (predicted): {derived['memory']['text']}")
     if summary.get("min_val_bpb") is not None:

@@ -63,6 +63,7 @@ from training.optim import (
     MAX_LR_FRAC,
     MAX_WEIGHT_DECAY,
     build_for,
+    effective_groups,
     lr_flags,
     recipe_flags,
     set_schedule,
@@ -145,7 +146,7 @@ FLAGS = FlagSet(
         ),
         # optimization
         *recipe_flags(),
-        *lr_flags(embedding_lr=0.2),
+        *lr_flags(embedding_lr=0.2, unembedding_lr=0.004),
         Flag("weight_decay", float, 0.0, "Muon cautious weight decay", min=0, max=MAX_WEIGHT_DECAY),
         Flag(
             "init_lr_frac",
@@ -392,9 +393,10 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
     total = plan_steps(config, len(train_task), runtime.world_size)
     per_rank = config["examples_per_step"] // runtime.world_size
 
-    # The recipe the model was trained with (--optimizer): any family's parameter groups.
+    # The recipe the model was trained with (--optimizer): any family's parameter groups. RL's
+    # batch is counted in examples, not tokens, so no batch scaling (nanochat's RL has none).
     optimizer = build_for(model, config, weight_decay=config["weight_decay"],
-                          lr_scale=config["init_lr_frac"])  # fmt: skip
+                          lr_scale=config["init_lr_frac"], compute_dtype=runtime.dtype)  # fmt: skip
     # The LR logged: the matrices' (Muon's), else the first group's (the adamw recipe).
     lr_group = next((g for g in optimizer.param_groups if g["kind"] == "muon"),
                     optimizer.param_groups[0])  # fmt: skip
@@ -408,6 +410,7 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         "train_examples": len(train_task),
         "eval_examples": len(eval_task),
         "examples_per_rank": per_rank,
+        "optimizer": {"lr_scale": config["init_lr_frac"], "groups": effective_groups(optimizer)},
         "dtype": str(runtime.dtype).removeprefix("torch."),
         **{k: str(v) for k, v in paths.items()},
     }

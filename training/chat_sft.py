@@ -7,7 +7,8 @@ Conversations of a task mixture (SmolTalk, MMLU auxiliary train, GSM8K x2, ident
 SimpleSpelling, SpellingBee by default) are rendered in the chat format and packed into rows
 by best fit; the loss counts only the tokens the assistant writes (its replies, tool calls and
 `<|assistant_end|>`), never the user's words, tool outputs or padding. The LR is the base LR
-times `init_lr_frac`, flat, then decaying linearly to 0 over the last 20% of the steps, and
+times `init_lr_frac` (0.8) and the batch scaling base training uses, flat, then decaying
+linearly to 0 over the last half of the steps (nanochat's SFT defaults; 20% before), and
 validation loss / bits per byte on the mixture's test split is measured every `eval_every`
 steps. The result is saved in `<NANOCHAT_HOME>/sft_checkpoints/<tag>` with meta stage "sft".
 The loop is shared with mid-training: see training/finetune.py.
@@ -39,7 +40,9 @@ FLAGS = FlagSet(
     "chat_sft",
     configs="chat_sft",
     description="Supervised fine-tuning of a base or mid checkpoint on a conversation mixture.",
-    flags=finetune_flags(default_mixture=DEFAULT_MIXTURE, init_lr_frac=0.8, stage=STAGE),
+    flags=finetune_flags(
+        default_mixture=DEFAULT_MIXTURE, init_lr_frac=0.8, stage=STAGE, warmdown_ratio=0.5
+    ),
 )
 
 

@@ -16,9 +16,10 @@ source checkpoint with its tokenizer (refusing a tokenizer of another vocabulary
 the evaluations share with it is in training/checkpoints.py), building
 the mixtures with errors that name the flag, planning the number of steps up front (so every
 rank of a torchrun job takes the same number and the LR schedule knows its end), the
-optimizer (the base optimizer with every LR times `init_lr_frac`), the schedule (flat, then a
-linear decay to zero over the last `warmdown_ratio` of the steps), evaluation, checkpoints, the
-report section and the events.
+optimizer (the base optimizer with every LR times `init_lr_frac` and, as in base training,
+times sqrt(batch / 2^19): `training.scaling.optimizer_hyperparameters`), the schedule (an
+optional warmup, flat, then a linear decay to `final_lr_frac` over the last `warmdown_ratio` of
+the steps), evaluation, checkpoints, the report section and the events.
 
 Loss normalisation: a masked batch holds a varying number of supervised tokens, so each
 micro-batch's summed loss is divided by the number of supervised tokens of the whole step
@@ -85,13 +86,19 @@ from training.optim import (
     MAX_LR_FRAC,
     MAX_WEIGHT_DECAY,
     build_for,
+    effective_groups,
     lr_flags,
     recipe_flags,
     set_schedule,
 )
 from training.report import model_lines, write_section
 from training.runtime import Runtime, maybe_compile, runtime_flags
-from training.scaling import MAX_BATCH_TOKENS, lr_multiplier, muon_momentum
+from training.scaling import (
+    MAX_BATCH_TOKENS,
+    lr_multiplier,
+    muon_momentum,
+    optimizer_hyperparameters,
+)
 from training.tasks.registry import parse_mixture
 
 PACKINGS = ("dense", "masked")
@@ -116,7 +123,9 @@ class Stage:
     packing: str  # "dense" (every token) | "masked" (assistant tokens only)
 
 
-def finetune_flags(*, default_mixture: str, init_lr_frac: float, stage: Stage) -> list[Flag]:
+def finetune_flags(
+    *, default_mixture: str, init_lr_frac: float, stage: Stage, warmdown_ratio: float = 0.2
+) -> list[Flag]:
     """The flags of a fine-tuning program (both programs have the same ones, different defaults)."""
     sources = " else ".join(f"<NANOCHAT_HOME>/{s}" for s in stage.source_stages)
     return [
@@ -227,13 +236,21 @@ def finetune_flags(*, default_mixture: str, init_lr_frac: float, stage: Stage) -
             max=MAX_LR_FRAC,
         ),
         Flag(
+            "lr_batch_scaling",
+            bool,
+            True,
+            "scale every LR by sqrt(batch / 2^19), as base training does",
+        ),
+        Flag("warmup_ratio", float, 0.0, "fraction of steps of linear LR warmup", min=0, max=1),
+        Flag(
             "warmdown_ratio",
             float,
-            0.2,
-            "fraction of steps at the end over which the LR decays linearly to 0",
+            warmdown_ratio,
+            "fraction of steps at the end over which the LR decays linearly to final_lr_frac",
             min=0,
             max=1,
         ),
+        Flag("final_lr_frac", float, 0.0, "LR multiplier at the end of the warmdown", min=0, max=1),
         Flag("weight_decay", float, 0.0, "Muon cautious weight decay", min=0, max=MAX_WEIGHT_DECAY),
         # evaluation and checkpoints
         Flag(
@@ -705,9 +722,17 @@ def planning_config(config: dict[str, Any], T: int, world_size: int) -> dict[str
 # ---- training -------------------------------------------------------------------------------
 
 
-def finetune_lr_multiplier(step: int, total: int, warmdown_ratio: float) -> float:
-    """1.0, then a linear decay to 0 over the last `warmdown_ratio` of the steps."""
-    return lr_multiplier(step, total, 0.0, warmdown_ratio, 0.0)
+def finetune_lr_multiplier(
+    step: int,
+    total: int,
+    warmdown_ratio: float,
+    *,
+    warmup_ratio: float = 0.0,
+    final_lr_frac: float = 0.0,
+) -> float:
+    """An optional linear warmup, 1.0, then a linear decay to `final_lr_frac` over the last
+    `warmdown_ratio` of the steps (nanochat's SFT: no warmup, the last half, down to 0)."""
+    return lr_multiplier(step, total, warmup_ratio, warmdown_ratio, final_lr_frac)
 
 
 @torch.no_grad()
@@ -785,9 +810,17 @@ def run_finetune(
     model_tag, checkpoint_dir = resolve_output(config, stage.checkpoints, source.checkpoint_dir)
 
     frac = config["init_lr_frac"]
-    # Every LR of the recipe the flags pick, Muon's groups' or the adamw recipe's, times frac.
+    # Every LR of the recipe the flags pick, Muon's groups' or the adamw recipe's, times frac;
+    # then the batch scaling every stage shares (SFT's decay is taken as given: nanochat's is 0
+    # since pretraining already took its decay to zero).
     lrs = {name: config[name] * frac for name in (*LR_NAMES, "adamw_lr")}
-    optimizer = build_for(model, {**config, **lrs}, weight_decay=config["weight_decay"])
+    hparams = optimizer_hyperparameters(
+        total_batch_size=plan.total_batch_size,
+        weight_decay=config["weight_decay"],
+        lr_batch_scaling=config.get("lr_batch_scaling", True),
+    )
+    optimizer = build_for(model, {**config, **lrs}, weight_decay=hparams.weight_decay,
+                          lr_scale=hparams.lr_scale, compute_dtype=runtime.dtype)  # fmt: skip
     muon = config["optimizer"] == "muon"
     if runtime.master:
         save_tokenizer_copy(tokenizer, checkpoint_dir)
@@ -812,6 +845,8 @@ def run_finetune(
         "total_batch_size": plan.total_batch_size,
         "grad_accum_steps": plan.grad_accum_steps,
         "learning_rates": lrs,
+        # Every group's LR, betas and decay after all scaling: what the run actually used.
+        "optimizer": {**hparams.to_dict(), "groups": effective_groups(optimizer)},
         "dtype": str(runtime.dtype).removeprefix("torch."),
     }
     runtime.print(format_config(config))
@@ -886,7 +921,10 @@ def run_finetune(
             (loss * scale).backward()
             if progress.get("epochs") is not None:
                 epochs_done = progress["epochs"]
-        lr_mult = finetune_lr_multiplier(step, total, config["warmdown_ratio"])
+        lr_mult = finetune_lr_multiplier(
+            step, total, config["warmdown_ratio"], warmup_ratio=config.get("warmup_ratio", 0.0),
+            final_lr_frac=config.get("final_lr_frac", 0.0),
+        )  # fmt: skip
         set_schedule(optimizer, lr_mult=lr_mult, momentum=muon_momentum(step) if muon else None)
         optimizer.step()
         model.zero_grad(set_to_none=True)
@@ -894,7 +932,7 @@ def run_finetune(
         trained_tokens += int(step_tokens)
         mean_loss = runtime.all_reduce_sum(loss_sum).item() / max(step_tokens, 1.0)
         values = reporter.end_step(state, mean_loss, lr_mult)
-        values["train/lr"] = lrs["matrix_lr" if muon else "adamw_lr"] * lr_mult
+        values["train/lr"] = lrs["matrix_lr" if muon else "adamw_lr"] * hparams.lr_scale * lr_mult
         values["train/trained_tokens"] = step_tokens
         values["train/epoch"] = epochs_done
         values.update(model_metrics(model, optimizer))
@@ -940,7 +978,9 @@ def report_markdown(
         f"{derived['total_batch_size']:,} tokens, grad accum {derived['grad_accum_steps']}, "
         f"{summary['epochs']:.2f} epoch(s)",
         f"- supervised tokens: {summary['trained_tokens']:,}",
-        f"- LR fraction of base: {config['init_lr_frac']}, warmdown {config['warmdown_ratio']}",
+        f"- LR fraction of base: {config['init_lr_frac']} "
+        f"(x{derived.get('optimizer', {}).get('lr_scale', 1.0):.4g} for the batch), "
+        f"warmdown {config['warmdown_ratio']}",
         f"- precision: {derived['dtype']}",
     ]
     if summary.get("val_loss") is not None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import weakref
@@ -59,7 +60,12 @@ from torch.utils._pytree import tree_flatten
 from engine import fused_loss
 from engine.models import registry
 from engine.models.base import Family
-from engine.models.gpt import ROTARY_LENGTH_FACTOR, VE_GATE_CHANNELS, GPTConfig, count_params
+from engine.models.gpt import (
+    ROTARY_LENGTH_FACTOR,
+    SMEAR_GATE_CHANNELS,
+    GPTConfig,
+    count_params,
+)
 from training.flags import CONFIGS_DIR
 
 GIB = 2**30
@@ -171,7 +177,7 @@ def _muon_shapes(config: GPTConfig) -> dict[tuple[int, int], int]:
     for layer in range(config.n_layer):
         per_layer = [(c, c), (kv, c), (kv, c), (c, c), (4 * c, c), (c, 4 * c)]
         if config.has_value_embedding(layer):
-            per_layer.append((config.n_kv_head, VE_GATE_CHANNELS))
+            per_layer.append((config.n_kv_head, config.ve_gate_channels))
         for shape in per_layer:
             shapes[shape] = shapes.get(shape, 0) + 1
     return shapes
@@ -181,7 +187,8 @@ def _adamw_numels(config: GPTConfig) -> list[int]:
     """Element counts of the AdamW parameters (each sharded on its own)."""
     counts = count_params(config)
     value_tables = [config.vocab_size * config.kv_dim] * ((config.n_layer + 1) // 2)
-    return [counts["lm_head"], counts["wte"], *value_tables, config.n_layer, config.n_layer]
+    smear = [SMEAR_GATE_CHANNELS, 1] * config.smear + [1] * config.backout
+    return [counts["lm_head"], counts["wte"], *value_tables, config.n_layer, config.n_layer, *smear]
 
 
 def optimizer_bytes(config: GPTConfig, world_size: int = 1) -> int:
@@ -232,7 +239,8 @@ def _layer_bytes(config: GPTConfig, dtype: torch.dtype, value_embedding: bool) -
       MLP: the residual after attention and its rstd (r C + 4), the normed input (a C), relu
       of the hidden layer (4 a C; the square is recomputed in backward);
       value embedding (every other layer): the table's row (4 kv, fp32), the gate twice
-      (sigmoid and its double, a Hkv each) and the gate's input (a 32, under autocast only).
+      (sigmoid and its multiple, a Hkv each) and the gate's input (a ve_gate_channels, under
+      autocast only).
     """
     c, kv = config.n_embd, config.kv_dim
     heads, kv_heads = config.n_head, config.n_kv_head
@@ -245,7 +253,7 @@ def _layer_bytes(config: GPTConfig, dtype: torch.dtype, value_embedding: bool) -
     if value_embedding:
         total += 4 * kv + 2 * a * kv_heads
         if dtype != torch.float32:
-            total += a * VE_GATE_CHANNELS
+            total += a * config.ve_gate_channels
     return total
 
 
@@ -254,10 +262,18 @@ def _stem_bytes(config: GPTConfig, dtype: torch.dtype) -> float:
 
     The token ids (int64, shared by every embedding), the embedding and its norm's rstd
     (4 C + 4), x0 (4 C), the last residual and the final norm's rstd (4 C + 4) and the fused
-    loss's gradient of the hidden states (a C).
+    loss's gradient of the hidden states (a C). The smear gate adds the normed embedding
+    before it (4 C: x0 is the smeared one), its gate's input (a 24: a copy, cast or made
+    contiguous), the sigmoid (a) and the gate (4). Backout keeps the middle layer's output,
+    which the next layer's mix saves anyway -- unless the middle layer is the last one
+    (n_layer <= 2): then the final norm saves the difference and the product its input (4 C).
     """
-    c, r = config.n_embd, 4
-    stem = 8 + (4 * c + 4) + 4 * c + (r * c + 4) + dtype.itemsize * c
+    c, r, a = config.n_embd, 4, dtype.itemsize
+    stem = 8 + (4 * c + 4) + 4 * c + (r * c + 4) + a * c
+    if config.smear:
+        stem += 4 * c + a * SMEAR_GATE_CHANNELS + a + 4
+    if config.backout and config.backout_layer == config.n_layer - 1:
+        stem += r * c
     return stem - r * c
 
 
@@ -852,16 +868,9 @@ def _autocast(dtype: torch.dtype):
 
 
 def probe_model_config(config: GPTConfig, *, layers: int = 3, seq: int = 64, vocab: int = 512):
-    """The shape the CLI probes on a CPU: the same width and heads, few layers, short rows."""
-    return GPTConfig(
-        sequence_len=seq,
-        vocab_size=vocab,
-        n_layer=layers,
-        n_head=config.n_head,
-        n_kv_head=config.n_kv_head,
-        n_embd=config.n_embd,
-        window_pattern=config.window_pattern,
-    )
+    """The shape the CLI probes on a CPU: the same width, heads and behaviour fields (smear,
+    backout, gates...), few layers, short rows."""
+    return dataclasses.replace(config, sequence_len=seq, vocab_size=vocab, n_layer=layers)
 
 
 def profile_ours(config: GPTConfig, dtype: torch.dtype | str = "bf16") -> LayerProfile:

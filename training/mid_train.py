@@ -7,8 +7,8 @@ A base model has only seen plain text. Here conversations of a task mixture (Smo
 auxiliary train, GSM8K, identity, SimpleSpelling, SpellingBee by default) are rendered in the
 chat format and concatenated into one dense token stream, and the model learns every token of
 it -- the special tokens, the turn structure, tool calls and their outputs -- as ordinary
-language modelling. The LR is the base LR times `init_lr_frac` (1.0 by default), flat, then
-decaying linearly to 0 over the last 20% of the steps. The result goes to
+language modelling. The LR is the base LR times `init_lr_frac` (1.0 by default) and the batch
+scaling base training uses, flat, then decaying linearly to 0 over the last 20% of the steps. The result goes to
 `<NANOCHAT_HOME>/mid_checkpoints/<tag>` with meta stage "mid", where SFT looks first. The loop
 is shared with SFT: see training/finetune.py.
 """

@@ -11,16 +11,23 @@ Everything lives in ONE `torch.optim.Optimizer` (`MuonAdamW`) whose param groups
 `group["lr"] = group["initial_lr"] * mult` work the standard way on every group.
 
 Muon step, per group of same-shape matrices (stacked, so the orthogonalization is one batched
-matmul per shape instead of one per matrix):
+matmul per shape instead of one per matrix), as nanochat's optim.py does it (each step that
+came later than SPEC §5 has a group key, and a flag in `recipe_flags`, that turns it off):
   1. Nesterov momentum: buf <- lerp(buf, g, 1 - mu); u = lerp(g, buf, mu).
-  2. Polar Express (`polar_express`): 5 bf16 iterations that map u to the nearest
-     semi-orthogonal matrix (all singular values ~1).
-  3. NorMuon: a running mean (beta2) of the squared update along the smaller dimension gives
-     one second moment per row (tall/square) or column (wide); the update is divided by its
-     square root, then rescaled to keep its Frobenius norm.
-  4. Step lr * max(1, rows/cols)^0.5 (a tall matrix's orthogonal update has smaller entries)
-     with "cautious" decoupled weight decay: p -= lr * (u + wd * p * [u * p > 0]), i.e. the
-     decay only acts where it pushes the same way as the update.
+  2. MuonEq (`equilibrate`, arXiv 2603.28254): every row of u is rescaled to the mean row
+     norm, so the spectrum entering the orthogonalization is better conditioned.
+  3. Polar Express (`polar_express`): 5 iterations, in bf16 or fp32 (`ortho_dtype`: nanochat
+     uses the run's compute dtype), that map u to the nearest semi-orthogonal matrix (all
+     singular values ~1), after dividing by its Frobenius norm x `polar_safety` (1.01).
+  4. Muon+ (`renormalize`, arXiv 2602.21545): the result's Frobenius norm is set to
+     sqrt(min(rows, cols)), that of an exactly semi-orthogonal matrix, correcting for the
+     iteration's under-convergence.
+  5. NorMuon: a running mean (`beta2`, 0.9) of the squared update along the smaller dimension
+     gives one second moment per row (tall/square) or column (wide); the update is divided by
+     its square root, then rescaled to keep its Frobenius norm.
+  6. Step lr * max(1, rows/cols)^0.5 (a tall matrix's orthogonal update has smaller entries)
+     with "cautious" decoupled weight decay: p -= lr * (u + wd * p * [u * p >= 0]), i.e. the
+     decay only acts where it does not push against the update.
 
 Distributed (ZeRO-2): with torch.distributed initialized and world_size > 1, `step()` itself
 averages the gradients (so do NOT wrap the model in DDP), each rank updates only its shard and
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -65,10 +73,13 @@ POLAR_EXPRESS_COEFFS = (
 )
 # The coefficients assume singular values <= 1; bf16 rounding of the Frobenius normalization
 # can overshoot that slightly, and 2% headroom keeps the first (aggressive) step stable.
-POLAR_EXPRESS_SAFETY = 1.02
+# nanochat's current value; SPEC §5 (and this code before issue 19) had 1.02.
+POLAR_EXPRESS_SAFETY = 1.01
 ADAMW_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
-NORMUON_BETA2 = 0.95
+# NorMuon's second-moment decay: nanochat's current 0.9 (SPEC §5: 0.95).
+NORMUON_BETA2 = 0.9
+ORTHO_DTYPES = ("auto", "bf16", "fp32")
 # Adam LRs were tuned at width 768; wider models take proportionally smaller steps.
 ADAM_REFERENCE_WIDTH = 768
 # The resid lambdas scale the whole residual stream at every layer, so a small move has a
@@ -76,6 +87,35 @@ ADAM_REFERENCE_WIDTH = 768
 # beta1 (smoother steps), as in nanochat.
 RESID_LAMBDA_LR_FRACTION = 0.01
 X0_LAMBDA_BETAS = (0.96, 0.95)
+# The smear gate and its lambdas (and the backout lambda), where a GPT has them: nanochat
+# gives them a fixed LR, scaled by nothing.
+SMEAR_LR = 0.2
+# How the AdamW groups of a GPT are set (`adam_groups` flag), per group: (LR source, LR
+# multiplier, scaled by width, betas, weight decay). "nanochat": its current setup_optimizer
+# (per-group betas and small decoupled decays, value embeddings at half the embedding LR);
+# "uniform": SPEC §5 (betas (0.8, 0.95) everywhere but x0, no decay).
+ADAM_GROUPS = ("nanochat", "uniform")
+ADAM_GROUP_RULES: dict[str, dict[str, tuple[str, float, bool, tuple[float, float], float]]] = {
+    "nanochat": {
+        "lm_head": ("unembedding_lr", 1.0, True, (0.8, 0.96), 0.01),
+        "wte": ("embedding_lr", 1.0, True, (0.8, 0.995), 0.001),
+        "value_embeds": ("embedding_lr", 0.5, True, (0.8, 0.995), 0.01),
+        "resid_lambdas": ("scalar_lr", RESID_LAMBDA_LR_FRACTION, False, (0.8, 0.95), 0.05),
+        "x0_lambdas": ("scalar_lr", 1.0, False, X0_LAMBDA_BETAS, 0.0),
+        "smear": ("fixed", SMEAR_LR, False, (0.8, 0.95), 0.0),
+    },
+    "uniform": {
+        "lm_head": ("unembedding_lr", 1.0, True, ADAMW_BETAS, 0.0),
+        "wte": ("embedding_lr", 1.0, True, ADAMW_BETAS, 0.0),
+        "value_embeds": ("embedding_lr", 1.0, True, ADAMW_BETAS, 0.0),
+        "resid_lambdas": ("scalar_lr", RESID_LAMBDA_LR_FRACTION, False, ADAMW_BETAS, 0.0),
+        "x0_lambdas": ("scalar_lr", 1.0, False, X0_LAMBDA_BETAS, 0.0),
+        "smear": ("fixed", SMEAR_LR, False, ADAMW_BETAS, 0.0),
+    },
+}
+# GPT.param_groups() keys the builder knows; any other key is refused (a new parameter kind
+# must get a rule here, never silently no optimizer).
+GPT_GROUP_KEYS = ("wte", "value_embeds", "lm_head", "transformer_matrices", "scalars", "smear")
 # The other families' 1-D parameters (norm gains, biases, gates) take this fraction of the
 # scalar LR (see `build_optimizer`).
 VECTOR_LR_FRACTION = 0.02
@@ -88,16 +128,38 @@ MUON_MOMENTUM = 0.95
 
 Kind = Literal["muon", "adamw"]
 GradReduction = Literal["auto", "reduce_scatter", "all_reduce"]
-_MUON_DEFAULTS = {"momentum": MUON_MOMENTUM, "beta2": NORMUON_BETA2, "weight_decay": 0.0}
+_MUON_DEFAULTS = {
+    "momentum": MUON_MOMENTUM,
+    "beta2": NORMUON_BETA2,
+    "weight_decay": 0.0,
+    "equilibrate": True,
+    "renormalize": True,
+    "polar_safety": POLAR_EXPRESS_SAFETY,
+    "ortho_dtype": "bf16",
+}
+# What a Muon group saved before these keys existed did (SPEC §5): a resumed run keeps its math.
+_MUON_LEGACY = {
+    "equilibrate": False,
+    "renormalize": False,
+    "polar_safety": 1.02,
+    "ortho_dtype": "bf16",
+}
+_ORTHO_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _ADAMW_DEFAULTS = {"betas": ADAMW_BETAS, "eps": ADAMW_EPS, "weight_decay": 0.0}
 
 
-def polar_express(g: torch.Tensor) -> torch.Tensor:
+def polar_express(
+    g: torch.Tensor,
+    *,
+    safety: float = POLAR_EXPRESS_SAFETY,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """The semi-orthogonal factor of each matrix in `g` (..., rows, cols), approximately.
 
-    Normalizes by the Frobenius norm x 1.02 (in fp32), then runs the 5 Polar Express
-    iterations in bf16. A tall matrix is transposed first so the Gram matrix A = X X^T is the
-    small side. Returns g's dtype and shape.
+    Normalizes by the Frobenius norm x `safety` (in fp32), then runs the 5 Polar Express
+    iterations in `dtype` (bf16: fast on a GPU; fp32: what nanochat runs on a CPU). A tall
+    matrix is transposed first so the Gram matrix A = X X^T is the small side. Returns g's
+    dtype and shape.
     """
     if g.dim() < 2:
         raise ValueError(
@@ -108,13 +170,30 @@ def polar_express(g: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     x = x.reshape(-1, *shape[-2:]).float()
     norm = torch.linalg.matrix_norm(x, keepdim=True)
-    x = (x / (norm * POLAR_EXPRESS_SAFETY + 1e-7)).to(torch.bfloat16)
+    x = (x / (norm * safety + 1e-6)).to(dtype)
     for a, b, c in POLAR_EXPRESS_COEFFS:
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, poly, x, beta=a)
     x = x.reshape(shape)
     return (x.mT if tall else x).to(g.dtype)
+
+
+def equilibrate_rows(u: torch.Tensor) -> torch.Tensor:
+    """MuonEq: each row of each matrix in `u` (..., rows, cols) rescaled to the matrix's mean
+    row norm (its Frobenius norm / sqrt(rows)), so no row dominates the orthogonalization."""
+    x = u.float()
+    target = torch.linalg.matrix_norm(x, keepdim=True) / math.sqrt(u.size(-2))
+    row_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)
+    return (x * (target / row_norm)).to(u.dtype)
+
+
+def renormalize(u: torch.Tensor) -> torch.Tensor:
+    """Muon+: each matrix's Frobenius norm set to sqrt(min(rows, cols)), the norm of an exactly
+    semi-orthogonal matrix (5 Polar Express steps leave small singular values below 1)."""
+    target = math.sqrt(min(u.size(-2), u.size(-1)))
+    norm = torch.linalg.matrix_norm(u.float(), keepdim=True).clamp_min(1e-6)
+    return u * (target / norm).to(u.dtype)
 
 
 def _normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -140,20 +219,27 @@ def _muon_update(
     momentum = group["momentum"]
     buf = state["momentum_buffer"]
     buf.lerp_(grads, 1 - momentum)
-    update = polar_express(grads.lerp_(buf, momentum))
+    update = grads.lerp_(buf, momentum)
+    if group["equilibrate"]:
+        update = equilibrate_rows(update)
+    update = polar_express(
+        update, safety=group["polar_safety"], dtype=_ORTHO_TORCH_DTYPES[group["ortho_dtype"]]
+    )
+    if group["renormalize"]:
+        update = renormalize(update)
     update = _normuon(update, state["second_momentum_buffer"], group["beta2"])
     rows, cols = params.shape[-2:]
     lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-    decay = params * ((update * params) > 0) * group["weight_decay"]
+    decay = params * ((update * params) >= 0) * group["weight_decay"]
     params.sub_(lr * (update + decay))
 
 
 def _adamw_update(
     param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
 ) -> None:
-    """One bias-corrected Adam step on a flat slice, in place. The GPT recipe's groups have no
-    weight decay (SPEC §5); the GPT-2 recipe decays its matrices the decoupled AdamW way
-    (p <- p (1 - lr wd) before the Adam step, as torch.optim.AdamW)."""
+    """One bias-corrected Adam step on a flat slice, in place. A group's weight decay is
+    decoupled (p <- p (1 - lr wd) before the Adam step, as torch.optim.AdamW and nanochat):
+    the GPT recipe's per-group decays (`ADAM_GROUP_RULES`) and the GPT-2 recipe's matrices."""
     beta1, beta2 = group["betas"]
     if group["weight_decay"]:
         param.mul_(1 - group["lr"] * group["weight_decay"])
@@ -163,6 +249,19 @@ def _adamw_update(
     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
     param.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+
+
+def _check_muon_group(group: dict[str, Any]) -> None:
+    """Refuse Muon options no step could use, naming the key."""
+    if not 0.0 <= group["beta2"] < 1.0:
+        raise ValueError(f"muon beta2 must be in [0, 1), got {group['beta2']}")
+    if not (math.isfinite(group["polar_safety"]) and group["polar_safety"] >= 1.0):
+        raise ValueError(f"muon polar_safety must be a number >= 1, got {group['polar_safety']}")
+    if group["ortho_dtype"] not in _ORTHO_TORCH_DTYPES:
+        raise ValueError(
+            f"muon ortho_dtype must be one of {sorted(_ORTHO_TORCH_DTYPES)}, "
+            f"got {group['ortho_dtype']!r}"
+        )
 
 
 def _shard(total: int, world: int, rank: int) -> tuple[int, int, int]:
@@ -176,7 +275,8 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon + AdamW over kind-tagged param groups, optionally ZeRO-2 sharded across ranks.
 
     Each group is a dict with `params`, `kind` and `lr`; optional keys default as follows.
-    muon: momentum 0.95, beta2 0.95, weight_decay 0 (all params 2-D, one shape per group).
+    muon: momentum 0.95, beta2 0.9, weight_decay 0, equilibrate True, renormalize True,
+    polar_safety 1.01, ortho_dtype "bf16" (all params 2-D, one shape per group).
     adamw: betas (0.8, 0.95), eps 1e-10. Every group gets `initial_lr` (= lr unless given).
 
     distributed: None = shard when torch.distributed is initialized with world_size > 1;
@@ -238,6 +338,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     "a muon param group must hold matrices (or stacks of them, e.g. a MoE "
                     f"layer's experts) of one shape, got {sorted(shapes)}"
                 )
+        if kind == "muon":
+            _check_muon_group(group)
         group["params"] = params
         super().add_param_group(group)
 
@@ -279,6 +381,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 "same number of processes, each loading its own optim_*_rank<r>.pt"
             )
         super().load_state_dict(state_dict)
+        # torch restores each group's saved keys; a group saved before a Muon key existed
+        # keeps the math it was trained with.
+        for group in self._groups("muon"):
+            for key, value in _MUON_LEGACY.items():
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -518,14 +625,17 @@ def set_schedule(
 
 LR_NAMES = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
 # Upper bounds of the optimizer flags: orders of magnitude above any tuned value (LRs <= 0.5,
-# weight decay <= 0.2), so only typos are refused.
+# weight decay <= 0.3), so only typos are refused.
 MAX_LR = 100.0
 MAX_WEIGHT_DECAY = 10.0
 MAX_LR_FRAC = 10.0  # init_lr_frac: a multiplier of the base LRs
 
 
-def lr_flags(embedding_lr: float = 0.3) -> list[Flag]:
-    """The four learning-rate flags of the programs that train (`build_optimizer`'s LRs)."""
+def lr_flags(embedding_lr: float = 0.3, unembedding_lr: float = 0.008) -> list[Flag]:
+    """The four learning-rate flags of the programs that train (`build_optimizer`'s LRs).
+
+    The defaults are nanochat's base_train ones (its SFT inherits them from pretraining);
+    unembedding_lr was 0.004 before issue 19, as it still is in nanochat's RL."""
     return [
         Flag(
             "embedding_lr",
@@ -535,10 +645,44 @@ def lr_flags(embedding_lr: float = 0.3) -> list[Flag]:
             min=0,
             max=MAX_LR,
         ),
-        Flag("unembedding_lr", float, 0.004, "AdamW LR of the lm_head", min=0, max=MAX_LR),
+        Flag(
+            "unembedding_lr", float, unembedding_lr, "AdamW LR of the lm_head", min=0, max=MAX_LR
+        ),  # fmt: skip
         Flag("matrix_lr", float, 0.02, "Muon LR of the transformer matrices", min=0, max=MAX_LR),
         Flag("scalar_lr", float, 0.5, "AdamW LR of the per-layer scalars", min=0, max=MAX_LR),
     ]
+
+
+@dataclass(frozen=True)
+class MuonOptions:
+    """The Muon step's options beyond LR, momentum and decay (see the module docstring);
+    the defaults are nanochat's current step, each one a flag (`recipe_flags`)."""
+
+    beta2: float = NORMUON_BETA2
+    equilibrate: bool = True
+    renormalize: bool = True
+    polar_safety: float = POLAR_EXPRESS_SAFETY
+    ortho_dtype: str = "bf16"
+
+    def group_keys(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def muon_options_for(config: dict[str, Any], compute_dtype: torch.dtype | None) -> MuonOptions:
+    """A program's `MuonOptions` from its flags; `muon_ortho_dtype` auto resolves to the run's
+    compute dtype (bf16 under bf16 autocast, else fp32), as nanochat does. A config saved
+    before a flag existed gets today's default."""
+    choice = config.get("muon_ortho_dtype", "auto")
+    if choice == "auto":
+        choice = "bf16" if compute_dtype in (None, torch.bfloat16) else "fp32"
+    defaults = MuonOptions()
+    return MuonOptions(
+        beta2=config.get("muon_beta2", defaults.beta2),
+        equilibrate=config.get("muon_equilibrate", defaults.equilibrate),
+        renormalize=config.get("muon_renormalize", defaults.renormalize),
+        polar_safety=config.get("muon_polar_safety", defaults.polar_safety),
+        ortho_dtype=choice,
+    )
 
 
 def build_optimizer(
@@ -550,23 +694,30 @@ def build_optimizer(
     scalar_lr: float,
     weight_decay: float,
     lr_scale: float = 1.0,
+    muon: MuonOptions | None = None,
+    adam_groups: str = "nanochat",
     distributed: bool | None = None,
     grad_reduction: GradReduction = "auto",
     max_grad_norm: float | None = None,
 ) -> MuonAdamW:
-    """The SPEC §5 optimizer for `model`: one Muon group per block-matrix shape, AdamW for the rest.
+    """The SPEC §5 optimizer for `model`, as nanochat sets it up today: one Muon group per
+    block-matrix shape, AdamW for the rest.
 
-    GPT's groups get the LRs below; the other families (whose `param_groups` use the shared
-    names of engine/models/base.py) get the same rule by kind: Muon for `matrices`, AdamW at
-    embedding_lr / unembedding_lr for `embeddings` / `lm_head` (a tied head: the smaller of
-    the two for the shared table), and scalar_lr x VECTOR_LR_FRACTION for `vectors` (norm gains, biases, gates: there are many of them, unlike
+    GPT's AdamW groups follow `ADAM_GROUP_RULES[adam_groups]` (a GPT.param_groups() key the
+    rules do not know is refused, so a new kind of parameter cannot go unoptimized); the other
+    families (whose `param_groups` use the shared names of engine/models/base.py) get the same
+    rule by kind: Muon for `matrices`, AdamW at embedding_lr / unembedding_lr for `embeddings`
+    / `lm_head` (a tied head: the smaller of the two for the shared table), and scalar_lr x
+    VECTOR_LR_FRACTION for `vectors` (norm gains, biases, gates: there are many of them, unlike
     GPT's two scalar vectors, and a full scalar LR on a norm gain diverges).
 
-    lr_scale multiplies every LR (the sqrt(B / B_ref) batch-size scaling). The AdamW LRs of
+    lr_scale multiplies every LR but the smear group's fixed one (the sqrt(B / B_ref)
+    batch-size scaling, `training.scaling.optimizer_hyperparameters`). The AdamW LRs of
     lm_head, wte and value embeddings are also scaled by (n_embd / 768)^-0.5; the scalars are
     not (their effect does not grow with width). weight_decay is Muon's initial decay (each
     step shrinks agreeing weights by lr * wd); change it, the momentum and the LR multiplier
-    per step with `set_schedule`. distributed and grad_reduction: see `MuonAdamW`.
+    per step with `set_schedule`. muon: the Muon step's options (default nanochat's current
+    step). distributed and grad_reduction: see `MuonAdamW`.
     """
     named = {
         "embedding_lr": embedding_lr,
@@ -576,34 +727,46 @@ def build_optimizer(
         "weight_decay": weight_decay,
     }
     _check_lrs(named, lr_scale)
+    if adam_groups not in ADAM_GROUP_RULES:
+        raise ValueError(f"adam_groups must be one of {ADAM_GROUPS}, got {adam_groups!r}")
+    muon_keys = (muon or MuonOptions()).group_keys()
     by_kind = model.param_groups()
     if set(by_kind) == set(GENERIC_GROUPS):
         return _build_generic_muon(
-            model, by_kind, **named, lr_scale=lr_scale, distributed=distributed,
-            grad_reduction=grad_reduction, max_grad_norm=max_grad_norm,
+            model, by_kind, **named, lr_scale=lr_scale, muon_keys=muon_keys,
+            distributed=distributed, grad_reduction=grad_reduction, max_grad_norm=max_grad_norm,
         )  # fmt: skip
+    unknown = sorted(set(by_kind) - set(GPT_GROUP_KEYS))
+    if unknown:
+        raise ValueError(
+            f"the model's parameter group(s) {unknown} have no optimizer rule (known: "
+            f"{', '.join(GPT_GROUP_KEYS)}): add one to training/optim.py's ADAM_GROUP_RULES"
+        )
     if {id(p) for p in by_kind["scalars"]} != {id(model.resid_lambdas), id(model.x0_lambdas)}:
         raise ValueError("expected the model's scalars to be exactly resid_lambdas and x0_lambdas")
     width_scale = (model.config.n_embd / ADAM_REFERENCE_WIDTH) ** -0.5
-    adam_lr = lr_scale * width_scale
-    groups: list[dict[str, Any]] = [
-        {"name": "lm_head", "params": by_kind["lm_head"], "lr": unembedding_lr * adam_lr},
-        {"name": "wte", "params": by_kind["wte"], "lr": embedding_lr * adam_lr},
-        {"name": "value_embeds", "params": by_kind["value_embeds"], "lr": embedding_lr * adam_lr},
-        {
-            "name": "resid_lambdas",
-            "params": [model.resid_lambdas],
-            "lr": scalar_lr * RESID_LAMBDA_LR_FRACTION * lr_scale,
-        },
-        {
-            "name": "x0_lambdas",
-            "params": [model.x0_lambdas],
-            "lr": scalar_lr * lr_scale,
-            "betas": X0_LAMBDA_BETAS,
-        },
-    ]
-    groups = [dict(g, kind="adamw") for g in groups if g["params"]]
-    groups += _muon_groups(by_kind["transformer_matrices"], matrix_lr * lr_scale, weight_decay)
+    params = {
+        "lm_head": by_kind["lm_head"],
+        "wte": by_kind["wte"],
+        "value_embeds": by_kind["value_embeds"],
+        "resid_lambdas": [model.resid_lambdas],
+        "x0_lambdas": [model.x0_lambdas],
+        "smear": by_kind.get("smear", []),
+    }
+    groups: list[dict[str, Any]] = []
+    for name, (source, fraction, width_scaled, betas, decay) in ADAM_GROUP_RULES[
+        adam_groups
+    ].items():
+        if not params[name]:
+            continue
+        lr = fraction if source == "fixed" else named[source] * fraction * lr_scale
+        if width_scaled:
+            lr *= width_scale
+        groups.append({"name": name, "kind": "adamw", "params": params[name], "lr": lr,
+                       "betas": betas, "eps": ADAMW_EPS, "weight_decay": decay})  # fmt: skip
+    groups += _muon_groups(
+        by_kind["transformer_matrices"], matrix_lr * lr_scale, weight_decay, muon_keys
+    )
     return MuonAdamW(
         groups, distributed=distributed, grad_reduction=grad_reduction, max_grad_norm=max_grad_norm
     )
@@ -618,7 +781,10 @@ def _check_lrs(named: dict[str, float], lr_scale: float) -> None:
 
 
 def _muon_groups(
-    matrices: list[torch.nn.Parameter], lr: float, weight_decay: float
+    matrices: list[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    muon_keys: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One Muon group per matrix shape (a MoE layer's expert stack is one 3-D item)."""
     shapes: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
@@ -626,7 +792,7 @@ def _muon_groups(
         shapes.setdefault(tuple(p.shape), []).append(p)
     return [
         {"name": "muon " + "x".join(map(str, shape)), "kind": "muon", "params": params, "lr": lr,
-         "weight_decay": weight_decay}
+         "weight_decay": weight_decay, **(muon_keys or {})}
         for shape, params in shapes.items()
     ]  # fmt: skip
 
@@ -641,6 +807,7 @@ def _build_generic_muon(
     scalar_lr: float,
     weight_decay: float,
     lr_scale: float,
+    muon_keys: dict[str, Any],
     distributed: bool | None,
     grad_reduction: GradReduction,
     max_grad_norm: float | None,
@@ -657,7 +824,7 @@ def _build_generic_muon(
          "lr": scalar_lr * VECTOR_LR_FRACTION * lr_scale},
     ]  # fmt: skip
     groups = [dict(g, kind="adamw") for g in groups if g["params"]]
-    groups += _muon_groups(by_kind["matrices"], matrix_lr * lr_scale, weight_decay)
+    groups += _muon_groups(by_kind["matrices"], matrix_lr * lr_scale, weight_decay, muon_keys)
     return MuonAdamW(
         groups, distributed=distributed, grad_reduction=grad_reduction, max_grad_norm=max_grad_norm
     )
@@ -696,7 +863,10 @@ def build_adamw(
 
 
 def recipe_flags() -> list[Flag]:
-    """The flags that pick the optimizer recipe of a training run (base, mid, SFT)."""
+    """The flags that pick the optimizer recipe of a training run (base, mid, SFT, RL).
+
+    The Muon and AdamW-group flags bring nanochat's current optimizer (issue 19); each
+    default is the new behaviour, and the other value is what SPEC §5 described."""
     return [
         Flag("optimizer", str, "muon", "muon: Muon + AdamW (nanochat); adamw: AdamW on every "
              "parameter (the GPT-2 recipe)", choices=OPTIMIZERS),
@@ -706,15 +876,35 @@ def recipe_flags() -> list[Flag]:
              "and norms get none)", min=0, max=MAX_WEIGHT_DECAY),
         Flag("grad_clip", float, 0.0, "clip the gradients' global norm to this (0: off)", min=0,
              max=1e6),
+        Flag("muon_beta2", float, NORMUON_BETA2, "Muon: decay of NorMuon's per-neuron second "
+             "moment (SPEC §5: 0.95)", min=0, max=0.9999),
+        Flag("muon_equilibrate", bool, True, "Muon: MuonEq, rescale each row of the momentum "
+             "to the mean row norm before orthogonalizing"),
+        Flag("muon_renormalize", bool, True, "Muon: Muon+, set the orthogonalized update's "
+             "norm to sqrt(min(rows, cols))"),
+        Flag("muon_polar_safety", float, POLAR_EXPRESS_SAFETY, "Muon: divide by the Frobenius "
+             "norm times this before Polar Express (SPEC §5: 1.02)", min=1, max=2),
+        Flag("muon_ortho_dtype", str, "auto", "Muon: precision of Polar Express; auto = the "
+             "run's compute dtype (bf16 or fp32), as nanochat (SPEC §5: always bf16)",
+             choices=ORTHO_DTYPES),
+        Flag("adam_groups", str, "nanochat", "GPT's AdamW groups: nanochat (per-group betas "
+             "and small decays, value embeddings at half the embedding LR) or uniform (SPEC "
+             "§5: betas (0.8, 0.95), no decay)", choices=ADAM_GROUPS),
     ]  # fmt: skip
 
 
 def build_for(
-    model: torch.nn.Module, config: dict[str, Any], *, weight_decay: float, lr_scale: float = 1.0
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    *,
+    weight_decay: float,
+    lr_scale: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> MuonAdamW:
     """The optimizer a training program's flags ask for (`recipe_flags` + `lr_flags`).
 
-    weight_decay: Muon's (the program scales it); the adamw recipe uses adamw_weight_decay."""
+    weight_decay: Muon's (the program scales it); the adamw recipe uses adamw_weight_decay.
+    compute_dtype: the run's matmul dtype (what muon_ortho_dtype auto follows)."""
     clip = config.get("grad_clip", 0.0) or None
     if config.get("optimizer", "muon") == "adamw":
         return build_adamw(
@@ -724,5 +914,28 @@ def build_for(
     return build_optimizer(
         model, embedding_lr=config["embedding_lr"], unembedding_lr=config["unembedding_lr"],
         matrix_lr=config["matrix_lr"], scalar_lr=config["scalar_lr"], weight_decay=weight_decay,
-        lr_scale=lr_scale, max_grad_norm=clip,
+        lr_scale=lr_scale, muon=muon_options_for(config, compute_dtype),
+        adam_groups=config.get("adam_groups", "nanochat"), max_grad_norm=clip,
     )  # fmt: skip
+
+
+def effective_groups(optimizer: MuonAdamW) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters as the run starts (for the start event and the
+    log, so a user sees the LRs actually used after every scaling): name, kind, parameters,
+    lr, weight decay, and betas/eps (AdamW) or momentum/beta2 and the Muon options."""
+    rows = []
+    for group in optimizer.param_groups:
+        row = {
+            "name": group.get("name", ""),
+            "kind": group["kind"],
+            "params": sum(p.numel() for p in group["params"]),
+            "lr": group["initial_lr"],
+            "weight_decay": group["weight_decay"],
+        }
+        if group["kind"] == "adamw":
+            row.update(betas=list(group["betas"]), eps=group["eps"])
+        else:
+            row.update(momentum=group["momentum"],
+                       **{key: group[key] for key in MuonOptions.__dataclass_fields__})  # fmt: skip
+        rows.append(row)
+    return rows

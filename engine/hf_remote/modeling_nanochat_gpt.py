@@ -4,11 +4,21 @@
 residual/x0 scalars, no sliding windows and the opposite rotary direction. This file is the
 training code's forward (engine/models/gpt.py) in plain PyTorch:
 
-    x = rmsnorm(wte(ids)); x0 = x
+    e = rmsnorm(wte(ids))
+    x = e + smear_lambda * sigmoid(smear_gate(e[:24])) * e[previous position]   # if smear
+    x0 = x
     per layer i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0
-                 x = x + attn(rmsnorm(x))   # q/k rotary then rmsnorm, GQA, window, value emb.
+                 x = x + attn(rmsnorm(x))   # q/k rotary, rmsnorm * qk_scale, GQA, window,
+                                            # value embedding gated in (0, ve_gate_range)
                  x = x + mlp(rmsnorm(x))    # relu(x)^2
+                 kept = x after layer n_layer // 2                              # if backout
+    x = x - backout_lambda * kept                                               # if backout
     logits = softcap * tanh(lm_head(rmsnorm(x))[:vocab] / softcap)
+
+The smear gate needs each token's previous one: a row's first real token (after left padding
+too) has none and is left alone, and across cached decoding steps the decode state keeps the
+last position's normed embedding. A config lacking a field (exported before it existed) gets
+the value that reproduces the model of then (`LEGACY`), as the training code does.
 
 Norms have no weights and use the dtype's epsilon (`F.rms_norm` without eps), like training.
 Parameter names are the training code's, so the safetensors file is its state dict as is (the
@@ -36,10 +46,21 @@ from .nanochat_site_common import (
 
 # The config fields this code implements. A model exported by a newer training code with
 # fields it does not know is refused rather than run with the wrong math.
+# The init fields (wte_init_std ... x0_lambda_last) only say how the training code starts a
+# model; loading overwrites every weight, so they change nothing here. The window fields are
+# already in the per-layer `window` list, rotary_base and ve_gate_channels in `constants`.
 KNOWN_FIELDS = {
     "sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-    "window_pattern", "model",
+    "window_pattern", "model", "rotary_base", "qk_scale", "ve_gate_channels", "ve_gate_range",
+    "short_window_divisor", "short_window_multiple", "smear", "backout", "wte_init_std",
+    "value_embed_init", "c_fc_init_scale", "gate_init_max", "resid_lambda_first",
+    "resid_lambda_last", "x0_lambda_first", "x0_lambda_last",
 }  # fmt: skip
+# What a field the config lacks meant before it existed (engine/models/gpt.py LEGACY_FIELDS).
+LEGACY = {"qk_scale": 1.0, "ve_gate_range": 2.0, "smear": False, "backout": False}
+# The smear gate's input width and backout's start value, for exports that predate them.
+SMEAR_GATE_CHANNELS = 24
+BACKOUT_LAMBDA_INIT = 0.2
 
 
 class _Arch:
@@ -64,6 +85,14 @@ class _Arch:
         self.rotary_base = constants["rotary_base"]
         self.logit_softcap = constants["logit_softcap"]
         self.ve_gate_channels = constants["ve_gate_channels"]
+        self.smear_gate_channels = constants.get("smear_gate_channels", SMEAR_GATE_CHANNELS)
+        settings = {**LEGACY, **{k: v for k, v in fields.items() if k in LEGACY}}
+        self.qk_scale = float(settings["qk_scale"])
+        self.ve_gate_range = float(settings["ve_gate_range"])
+        self.smear = bool(settings["smear"])
+        self.backout = bool(settings["backout"])
+        # The layer whose output backout subtracts (the middle one).
+        self.backout_layer = self.n_layer // 2
         self.padded_vocab_size = nanochat["padded_vocab_size"]
         layers = nanochat["layers"]
         self.windows = list(layers["window"])
@@ -83,6 +112,8 @@ class NanochatSiteAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = arch.n_head, arch.n_kv_head, arch.head_dim
         self.window = arch.windows[layer_idx]
         self.ve_channels = arch.ve_gate_channels
+        self.ve_range = arch.ve_gate_range
+        self.qk_scale = arch.qk_scale
         self.c_q = nn.Linear(arch.n_embd, arch.n_head * arch.head_dim, bias=False)
         self.c_k = nn.Linear(arch.n_embd, arch.kv_dim, bias=False)
         self.c_v = nn.Linear(arch.n_embd, arch.kv_dim, bias=False)
@@ -100,9 +131,11 @@ class NanochatSiteAttention(nn.Module):
         v = self.c_v(x).view(batch, seq, self.n_kv_head, self.head_dim)
         q = _rms_norm(rotate_halves(q, cos, sin))
         k = _rms_norm(rotate_halves(k, cos, sin))
+        if self.qk_scale != 1.0:
+            q, k = q * self.qk_scale, k * self.qk_scale
         if ve is not None:
-            # One gate per kv head in (0, 2), read from the first channels of the input.
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_channels]))
+            # One gate per kv head in (0, ve_range), read from the first channels of the input.
+            gate = self.ve_range * torch.sigmoid(self.ve_gate(x[..., : self.ve_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(batch, seq, self.n_kv_head, self.head_dim)
         if state is not None:
             k, v = state.append_kv(self.layer_idx, k, v)
@@ -160,6 +193,11 @@ class NanochatSiteGPTForCausalLM(PreTrainedModel, GenerationMixin):
         )
         self.resid_lambdas = nn.Parameter(torch.ones(arch.n_layer))
         self.x0_lambdas = nn.Parameter(torch.full((arch.n_layer,), 0.1))
+        if arch.smear:
+            self.smear_gate = nn.Linear(arch.smear_gate_channels, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if arch.backout:
+            self.backout_lambda = nn.Parameter(torch.full((1,), BACKOUT_LAMBDA_INIT))
         self.post_init()
 
     @classmethod
@@ -206,15 +244,44 @@ class NanochatSiteGPTForCausalLM(PreTrainedModel, GenerationMixin):
         x = _rms_norm(self.transformer.wte(input_ids))
         cos, sin = rotary(positions[:, -seq:], arch.head_dim, arch.rotary_base, x.dtype)
         masks = {w: visible_keys(valid, positions, seq, w) for w in set(arch.windows)}
+        embedded = x
+        if arch.smear:
+            x = self._smear(x, valid, state)
         x0 = x
+        kept = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, masks, state)
+            if arch.backout and i == arch.backout_layer:
+                kept = x
+        if kept is not None:
+            x = x - self.backout_lambda * kept
         if state is not None:
             state.valid, state.positions = valid, positions
+            if arch.smear:
+                state.previous = embedded[:, -1:]
         logits = self.lm_head(_rms_norm(x))[..., : arch.vocab_size].float()
         cap = arch.logit_softcap
         logits = cap * torch.tanh(logits / cap)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return NanochatSiteOutput(loss=loss, logits=logits, cache=state)
+
+    def _smear(self, x, valid, state):
+        """Add to each token lambda * sigmoid(gate(its first channels)) times the previous
+        position's normed embedding, where that position is a real token: a row's first token
+        (at the start or after its left padding) is left alone. The previous position of this
+        step's first token is the decode state's `previous` (the last step's last embedding)."""
+        batch, seq, _ = x.shape
+        past = valid.size(1) - seq
+        if past and state is not None and getattr(state, "previous", None) is not None:
+            first = state.previous.to(x.dtype)
+        else:
+            first = torch.zeros_like(x[:, :1])
+        previous = torch.cat((first, x[:, :-1]), dim=1)
+        # Whether each new position's predecessor is a real token (none before position 0).
+        before = torch.zeros(batch, 1, dtype=torch.bool, device=valid.device)
+        held = torch.cat((before, valid[:, :-1]), dim=1)[:, past:, None]
+        channels = self.arch.smear_gate_channels
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :channels]))
+        return x + gate * previous * held

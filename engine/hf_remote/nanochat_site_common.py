@@ -34,6 +34,7 @@ class DecodeState:
         self.values = {}
         self.conv = {}
         self.recurrent = {}
+        self.previous = None  # (B, 1, C): the last position's normed embedding (smear gate)
         self.valid = None  # (B, L) bool
         self.positions = None  # (B, L) long
 
@@ -83,9 +84,11 @@ def resolve_positions(input_ids, attention_mask, position_ids, state):
 
 def rotary(positions, dim, base, dtype):
     """cos, sin of shape (B, T, 1, dim/2): angle = position * base^(-2i/dim), in fp32 as the
-    training code's tables, then cast to `dtype`."""
+    training code's tables, then cast to `dtype`. The frequencies are rounded as the training
+    code rounds them: base^-e at base 10,000 (every model of that base), 1 / base^e otherwise
+    (one ulp apart, which moves late positions' angles by ~1e-4 rad)."""
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim
-    inv_freq = base**-exponents
+    inv_freq = base**-exponents if base == 10_000 else 1.0 / base**exponents
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos()[:, :, None].to(dtype), angles.sin()[:, :, None].to(dtype)
 

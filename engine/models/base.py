@@ -123,6 +123,9 @@ class Family:
         has a detailed model of the family (GPT: training/memory.py).
     config_from_flags(flags, vocab_size) -> config, from base_train's flag values.
     flags: the base_train flags the family reads beyond the shared ones.
+    legacy_fields: config fields added after the family's first checkpoints were written,
+        with the value that reproduces the model before them: a config dict lacking one (an
+        old checkpoint's meta) gets it (registry.config_from_dict), a new config its default.
     """
 
     name: str
@@ -136,3 +139,4 @@ class Family:
     config_from_flags: Callable[[Mapping[str, Any], int], Any]
     fast_decoder: Callable[[nn.Module, Any], Any] = no_fast_decoder
     flags: tuple[str, ...] = field(default=())
+    legacy_fields: Mapping[str, Any] = field(default_factory=dict)

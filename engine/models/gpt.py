@@ -1,24 +1,34 @@
-"""The GPT model of SPEC §4: one depth dial, a modern small-transformer recipe, no framework.
+"""The GPT model of SPEC §4, brought up to nanochat's model of 2026 (commit 92d63d4).
 
-The shape, in the order the residual stream meets it: token embedding -> RMSNorm (x0); per
-layer x = resid_lambda * x + x0_lambda * x0, then pre-norm attention and pre-norm ReLU² MLP;
-final RMSNorm -> untied lm_head -> fp32 logits soft-capped at ±15. Attention uses rotary
-positions, RMSNorm on queries and keys, grouped-query heads, sliding windows tiled from
-`window_pattern`, and on alternating layers a gated "value embedding" added to v. No norm has
-weights and no linear has a bias, so every parameter is either a 2-D matrix in a block (Muon),
-an embedding table, the lm_head, or a per-layer scalar (AdamW) -- see `param_groups()`.
+The shape, in the order the residual stream meets it: token embedding -> RMSNorm -> the smear
+gate (a learned, gated share of the previous token's normed embedding added to each token's:
+cheap bigram information) = x0; per layer x = resid_lambda * x + x0_lambda * x0, then pre-norm
+attention and pre-norm ReLU² MLP; the residual after the middle layer (n_layer // 2) is kept
+and `backout_lambda` times it subtracted before the final RMSNorm -> untied lm_head -> fp32
+logits soft-capped at ±15. Attention uses rotary positions (base 100,000), RMSNorm on queries
+and keys scaled by 1.2, grouped-query heads, sliding windows tiled from `window_pattern` ("S":
+a quarter of the context rounded up to 128 positions), and on alternating layers a gated
+"value embedding" added to v. No norm has weights and no linear has a bias, so every parameter
+is either a 2-D matrix in a block (Muon), an embedding table, the lm_head, a per-layer scalar
+or one of the smear/backout parameters (AdamW) -- see `param_groups()`.
+
+Every one of those behaviours that changed since SPEC §4 is a `GPTConfig` field whose default
+is the new behaviour; `LEGACY_FIELDS` holds the values that reproduce the model before, which
+a checkpoint written then (its meta lacks the fields) gets when it is loaded
+(engine/models/registry.py `config_from_dict`), so it generates exactly as before.
 
 The same `forward` serves training (targets -> loss), evaluation (logits) and cached
 generation: pass an object following the `KVCache` protocol below and each row of the batch
 continues from its own cached length. `ReferenceKVCache` is the plain implementation the tests
 (and the engine's equivalence check) use; `generate_naive` is the no-cache ground truth. The
 engine decodes with `engine.models.gpt_inference.InferenceForward`, the same math in fewer ops.
+engine/models/nanochat_compat.py maps weights to and from nanochat's own GPT (the parity test).
 
 Training on a CPU is bound by passes over activations more than by matmuls, so the forward
 takes the short ways that give the same numbers: q, k and v from one matmul, rotary on both
 halves of a head at once, relu^2 and the MLP's output projection as one autograd function
 that saves relu(h) only. What a layer saves for backward is budgeted term by term in
-training/memory.py (`_layer_bytes`) and held to that by a test. RMSNorm
+training/memory.py (`_layer_bytes`, `_stem_bytes`) and held to that by a test. RMSNorm
 keeps autograd's own backward on purpose: at init every block is the identity, the true
 gradient of the layer scalars is ~1e-19 and the fp32 one is rounding noise that AdamW turns
 into full-size first updates, so any other (equally exact) backward formula changes the loss
@@ -30,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn as nn
@@ -42,22 +52,52 @@ from engine.kv_cache import KVCache as KVCacheRows
 from engine.models.base import checked_groups, group_counts
 from engine.models.heads import check_forward_args, generate_naive, head_output
 
+# Other families' rotary base (the hybrid's); GPT's is `GPTConfig.rotary_base`.
 ROTARY_BASE = 10_000
 # The rotary table covers 10x the training context so generation can run past it.
 ROTARY_LENGTH_FACTOR = 10
 # Padding the lm_head's output dimension to a multiple of 64 keeps its matmul on fast tile sizes.
 VOCAB_PAD_MULTIPLE = 64
 LOGIT_SOFTCAP = 15.0
-# The value-embedding gate reads only the first 32 channels of the attention input.
-VE_GATE_CHANNELS = 32
-X0_LAMBDA_INIT = 0.1
+# The smear gate reads the first 24 channels of the normed embedding (nanochat's choice).
+SMEAR_GATE_CHANNELS = 24
+# Backout's strength at init; smear's lambda starts at 0 (the gate is closed).
+BACKOUT_LAMBDA_INIT = 0.2
 LossReduction = Literal["mean", "none", "sum"]
 _CONFIG_INTS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+_VALUE_EMBED_INITS = ("uniform", "normal")
+
+# What each field added with nanochat's 2026 model meant before it existed: the model of SPEC
+# §4 as first built. A config dict lacking a field (every checkpoint written before) gets
+# these values (`Family.legacy_fields`); a new GPTConfig gets the dataclass defaults.
+LEGACY_FIELDS: dict[str, Any] = {
+    "rotary_base": 10_000,
+    "qk_scale": 1.0,
+    "ve_gate_channels": 32,
+    "ve_gate_range": 2.0,
+    "short_window_divisor": 2,
+    "short_window_multiple": 1,
+    "smear": False,
+    "backout": False,
+    "wte_init_std": 1.0,
+    "value_embed_init": "normal",
+    "c_fc_init_scale": 1.0,
+    "gate_init_max": 0.0,
+    "resid_lambda_first": 1.0,
+    "resid_lambda_last": 1.0,
+    "x0_lambda_first": 0.1,
+    "x0_lambda_last": 0.1,
+}
 
 
 @dataclass
 class GPTConfig:
-    """Architecture hyperparameters; checkpoints store exactly these fields (`to_dict`)."""
+    """Architecture hyperparameters; checkpoints store exactly these fields (`to_dict`).
+
+    The fields after `model` arrived with nanochat's 2026 model; their defaults are its
+    behaviour, `LEGACY_FIELDS` the values of the model before them. The first eight change
+    what a trained model computes, the last eight only how a new model is initialised.
+    """
 
     sequence_len: int = 2048
     vocab_size: int = 32768
@@ -68,14 +108,57 @@ class GPTConfig:
     window_pattern: str = "SSSL"
     # The family (engine/models registry); checkpoints written before families existed lack it.
     model: str = "gpt"
+    # Rotary angle pos * base^(-2i/head_dim): a larger base turns the slow channels slower.
+    rotary_base: int = 100_000
+    # Queries and keys are multiplied by this after their RMSNorm (sharper attention).
+    qk_scale: float = 1.2
+    # The value-embedding gate reads this many leading channels and ranges over (0, range).
+    ve_gate_channels: int = 12
+    ve_gate_range: float = 3.0
+    # An "S" layer's window: sequence_len // divisor rounded up to a multiple of `multiple`.
+    short_window_divisor: int = 4
+    short_window_multiple: int = 128
+    # The smear gate after the embedding and the backout of the middle layer's residual.
+    smear: bool = True
+    backout: bool = True
+    # Initialisation: wte ~ N(0, wte_init_std); value embeddings "uniform" like c_v or
+    # "normal" N(0, 1); c_fc uniform at c_fc_init_scale x c_q's bound; the value-embedding
+    # and smear gates uniform on [0, gate_init_max] (0: zeros); resid and x0 lambdas linear
+    # from their first layer's value to their last's.
+    wte_init_std: float = 0.8
+    value_embed_init: str = "uniform"
+    c_fc_init_scale: float = 0.4
+    gate_init_max: float = 0.02
+    resid_lambda_first: float = 1.15
+    resid_lambda_last: float = 1.05
+    x0_lambda_first: float = 0.20
+    x0_lambda_last: float = 0.05
 
     def __post_init__(self) -> None:
         if self.model != "gpt":
             raise ValueError(f"model must be 'gpt' for a GPTConfig, got {self.model!r}")
-        for name in _CONFIG_INTS:
+        for name in (*_CONFIG_INTS, "rotary_base", "ve_gate_channels", "short_window_divisor",
+                     "short_window_multiple"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("smear", "backout"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("qk_scale", "ve_gate_range", "wte_init_std", "c_fc_init_scale"):
+            _check_float(self, name, positive=True)
+        for name in ("gate_init_max", "resid_lambda_first", "resid_lambda_last",
+                     "x0_lambda_first", "x0_lambda_last"):  # fmt: skip
+            _check_float(self, name, positive=False)
+        if self.gate_init_max < 0:
+            raise ValueError(f"gate_init_max must be >= 0, got {self.gate_init_max!r}")
+        if self.value_embed_init not in _VALUE_EMBED_INITS:
+            raise ValueError(
+                f"value_embed_init must be one of {', '.join(_VALUE_EMBED_INITS)}, "
+                f"got {self.value_embed_init!r}"
+            )
+        if self.rotary_base < 2:
+            raise ValueError(f"rotary_base must be at least 2, got {self.rotary_base!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head != 0:
@@ -84,16 +167,21 @@ class GPTConfig:
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim}) must be even: rotary rotates pairs")
-        if self.n_embd < VE_GATE_CHANNELS:
+        if self.n_embd < self.ve_gate_channels:
             raise ValueError(
-                f"n_embd ({self.n_embd}) must be at least {VE_GATE_CHANNELS}, "
-                "the channels the value-embedding gate reads"
+                f"n_embd ({self.n_embd}) must be at least {self.ve_gate_channels}, "
+                "the channels the value-embedding gate reads (ve_gate_channels)"
+            )
+        if self.smear and self.n_embd < SMEAR_GATE_CHANNELS:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be at least {SMEAR_GATE_CHANNELS}, "
+                "the channels the smear gate reads"
             )
         pattern = self.window_pattern
         if not isinstance(pattern, str) or not pattern or set(pattern.upper()) - {"L", "S"}:
             raise ValueError(
                 f"window_pattern must be a non-empty string of L (full context) and "
-                f"S (half context) letters, got {pattern!r}"
+                f"S (short window) letters, got {pattern!r}"
             )
         self.window_pattern = pattern.upper()
 
@@ -108,8 +196,11 @@ class GPTConfig:
         head_dim: int = 128,
         n_kv_head: int | None = None,
         window_pattern: str = "SSSL",
+        **fields: Any,
     ) -> GPTConfig:
-        """The config for `depth` layers: width depth*aspect_ratio rounded up to whole heads."""
+        """The config for `depth` layers: width depth*aspect_ratio rounded up to whole heads.
+
+        `fields` sets any other field (e.g. smear=False); the rest keep their defaults."""
         for name, value in (
             ("depth", depth),
             ("aspect_ratio", aspect_ratio),
@@ -127,6 +218,7 @@ class GPTConfig:
             n_kv_head=n_head if n_kv_head is None else n_kv_head,
             n_embd=model_dim,
             window_pattern=window_pattern,
+            **fields,
         )
 
     @property
@@ -141,9 +233,25 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
+    @property
+    def short_window(self) -> int:
+        """An "S" layer's window: sequence_len // short_window_divisor, rounded up to a
+        multiple of short_window_multiple (nanochat: a quarter, up to FA3's 128-position
+        tiles, so 2048 -> 512 and anything up to 512 -> 128; before: half, 2048 -> 1024).
+        It may exceed the context, and then binds only when generating past it."""
+        quotient = self.sequence_len // self.short_window_divisor
+        return -(-quotient // self.short_window_multiple) * self.short_window_multiple
+
+    def short_layers(self) -> int:
+        """How many layers get the short window: the pattern tiled over all but the last layer
+        (always full), counted in closed form so a config of any depth costs the same."""
+        pattern, tiled = self.window_pattern, self.n_layer - 1
+        full, rest = divmod(tiled, len(pattern))
+        return full * pattern.count("S") + pattern[:rest].count("S")
+
     def window_sizes(self) -> list[int]:
         """Per layer, how many earlier positions a query may see (attention's `window`)."""
-        sizes = {"L": self.sequence_len, "S": self.sequence_len // 2}
+        sizes = {"L": self.sequence_len, "S": self.short_window}
         letters = [self.window_pattern[i % len(self.window_pattern)] for i in range(self.n_layer)]
         # The last layer always sees the whole context, whatever the pattern says.
         letters[-1] = "L"
@@ -153,8 +261,27 @@ class GPTConfig:
         """Alternating layers, counted back from the last one, which always has one."""
         return (self.n_layer - 1 - layer) % 2 == 0
 
+    @property
+    def backout_layer(self) -> int:
+        """The layer whose output backout subtracts (nanochat: the middle one)."""
+        return self.n_layer // 2
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_float(config: GPTConfig, name: str, *, positive: bool) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    setattr(config, name, float(value))
+
+
+def smear_param_count(config: GPTConfig) -> int:
+    """The smear gate's weight and lambda plus backout's lambda, those the config has."""
+    return (SMEAR_GATE_CHANNELS + 1) * config.smear + config.backout
 
 
 def count_params(config: GPTConfig) -> dict[str, int]:
@@ -173,8 +300,9 @@ def count_params(config: GPTConfig) -> dict[str, int]:
         "value_embeds": value_embed_layers * config.vocab_size * kv_dim,
         "lm_head": config.padded_vocab_size * n_embd,
         "transformer_matrices": n_layer * block
-        + value_embed_layers * VE_GATE_CHANNELS * config.n_kv_head,
+        + value_embed_layers * config.ve_gate_channels * config.n_kv_head,
         "scalars": 2 * n_layer,
+        "smear": smear_param_count(config),
     }
     counts["total"] = sum(counts.values())
     return counts
@@ -183,14 +311,12 @@ def count_params(config: GPTConfig) -> dict[str, int]:
 def flops_per_token(config: GPTConfig) -> int:
     """`GPT(config).estimate_flops()` in closed form (see there for what is counted)."""
     counts = count_params(config)
-    pattern, layers = config.window_pattern, config.n_layer
-    # window_sizes(): the pattern tiled over the layers, the last layer always full ("L").
-    tiled = layers - 1
-    half = (tiled // len(pattern)) * pattern.count("S") + pattern[: tiled % len(pattern)].count("S")
     seq = config.sequence_len
-    visible_keys = half * (seq // 2) + (layers - half) * seq
+    short = config.short_layers()
+    visible_keys = short * min(config.short_window, seq) + (config.n_layer - short) * seq
     attention_flops = 12 * config.n_head * config.head_dim * visible_keys
-    return 6 * (counts["transformer_matrices"] + counts["lm_head"]) + attention_flops
+    smear_gate = SMEAR_GATE_CHANNELS * config.smear
+    return 6 * (counts["transformer_matrices"] + counts["lm_head"] + smear_gate) + attention_flops
 
 
 class KVCache(Protocol):
@@ -206,10 +332,16 @@ class KVCache(Protocol):
          the layer (positions >= k_len[b] are ignored) and k_len = lengths + T;
       3. calls `advance(T)` once, after the last layer, to commit the new lengths.
     `max_len` (positions per row) must not exceed the model's rotary table.
+
+    A model with the smear gate also needs each row's previous token: `last_tokens` (B,), the
+    token at position lengths[b] - 1 (read only where lengths[b] > 0). The forward reads it
+    first and overwrites it with the last of its T tokens. Caches copying rows (the engine's
+    `replicate`, `move`) copy it with the keys.
     """
 
     max_len: int
     lengths: torch.Tensor
+    last_tokens: torch.Tensor
 
     def insert(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -236,6 +368,7 @@ class ReferenceKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.last_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
 
     @classmethod
@@ -280,6 +413,7 @@ class ReferenceKVCache:
             merged.k[:, rows, : cache.max_len] = cache.k
             merged.v[:, rows, : cache.max_len] = cache.v
             merged.lengths[rows] = cache.lengths
+            merged.last_tokens[rows] = cache.last_tokens
             row = rows.stop
         return merged
 
@@ -307,10 +441,21 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_tables(length: int, head_dim: int, device: torch.device | str | None = None):
-    """(cos, sin), each (length, head_dim // 2) fp32: angle pos * base^(-2i/head_dim)."""
+def rotary_tables(
+    length: int,
+    head_dim: int,
+    device: torch.device | str | None = None,
+    base: int = ROTARY_BASE,
+):
+    """(cos, sin), each (length, head_dim // 2) fp32: angle pos * base^(-2i/head_dim).
+
+    The frequencies are rounded as nanochat rounds them, 1 / base^e, except at base 10,000:
+    every checkpoint of that base was written by the code before, which computed base^-e,
+    and a frequency one ulp off moves late positions' angles by ~1e-4 rad -- enough to change
+    an old model's logits in the last digits, so it keeps its own.
+    """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
-    inv_freq = ROTARY_BASE**-exponents
+    inv_freq = base**-exponents if base == ROTARY_BASE else 1.0 / base**exponents
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -352,8 +497,11 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, config.kv_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.qk_scale = config.qk_scale
+        self.ve_gate_channels = config.ve_gate_channels
+        self.ve_gate_range = config.ve_gate_range
         self.ve_gate = (
-            nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False)
+            nn.Linear(config.ve_gate_channels, config.n_kv_head, bias=False)
             if config.has_value_embedding(layer_idx)
             else None
         )
@@ -396,11 +544,16 @@ class CausalSelfAttention(nn.Module):
         qk, v = qkv.split([qk_dim, qkv.size(-1) - qk_dim], dim=-1)
         # q and k of every head rotated and normalised together (both act per head).
         qk = rms_norm(rotate_halves(qk.view(batch, seq, heads, self.head_dim), cos2, sin2))
+        if self.qk_scale != 1.0:
+            # Before the cast: one rounding. Attention saves the product instead of the norm's
+            # output, so this costs a pass, not memory.
+            qk = qk * self.qk_scale
         q, k = qk.to(dtype).split([self.n_head, self.n_kv_head], dim=2)
         v = v.view(batch, seq, self.n_kv_head, self.head_dim)
         if ve is not None:
-            # One gate per kv head, in (0, 2): zero-initialised weights start it at exactly 1.
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            # One gate per kv head, in (0, ve_gate_range): near-zero weights start it near the
+            # middle of its range (1 for the legacy 2, 1.5 for nanochat's 3).
+            gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))
             ve = ve.view(batch, seq, self.n_kv_head, self.head_dim)
             v = v + (gate.unsqueeze(-1) * ve).to(dtype)
         elif torch.is_grad_enabled():
@@ -503,7 +656,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The model. Built parameters are already initialised per SPEC §4 (`init_weights`)."""
+    """The model. Built parameters are already initialised (`init_weights`)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -524,40 +677,81 @@ class GPT(nn.Module):
             }
         )
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
-        self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), X0_LAMBDA_INIT))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        # Named as nanochat names them, so checkpoints map across by key.
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.full((1,), BACKOUT_LAMBDA_INIT))
         # Derived from the config, so not saved in checkpoints (persistent=False).
-        cos, sin = rotary_tables(config.sequence_len * ROTARY_LENGTH_FACTOR, config.head_dim)
+        cos, sin = rotary_tables(
+            config.sequence_len * ROTARY_LENGTH_FACTOR, config.head_dim, base=config.rotary_base
+        )
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """SPEC §4 init. Call again after building on the meta device and `to_empty`."""
-        # Uniform on ±sqrt(3)/sqrt(n_embd) has standard deviation 1/sqrt(n_embd).
-        bound = math.sqrt(3) / math.sqrt(self.config.n_embd)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
-        for table in self.value_embeds.values():
-            nn.init.normal_(table.weight, mean=0.0, std=1.0)
+        """Initialise every parameter from the config's init fields, in nanochat's order.
+
+        Call again after building on the meta device and `to_empty`. wte ~ N(0,
+        wte_init_std), lm_head ~ N(0, 0.001); c_q, c_k, c_v uniform on ±sqrt(3/n_embd)
+        (standard deviation 1/sqrt(n_embd), no outliers), c_fc on c_fc_init_scale times that;
+        both output projections zero, so every block starts as the identity; the layer
+        scalars on their linear schedules; smear's lambda 0 (closed), backout's 0.2; value
+        embeddings uniform like c_v (or N(0, 1), the legacy init); the gates uniform on
+        [0, gate_init_max], just above neutral.
+        """
+        config = self.config
+        bound = math.sqrt(3) / math.sqrt(config.n_embd)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=config.wte_init_std)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
             attn, mlp = block.attn, block.mlp
-            for linear in (attn.c_q, attn.c_k, attn.c_v, mlp.c_fc):
+            for linear in (attn.c_q, attn.c_k, attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
-            # Zero output projections: every block starts as the identity on the residual.
             nn.init.zeros_(attn.c_proj.weight)
+            fc_bound = bound * config.c_fc_init_scale
+            nn.init.uniform_(mlp.c_fc.weight, -fc_bound, fc_bound)
             nn.init.zeros_(mlp.c_proj.weight)
-            if attn.ve_gate is not None:
-                nn.init.zeros_(attn.ve_gate.weight)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(X0_LAMBDA_INIT)
+        steps = max(config.n_layer - 1, 1)
+        for lambdas, first, last in (
+            (self.resid_lambdas, config.resid_lambda_first, config.resid_lambda_last),
+            (self.x0_lambdas, config.x0_lambda_first, config.x0_lambda_last),
+        ):
+            schedule = [first + (last - first) * i / steps for i in range(config.n_layer)]
+            lambdas.copy_(torch.tensor(schedule, dtype=lambdas.dtype))
+        if config.smear:
+            nn.init.zeros_(self.smear_lambda)
+            self._init_gate(self.smear_gate.weight)
+        if config.backout:
+            nn.init.constant_(self.backout_lambda, BACKOUT_LAMBDA_INIT)
+        for table in self.value_embeds.values():
+            if config.value_embed_init == "uniform":
+                nn.init.uniform_(table.weight, -bound, bound)
+            else:
+                nn.init.normal_(table.weight, mean=0.0, std=1.0)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                self._init_gate(block.attn.ve_gate.weight)
         self.reset_rotary()
+
+    def _init_gate(self, weight: torch.Tensor) -> None:
+        if self.config.gate_init_max > 0:
+            nn.init.uniform_(weight, 0.0, self.config.gate_init_max)
+        else:
+            nn.init.zeros_(weight)
 
     @torch.no_grad()
     def reset_rotary(self) -> None:
         """Recompute the rotary buffers in place (they are not in the state dict)."""
         cos, sin = rotary_tables(
-            self.rotary_cos.size(0), self.config.head_dim, device=self.rotary_cos.device
+            self.rotary_cos.size(0),
+            self.config.head_dim,
+            device=self.rotary_cos.device,
+            base=self.config.rotary_base,
         )
         self.rotary_cos.copy_(cos)
         self.rotary_sin.copy_(sin)
@@ -593,8 +787,10 @@ class GPT(nn.Module):
         """Parameters by kind, the way the optimizer treats them.
 
         transformer_matrices (every parameter in the blocks, all 2-D) go to Muon; wte,
-        value_embeds, lm_head and scalars (resid and x0 lambdas) to AdamW with their own LRs.
-        Keys match `num_scaling_params()`.
+        value_embeds, lm_head, scalars (resid and x0 lambdas) and smear (the smear gate's
+        weight and lambda and backout's lambda, as nanochat groups them: AdamW at a fixed LR
+        of 0.2, betas (0.8, 0.95), no weight decay; empty without smear and backout) to AdamW
+        with their own LRs. Keys match `num_scaling_params()`.
         """
         groups = {
             "wte": [self.transformer.wte.weight],
@@ -602,8 +798,18 @@ class GPT(nn.Module):
             "lm_head": [self.lm_head.weight],
             "transformer_matrices": list(self.transformer.h.parameters()),
             "scalars": [self.resid_lambdas, self.x0_lambdas],
+            "smear": self.smear_params(),
         }
         return checked_groups(self, groups)
+
+    def smear_params(self) -> list[nn.Parameter]:
+        """The smear gate's weight and lambda and backout's lambda, those the config has."""
+        params = []
+        if self.config.smear:
+            params += [self.smear_gate.weight, self.smear_lambda]
+        if self.config.backout:
+            params.append(self.backout_lambda)
+        return params
 
     def num_scaling_params(self) -> dict[str, int]:
         """Parameter counts per group of `param_groups()`, plus their total."""
@@ -612,12 +818,15 @@ class GPT(nn.Module):
     def estimate_flops(self) -> int:
         """Training FLOPs per token at full context (forward + backward).
 
-        6 per weight that takes part in a matmul (2 forward, 4 backward): embedding tables
-        are lookups and the scalars are elementwise, so they are left out. Attention adds
-        12 * heads * head_dim per visible key (QK^T and AV, forward and backward).
+        6 per weight that takes part in a matmul (2 forward, 4 backward): the block matrices,
+        the lm_head and the smear gate, as nanochat counts; embedding tables are lookups and
+        the lambdas are elementwise, so they are left out. Attention adds 12 * heads *
+        head_dim per visible key (QK^T and AV, forward and backward).
         """
         counts = self.num_scaling_params()
-        matmul_params = counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]
+        matmul_params = counts["transformer_matrices"] + counts["lm_head"]
+        if self.config.smear:
+            matmul_params += self.smear_gate.weight.numel()
         seq = self.config.sequence_len
         attention_flops = sum(
             12 * self.config.n_head * self.config.head_dim * min(window, seq)
@@ -638,20 +847,59 @@ class GPT(nn.Module):
         With `kv_cache`, idx holds the next T tokens of every row (see `KVCache`).
         """
         check_forward_args(idx, targets, loss_reduction)
+        config = self.config
         batch, seq = idx.shape
         cos2, sin2 = rotary_halves(*self._rotary_angles(seq, kv_cache))
         x = rms_norm(self.transformer.wte(idx))
+        if config.smear:
+            x = self._smear(x, kv_cache)
         x0 = x
+        backout = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos2, sin2, self.window_sizes[i], kv_cache)
+            if config.backout and i == config.backout_layer:
+                # The next layer's mix saves x for backward anyway: keeping it costs nothing.
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda * backout
         if kv_cache is not None:
+            if config.smear:
+                # Only now that every layer has taken the step: a failed forward leaves the
+                # cache as it was.
+                kv_cache.last_tokens.copy_(idx[:, -1])
             kv_cache.advance(seq)
         return head_output(
             rms_norm(x), targets, loss_reduction, weight=self.lm_head.weight,
             vocab_size=self.config.vocab_size, softcap=LOGIT_SOFTCAP, logits=self._capped_logits,
         )  # fmt: skip
+
+    def _smear(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """Add to each position lambda * sigmoid(gate(its first 24 channels)) times the
+        previous position's normed embedding; a row's first token has none and is left alone.
+
+        With a cache, the previous token of a chunk's first position is the row's
+        `last_tokens` entry (where the row holds any), so a prefill in chunks and one token
+        at a time give what the whole sequence gives.
+        """
+        if kv_cache is None:
+            current = x[:, 1:]
+            gate = self.smear_lambda * torch.sigmoid(
+                self.smear_gate(current[..., :SMEAR_GATE_CHANNELS])
+            )
+            return torch.cat((x[:, :1], current + gate * x[:, :-1]), dim=1)
+        last = getattr(kv_cache, "last_tokens", None)
+        if last is None:
+            raise ValueError(
+                "this model has a smear gate: its KV cache must keep each row's last token "
+                "(last_tokens)"
+            )
+        held = (kv_cache.lengths > 0)[:, None, None]  # a bool factor, promoted in the product
+        first = rms_norm(self.transformer.wte(last))[:, None].to(x.dtype) * held
+        previous = torch.cat((first, x[:, :-1]), dim=1)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
+        return x + gate * previous
 
     def _capped_logits(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the real vocabulary, soft-capped at ±LOGIT_SOFTCAP."""

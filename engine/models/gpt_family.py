@@ -8,10 +8,11 @@ gpt.py would make the two modules import each other.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from engine.models.base import Family
-from engine.models.gpt import GPT, GPTConfig, count_params, flops_per_token
+from engine.models.gpt import GPT, LEGACY_FIELDS, GPTConfig, count_params, flops_per_token
 from engine.models.gpt_inference import lean_decoder
 
 
@@ -47,4 +48,5 @@ FAMILY = Family(
     config_from_flags=config_from_flags,
     fast_decoder=lean_decoder,
     flags=("aspect_ratio", "head_dim", "n_kv_head", "window_pattern"),
+    legacy_fields=MappingProxyType(LEGACY_FIELDS),
 )

@@ -8,9 +8,9 @@ computes with a KV cache -- the same formulas, normalisations and rotations in t
 
 * derived weights (`InferenceWeights`), built once and rebuilt only when a parameter changes:
   q, k, v and the value-embedding gate as one pre-transposed matrix (one matmul per layer
-  instead of four; the gate reads 32 input channels, so its other rows are zero), the MLP's
-  input matrix and the lm_head pre-transposed (a (K, N) row-major matrix makes the 8-row
-  matmul up to 1.6x faster), the layer scalars read once. The copies cost (7 C^2 layers +
+  instead of four; the gate reads the first ve_gate_channels inputs, so its other rows are
+  zero), the MLP's input matrix and the lm_head pre-transposed (a (K, N) row-major matrix
+  makes the 8-row matmul up to 1.6x faster), the layer scalars read once. The copies cost (7 C^2 layers +
   vocab C) floats: 12 MB for the 4-layer bench model, about 1.3 GB at depth 20;
 * rotary tables in "halves" form: with a head viewed as its two halves (2, D/2), rotating it is
   `x * [cos, cos] + flip(x) * [-sin, sin]`, three ops for q and k of all heads together;
@@ -18,7 +18,8 @@ computes with a KV cache -- the same formulas, normalisations and rotations in t
   step needs no mask (the cache is sliced to the window), otherwise one mask per distinct window
   is built and shared by the layers that use it;
 * residual adds fused into the output projections (`addmm`), in-place activations, and logits
-  for the last position only (none at all for a prefill).
+  for the last position only (none at all for a prefill); the smear gate's and backout's
+  work is done on the positions that need it (backout: the last ones only).
 
 It runs in the weights' dtype, which must be fp32 (or fp64): under autocast `addmm` would round
 the residual stream to bf16, so mixed-precision devices keep `GPT.forward`. The tests hold it
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from engine.attention import sdpa, visible_keys
 from engine.common import compute_dtype
-from engine.models.gpt import GPT, LOGIT_SOFTCAP, VE_GATE_CHANNELS, rotary_halves
+from engine.models.gpt import GPT, LOGIT_SOFTCAP, SMEAR_GATE_CHANNELS, rotary_halves
 
 
 def lean_decoder(model: GPT, cache) -> InferenceForward | None:
@@ -56,6 +57,7 @@ class StepKVCache(Protocol):
 
     max_len: int
     lengths: torch.Tensor
+    last_tokens: torch.Tensor
 
     def host_lengths(self) -> list[int]: ...
 
@@ -105,13 +107,22 @@ class InferenceWeights:
             self.rotary_cos, self.rotary_sin = cos2[:, None], sin2[:, None]
             resid = model.resid_lambdas.tolist()
             x0 = model.x0_lambdas.detach().clone()
+            # (C, 1) gate matrix and the 0-d lambda; None without the smear gate.
+            self.smear_gate = self.smear_lambda = self.backout_lambda = None
+            if config.smear:
+                self.smear_gate = model.smear_gate.weight.detach().t().contiguous()
+                self.smear_lambda = model.smear_lambda.detach()[0].clone()
+            if config.backout:
+                self.backout_lambda = model.backout_lambda.detach()[0].clone()
+            self.qk_scale = config.qk_scale
+            self.ve_gate_range = config.ve_gate_range
             self.layers = []
             for i, block in enumerate(model.transformer.h):
                 attn, mlp = block.attn, block.mlp
                 parts = [attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]
                 if attn.ve_gate is not None:
                     gate = attn.ve_gate.weight.new_zeros(config.n_kv_head, config.n_embd)
-                    gate[:, :VE_GATE_CHANNELS] = attn.ve_gate.weight
+                    gate[:, : config.ve_gate_channels] = attn.ve_gate.weight
                     parts.append(gate)
                 self.layers.append(
                     _Layer(
@@ -204,19 +215,24 @@ class InferenceForward:
         eps = w.norm_eps
 
         x = _rms_norm(F.embedding(idx.reshape(-1), w.wte), eps)
+        if w.smear_gate is not None:
+            x = _smear(x.view(batch, seq, -1), w, cache, plan, eps).view(tokens, -1)
         x0 = x
+        backout = None
         for i, layer in enumerate(w.layers):
             x = torch.add(x0 * layer.x0_lambda, x, alpha=layer.resid_lambda)
             qkv = torch.mm(_rms_norm(x, eps), layer.qkv_gate)
             qk = qkv[:, :qk_dim].view(batch, seq, heads, 2, head_dim // 2)
             qk = torch.addcmul(qk * rot_cos, qk.flip(-2), rot_sin)
             qk = _rms_norm(qk.view(batch, seq, heads, head_dim), eps)
+            if w.qk_scale != 1.0:
+                qk.mul_(w.qk_scale)
             v = qkv[:, qk_dim : qk_dim + kv_dim].view(batch, seq, n_kv_head, head_dim)
             if layer.value_embed is not None:
-                # v + gate * ve with gate = 2 sigmoid(.), exactly as CausalSelfAttention does.
+                # v + gate * ve with gate = range sigmoid(.), as CausalSelfAttention does.
                 gate = torch.sigmoid(qkv[:, qk_dim + kv_dim :]).view(batch, seq, n_kv_head, 1)
                 ve = F.embedding(idx, layer.value_embed).view(batch, seq, n_kv_head, head_dim)
-                v = torch.addcmul(v, gate, ve, value=2.0)
+                v = torch.addcmul(v, gate, ve, value=w.ve_gate_range)
             keys, values = cache.write(i, qk[:, :, n_head:], v)
             if keys.dtype != v.dtype:
                 raise ValueError(
@@ -234,10 +250,16 @@ class InferenceForward:
             x = torch.addmm(x, y.transpose(1, 2).reshape(tokens, -1), layer.proj)
             hidden = torch.mm(_rms_norm(x, eps), layer.fc).relu_().square_()
             x = torch.addmm(x, hidden, layer.fc_proj)
+            if i == config.backout_layer and w.backout_lambda is not None:
+                backout = x
+        if w.smear_gate is not None:
+            cache.last_tokens.copy_(idx[:, -1])
         cache.advance(seq)
         if not logits:
             return None
         last = x.view(batch, seq, -1)[:, -1]
+        if backout is not None:
+            last = last - w.backout_lambda * backout.view(batch, seq, -1)[:, -1]
         out = torch.mm(_rms_norm(last, eps), w.lm_head).float()
         return out.div_(w.softcap).tanh_().mul_(w.softcap)
 
@@ -276,6 +298,28 @@ class _StepPlan:
                 plan = (0, self.end, mask, False)
             self._by_window[window] = plan
         return plan
+
+
+def _smear(
+    x: torch.Tensor, w: InferenceWeights, cache: StepKVCache, plan: _StepPlan, eps: torch.Tensor
+) -> torch.Tensor:
+    """`GPT._smear` with a cache, on (B, T, C): each position gains lambda * sigmoid(gate) times
+    the previous token's normed embedding -- the row's cached last token for the first
+    position (none where the row is empty), the chunk's own previous position for the rest."""
+    batch, seq, width = x.shape
+    gate = torch.mm(x.reshape(-1, width)[:, :SMEAR_GATE_CHANNELS], w.smear_gate)
+    gate = torch.sigmoid(gate).mul_(w.smear_lambda).view(batch, seq, 1)
+    if plan.uniform and plan.first == 0:
+        # Fresh rows (a prefill): the first position has nothing before it.
+        out = x.clone()
+        out[:, 1:].addcmul_(gate[:, 1:], x[:, :-1])
+        return out
+    first = _rms_norm(F.embedding(cache.last_tokens, w.wte), eps)
+    if not plan.uniform:
+        # A bool factor (promoted in the product): no separate cast.
+        first = first * (cache.lengths > 0)[:, None]
+    previous = first[:, None] if seq == 1 else torch.cat((first[:, None], x[:, :-1]), dim=1)
+    return torch.addcmul(x, gate, previous)
 
 
 def _rms_norm(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

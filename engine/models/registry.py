@@ -2,7 +2,7 @@
 
 Families are imported on first use, so loading a GPT checkpoint does not import the hybrid's
 kernels. A config dict without `model` is a GPT's: checkpoints written before families existed
-hold exactly GPTConfig's fields.
+hold exactly GPTConfig's fields of then (see `config_from_dict` for the fields added since).
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ def family_of(config: Any) -> Family:
 def config_from_dict(values: Mapping[str, Any]) -> Any:
     """The config object a dict describes (a checkpoint's `model_config`).
 
-    Raises ValueError for an unknown family and TypeError/ValueError for fields the family's
-    config does not take or refuses."""
+    Fields the dict lacks that the family added later (`Family.legacy_fields`) take the value
+    that reproduces the model the dict was written for, not today's default: a checkpoint
+    saved before a field existed loads as the model it was. Raises ValueError for an unknown
+    family and TypeError/ValueError for fields the family's config does not take or refuses."""
     if not isinstance(values, Mapping):
         raise TypeError(f"a model config must be a mapping, got {type(values).__name__}")
     fam = family(values.get("model", DEFAULT))
-    return fam.config_cls(**{**values, "model": fam.name})
+    return fam.config_cls(**{**fam.legacy_fields, **values, "model": fam.name})
 
 
 def build_model(config: Any, device: torch.device | str = "cpu") -> nn.Module:

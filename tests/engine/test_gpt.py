@@ -10,9 +10,12 @@ from engine.common import autocast, autodetect_device, compute_dtype
 from engine.models import heads
 from engine.models.gpt import (
     GPT,
+    LEGACY_FIELDS,
     GPTConfig,
     ReferenceKVCache,
     apply_rotary,
+    count_params,
+    flops_per_token,
     relu_square,
     rms_norm,
     rotary_tables,
@@ -20,6 +23,9 @@ from engine.models.gpt import (
 from engine.models.heads import sample_next_token
 
 VOCAB = 300  # deliberately not a multiple of 64, so the lm_head is padded to 320
+# Short windows of half the context, unrounded (the legacy rule): at the tiny contexts of
+# these tests nanochat's rule (a quarter rounded up to 128) never binds.
+HALF_WINDOWS = dict(short_window_divisor=2, short_window_multiple=1)
 
 
 def tiny_config(**overrides):
@@ -58,10 +64,26 @@ def tokens(batch, seq, seed=0):
         ({"n_head": 4, "n_kv_head": 3}, "divisible by n_kv_head"),
         ({"window_pattern": "SXL"}, "window_pattern"),
         ({"window_pattern": ""}, "window_pattern"),
-        ({"n_embd": 16, "n_head": 1, "n_kv_head": 1}, "at least 32"),
+        ({"n_embd": 16, "n_head": 1, "n_kv_head": 1, **LEGACY_FIELDS}, "at least 32"),
+        ({"n_embd": 16, "n_head": 1, "n_kv_head": 1}, "at least 24, the channels the smear"),
         ({"n_layer": 0}, "n_layer"),
         ({"vocab_size": 30.5}, "vocab_size"),
         ({"n_embd": 66, "n_head": 6, "n_kv_head": 6}, "even"),
+        ({"rotary_base": 1}, "rotary_base"),
+        ({"rotary_base": 1e5}, "rotary_base"),
+        ({"qk_scale": 0}, "qk_scale"),
+        ({"qk_scale": float("nan")}, "qk_scale"),
+        ({"ve_gate_channels": 0}, "ve_gate_channels"),
+        ({"ve_gate_channels": 65}, "at least 65"),
+        ({"ve_gate_range": -3}, "ve_gate_range"),
+        ({"short_window_divisor": 0}, "short_window_divisor"),
+        ({"short_window_multiple": True}, "short_window_multiple"),
+        ({"smear": 1}, "smear must be true or false"),
+        ({"backout": "yes"}, "backout must be true or false"),
+        ({"wte_init_std": float("inf")}, "wte_init_std"),
+        ({"value_embed_init": "xavier"}, "value_embed_init"),
+        ({"gate_init_max": -0.1}, "gate_init_max"),
+        ({"x0_lambda_first": "0.2"}, "x0_lambda_first"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
@@ -86,11 +108,24 @@ def test_from_depth_rounds_width_up_to_whole_heads():
 
 
 def test_window_sizes_tile_the_pattern_and_end_with_full_context():
-    config = tiny_config(n_layer=6, sequence_len=64, window_pattern="SSSL")
+    config = tiny_config(n_layer=6, sequence_len=64, window_pattern="SSSL", **HALF_WINDOWS)
     assert config.window_sizes() == [32, 32, 32, 64, 32, 64]
-    config = tiny_config(n_layer=3, sequence_len=64, window_pattern="S")
+    config = tiny_config(n_layer=3, sequence_len=64, window_pattern="S", **HALF_WINDOWS)
     assert config.window_sizes() == [32, 32, 64]
-    assert GPT(tiny_config(n_layer=3, window_pattern="SL")).window_sizes == [16, 32, 32]
+    model = GPT(tiny_config(n_layer=3, window_pattern="SL", **HALF_WINDOWS))
+    assert model.window_sizes == [16, 32, 32]
+
+
+@pytest.mark.parametrize(
+    ("sequence_len", "short"), [(2048, 512), (1000, 256), (512, 128), (64, 128), (4096, 1024)]
+)
+def test_short_window_is_a_quarter_of_the_context_rounded_up_to_128(sequence_len, short):
+    # nanochat's rule (FA3 tiles of 128 positions); the legacy rule was half, unrounded.
+    config = tiny_config(sequence_len=sequence_len, n_layer=3, window_pattern="SSL")
+    assert config.short_window == short
+    assert config.window_sizes() == [short, short, sequence_len]
+    legacy = tiny_config(sequence_len=sequence_len, **{**LEGACY_FIELDS})
+    assert legacy.short_window == sequence_len // 2
 
 
 @pytest.mark.parametrize(("n_layer", "expected"), [(2, ["1"]), (3, ["0", "2"]), (4, ["1", "3"])])
@@ -131,6 +166,19 @@ def test_rotary_scores_depend_only_on_relative_position():
 
     torch.testing.assert_close(score(7, 3), score(30, 26))
     assert not torch.allclose(score(7, 3), score(7, 4))
+
+
+def test_rotary_base_is_the_configs_and_frequencies_round_as_nanochat_rounds_them():
+    model = tiny_model()
+    assert model.config.rotary_base == 100_000
+    exponents = torch.arange(0, 32, 2, dtype=torch.float32) / 32
+    angles = torch.outer(torch.arange(320, dtype=torch.float32), 1.0 / 100_000**exponents)
+    assert torch.equal(model.rotary_cos, angles.cos())
+    assert torch.equal(model.rotary_sin, angles.sin())
+    # Base 10,000 (every checkpoint written before) keeps the old rounding, base ** -e.
+    legacy = tiny_model(**LEGACY_FIELDS)
+    old_angles = torch.outer(torch.arange(320, dtype=torch.float32), 10_000**-exponents)
+    assert torch.equal(legacy.rotary_cos, old_angles.cos())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -335,10 +383,12 @@ def test_logits_are_softcapped_at_15():
     assert logits.abs().max() > 14.0
 
 
-def test_blocks_are_the_identity_at_init():
-    # Zero output projections make each block a no-op, leaving x = (1 + 0.1 * layers) * x0,
-    # whose RMS norm is x0 itself.
-    model = tiny_model()
+@pytest.mark.parametrize("legacy", [False, True], ids=["new", "legacy"])
+def test_blocks_are_the_identity_at_init(legacy):
+    # Zero output projections make each block a no-op and smear starts closed (lambda 0),
+    # leaving a positive multiple of x0 (less 0.2 x the middle layer's multiple of it, with
+    # backout), whose RMS norm is x0 itself.
+    model = tiny_model(**(LEGACY_FIELDS if legacy else {}))
     idx = tokens(1, 6)
     x0 = rms_norm(model.transformer.wte(idx))
     expected = 15 * torch.tanh(model.lm_head(rms_norm(x0))[..., :VOCAB] / 15)
@@ -358,6 +408,50 @@ def test_bad_forward_arguments_are_rejected():
         model(tokens(1, 321))
 
 
+@torch.no_grad()
+def test_smear_adds_the_gated_previous_embedding_and_backout_subtracts_the_middle_layer():
+    # With zero output projections every block is the identity, so the final hidden state is
+    # known in closed form: x_L = a x0 and x_mid = b x0 (a, b from the layer scalars), where
+    # x0 is the smeared embedding; the logits are the head of norm(x_L - lambda x_mid).
+    model = tiny_model(n_layer=3)
+    model.smear_lambda.fill_(0.7)
+    model.smear_gate.weight.normal_(0, 0.3)
+    model.backout_lambda.fill_(0.4)
+    idx = tokens(2, 9)
+    e = rms_norm(model.transformer.wte(idx))
+    gate = 0.7 * torch.sigmoid(e[..., :24] @ model.smear_gate.weight.t())
+    x0 = e.clone()
+    x0[:, 1:] = e[:, 1:] + gate[:, 1:] * e[:, :-1]
+    x = x0
+    for i in range(3):
+        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        if i == model.config.backout_layer:
+            middle = x
+    hidden = rms_norm(x - 0.4 * middle)
+    expected = 15 * torch.tanh(model.lm_head(hidden)[..., :VOCAB] / 15)
+    torch.testing.assert_close(model(idx), expected)
+    # The first token has no previous one; each later one depends on its predecessor.
+    other = idx.clone()
+    other[:, 3] = (other[:, 3] + 1) % VOCAB
+    changed = (model(other) != model(idx)).any(dim=-1)
+    assert changed[:, :3].sum() == 0 and changed[:, 3:5].all() and changed[:, 5:].sum() == 0
+
+
+def test_qk_scale_and_value_gate_follow_the_config():
+    model = tiny_model(n_layer=1)
+    randomize(model)
+    attn = model.transformer.h[0].attn
+    assert attn.ve_gate.weight.shape == (2, 12) and attn.qk_scale == 1.2
+    legacy = tiny_model(n_layer=1, **LEGACY_FIELDS)
+    assert legacy.transformer.h[0].attn.ve_gate.weight.shape == (2, 32)
+    # The scale sharpens attention: the same weights at scale 1 give other logits.
+    idx = tokens(1, 8)
+    with torch.no_grad():
+        before = model(idx)
+        attn.qk_scale = 1.0
+        assert not torch.allclose(model(idx), before)
+
+
 def test_gqa_model_trains():
     model = tiny_model(n_head=4, n_kv_head=1, window_pattern="SL")
     randomize(model)
@@ -373,24 +467,48 @@ def test_gqa_model_trains():
 
 
 def test_init_statistics():
-    model = GPT(tiny_config(n_embd=128, n_layer=3))
+    # nanochat's init: wte N(0, 0.8), c_fc at 0.4x the bound, value embeddings uniform like
+    # c_v, gates uniform on [0, 0.02], layer scalars on linear schedules, smear closed.
+    model = GPT(tiny_config(n_embd=128, n_layer=3, vocab_size=4096))
     bound = math.sqrt(3) / math.sqrt(128)
-    assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.05
+    assert abs(model.transformer.wte.weight.std().item() - 0.8) < 0.02
     assert abs(model.lm_head.weight.std().item() - 0.001) < 0.0001
     for table in model.value_embeds.values():
-        assert abs(table.weight.std().item() - 1.0) < 0.05
+        assert table.weight.abs().max() <= bound
+        assert abs(table.weight.std().item() - 1 / math.sqrt(128)) < 0.005
     for block in model.transformer.h:
         attn, mlp = block.attn, block.mlp
-        for linear in (attn.c_q, attn.c_k, attn.c_v, mlp.c_fc):
+        for linear in (attn.c_q, attn.c_k, attn.c_v):
             assert linear.weight.abs().max() <= bound
             assert abs(linear.weight.std().item() - 1 / math.sqrt(128)) < 0.01
             assert linear.bias is None
+        assert mlp.c_fc.weight.abs().max() <= 0.4 * bound
+        assert abs(mlp.c_fc.weight.std().item() - 0.4 / math.sqrt(128)) < 0.004
         assert torch.all(attn.c_proj.weight == 0)
         assert torch.all(mlp.c_proj.weight == 0)
         if attn.ve_gate is not None:
-            assert torch.all(attn.ve_gate.weight == 0)
+            gate = attn.ve_gate.weight
+            assert gate.min() >= 0 and 0 < gate.max() <= 0.02
+    gate = model.smear_gate.weight
+    assert gate.shape == (1, 24) and gate.min() >= 0 and 0 < gate.max() <= 0.02
+    assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
+    torch.testing.assert_close(model.resid_lambdas, torch.tensor([1.15, 1.10, 1.05]))
+    torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20, 0.125, 0.05]))
+
+
+def test_legacy_init_statistics():
+    model = GPT(tiny_config(n_embd=128, n_layer=3, vocab_size=4096, **LEGACY_FIELDS))
+    bound = math.sqrt(3) / math.sqrt(128)
+    assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.02
+    for table in model.value_embeds.values():
+        assert abs(table.weight.std().item() - 1.0) < 0.02
+    for block in model.transformer.h:
+        assert block.attn.ve_gate is None or torch.all(block.attn.ve_gate.weight == 0)
+        assert abs(block.mlp.c_fc.weight.std().item() - 1 / math.sqrt(128)) < 0.01
+        assert block.mlp.c_fc.weight.abs().max() <= bound
+    assert not hasattr(model, "smear_gate") and not hasattr(model, "backout_lambda")
     assert torch.all(model.resid_lambdas == 1.0)
-    assert torch.allclose(model.x0_lambdas, torch.full((3,), 0.1))
+    assert torch.equal(model.x0_lambdas, torch.full((3,), 0.1))
 
 
 def test_meta_build_then_init_weights_gives_a_working_model():
@@ -408,16 +526,19 @@ def test_meta_build_then_init_weights_gives_a_working_model():
 # --- parameter accounting ---------------------------------------------------------------------
 
 
-def test_num_scaling_params_and_flops_by_hand():
+@pytest.mark.parametrize("legacy", [False, True], ids=["new", "legacy"])
+def test_num_scaling_params_and_flops_by_hand(legacy):
     # n_layer 2, n_head 2, n_kv_head 1, n_embd 64 -> head_dim 32, kv_dim 32; value embedding
-    # and gate only on layer 1; windows [S, L] = [16, 32].
-    model = GPT(tiny_config(n_kv_head=1))
+    # and gate (12 or, legacy, 32 channels) only on layer 1; windows [S, L]: S = 128 (a
+    # quarter rounded up to 128, so all 32 keys) or, legacy, 16; smear gate and lambdas.
+    model = GPT(tiny_config(n_kv_head=1, **(LEGACY_FIELDS if legacy else {})))
     wte = 300 * 64
     value_embeds = 300 * 32
     lm_head = 320 * 64
     block = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 256 + 256 * 64
-    matrices = 2 * block + 32 * 1
+    matrices = 2 * block + (32 if legacy else 12) * 1
     scalars = 2 * 2
+    smear = 0 if legacy else 24 + 1 + 1
     counts = model.num_scaling_params()
     assert counts == {
         "wte": wte,
@@ -425,17 +546,40 @@ def test_num_scaling_params_and_flops_by_hand():
         "lm_head": lm_head,
         "transformer_matrices": matrices,
         "scalars": scalars,
-        "total": wte + value_embeds + lm_head + matrices + scalars,
+        "smear": smear,
+        "total": wte + value_embeds + lm_head + matrices + scalars + smear,
     }
     assert counts["total"] == sum(p.numel() for p in model.parameters())
-    attention_flops = 12 * 2 * 32 * 16 + 12 * 2 * 32 * 32
-    assert model.estimate_flops() == 6 * (lm_head + matrices) + attention_flops
+    assert count_params(model.config) == counts
+    short = 16 if legacy else 32
+    attention_flops = 12 * 2 * 32 * short + 12 * 2 * 32 * 32
+    smear_gate = 0 if legacy else 24
+    assert model.estimate_flops() == 6 * (lm_head + matrices + smear_gate) + attention_flops
+    assert flops_per_token(model.config) == model.estimate_flops()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(n_layer=7, window_pattern="SSL", sequence_len=1024),
+        dict(n_layer=5, window_pattern="LS", sequence_len=300, smear=False),
+        dict(n_layer=4, window_pattern="S", sequence_len=64, backout=False, **HALF_WINDOWS),
+    ],
+)
+def test_closed_forms_equal_the_built_model(overrides):
+    model = GPT(tiny_config(**overrides))
+    assert count_params(model.config) == model.num_scaling_params()
+    assert flops_per_token(model.config) == model.estimate_flops()
 
 
 def test_param_groups_cover_every_parameter_once():
     model = GPT(tiny_config(n_layer=3))
     groups = model.param_groups()
-    assert set(groups) == {"wte", "value_embeds", "lm_head", "transformer_matrices", "scalars"}
+    assert set(groups) == {
+        "wte", "value_embeds", "lm_head", "transformer_matrices", "scalars", "smear"
+    }  # fmt: skip
+    assert groups["smear"] == [model.smear_gate.weight, model.smear_lambda, model.backout_lambda]
+    assert GPT(tiny_config(**LEGACY_FIELDS)).param_groups()["smear"] == []
     ids = [id(p) for params in groups.values() for p in params]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert all(p.dim() == 2 for p in groups["transformer_matrices"])
@@ -446,17 +590,22 @@ def test_param_groups_cover_every_parameter_once():
 # --- KV cache ---------------------------------------------------------------------------------
 
 
-def kv_model():
+def kv_model(legacy=False):
     # sequence_len 16 makes the S window (8) bind within a few tokens and the L window (16)
     # bind once a row passes 17 tokens, so the cache path is checked against real windows.
-    model = tiny_model(sequence_len=16, n_layer=3, n_head=4, n_kv_head=2, window_pattern="SL")
+    # Random weights everywhere: the smear gate is open and backout non-trivial.
+    fields = LEGACY_FIELDS if legacy else HALF_WINDOWS
+    model = tiny_model(
+        sequence_len=16, n_layer=3, n_head=4, n_kv_head=2, window_pattern="SL", **fields
+    )
     randomize(model)
     return model.eval()
 
 
 @torch.no_grad()
-def test_cached_prefill_chunk_and_decode_equal_full_forward():
-    model = kv_model()
+@pytest.mark.parametrize("legacy", [False, True], ids=["new", "legacy"])
+def test_cached_prefill_chunk_and_decode_equal_full_forward(legacy):
+    model = kv_model(legacy)
     idx = tokens(2, 22)
     full = model(idx)
     cache = ReferenceKVCache.for_model(model, batch_size=2, max_len=24)
@@ -468,6 +617,7 @@ def test_cached_prefill_chunk_and_decode_equal_full_forward():
 
 @torch.no_grad()
 def test_cached_decode_with_rows_of_different_lengths():
+    # Rows of different lengths continue each from its own last token (the smear gate).
     model = kv_model()
     rows = [tokens(1, 5, seed=10)[0], tokens(1, 9, seed=11)[0]]
     continuation = tokens(2, 12, seed=12)
@@ -499,6 +649,20 @@ def test_greedy_cached_generation_matches_generate_naive():
         generated.append(int(next_id))
         logits = model(next_id, kv_cache=cache)
     assert generated == expected
+
+
+@torch.no_grad()
+def test_a_smear_model_refuses_a_cache_without_last_tokens():
+    model = kv_model()
+    cache = ReferenceKVCache.for_model(model, batch_size=1, max_len=8)
+    del cache.last_tokens
+    with pytest.raises(ValueError, match="last_tokens"):
+        model(tokens(1, 3), kv_cache=cache)
+    # The legacy model never reads it.
+    legacy = kv_model(legacy=True)
+    legacy_cache = ReferenceKVCache.for_model(legacy, batch_size=1, max_len=8)
+    del legacy_cache.last_tokens
+    assert legacy(tokens(1, 3), kv_cache=legacy_cache).shape == (1, 3, VOCAB)
 
 
 @torch.no_grad()

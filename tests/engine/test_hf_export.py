@@ -4,7 +4,9 @@ A tiny checkpoint of each family (weights perturbed so no block is the identity)
 loaded with `transformers` -- a test dependency; the product never imports it -- and held to our
 own forward: fp32 logits within 1e-4 on a sequence long enough for GPT's sliding windows to
 bind, and greedy `generate()` equal to ours, cached and uncached, alone and left-padded in a
-batch. The export is imported back and must be the same checkpoint (bit for bit), and chat with
+batch. GPT is held both as nanochat's 2026 model (smear gate, backout, qk scale, value gate,
+rotary base 100k: GPTConfig's defaults) and as the model before it (a config dict lacking those
+fields: every checkpoint written before, held by the committed 2026-12 checkpoint too). The export is imported back and must be the same checkpoint (bit for bit), and chat with
 it must answer exactly as with the original. Refusals name what is wrong.
 """
 
@@ -38,6 +40,7 @@ from engine.hf_export import (
     zip_chunks,
 )
 from engine.hf_import import import_folder
+from engine.models.gpt import GPTConfig
 from engine.models.registry import build_model, config_from_dict
 from engine.tokenizer import Tokenizer
 
@@ -51,8 +54,17 @@ CORPUS = [
     "Größe, naïve café — 東京は晴れ。안녕하세요 세계! 🎉🚀 emoji 👩‍💻 and 12345 numbers.",
     "How many r are in strawberry? Let me count the letters one by one.",
 ]
+_GPT_SHAPE = dict(sequence_len=32, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
 FAMILIES = {
-    "gpt": dict(model="gpt", sequence_len=32, n_layer=3, n_head=4, n_kv_head=2, n_embd=64),
+    # Every field at GPTConfig's default but the short window's rounding (8, not 128), so the
+    # quarter-context windows bind within the test sequences.
+    "gpt": {
+        k: v
+        for k, v in GPTConfig(**_GPT_SHAPE, short_window_multiple=8).to_dict().items()
+        if k != "vocab_size"
+    },
+    # The fields a checkpoint written before nanochat's 2026 model lacks: their legacy values.
+    "gpt-legacy": dict(model="gpt", **_GPT_SHAPE),
     "gpt2": dict(model="gpt2", sequence_len=48, n_layer=2, n_head=4, n_embd=64, d_ff=0),
     "gpt2-nobias": dict(
         model="gpt2", sequence_len=48, n_layer=2, n_head=4, n_embd=64, d_ff=96, bias=False
@@ -78,9 +90,9 @@ FAMILIES = {
         shared_expert_dim=32,
     ),  # fmt: skip
 }
-REMOTE = {"gpt", "hybrid"}
-# Longer than GPT's half-context windows (16) and its training context (32).
-TEST_LENGTH = {"gpt": 45, "gpt2": 40, "gpt2-nobias": 40, "hybrid": 45}
+REMOTE = {"gpt", "gpt-legacy", "hybrid"}
+# Longer than GPT's short windows (8 and 16) and its training context (32).
+TEST_LENGTH = {"gpt": 45, "gpt-legacy": 45, "gpt2": 40, "gpt2-nobias": 40, "hybrid": 45}
 STEP = 7
 
 
@@ -152,6 +164,12 @@ def test_logits_equal_ours_within_1e4(exported, tokenizer):
     theirs = load_hf(folder, name)
     if name.startswith("gpt2"):
         assert type(theirs).__name__ == "GPT2LMHeadModel"
+    if name.startswith("gpt-"):
+        # The legacy model really is the legacy one, the new one the new one.
+        assert (ours.config.smear, ours.config.rotary_base) == (False, 10_000)
+    elif name == "gpt":
+        assert (ours.config.smear, ours.config.backout, ours.config.rotary_base) == (
+            True, True, 100_000)  # fmt: skip
     ids = torch.randint(0, tokenizer.vocab_size, (2, TEST_LENGTH[name]), generator=torch.Generator().manual_seed(1))  # fmt: skip
     with torch.no_grad():
         expected = ours(ids)
@@ -385,6 +403,52 @@ def test_remote_code_knows_exactly_the_fields_the_exporter_allows(module, fields
     assert set(ast.literal_eval(known)) == set(fields)
 
 
+def test_every_gpt_config_field_is_implemented():
+    """A field GPTConfig gained (nanochat's 2026 model) is one the export implements."""
+    assert set(GPTConfig().to_dict()) == set(GPT_FIELDS)
+
+
+def test_cached_steps_carry_the_smear_gate(tokenizer, tmp_path):
+    """transformers' forward fed one token at a time through the decode state gives the
+    logits of the whole sequence at once (and ours): the smear gate's previous token crosses
+    the steps. With the carried embedding dropped, the logits move -- the check can fail."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", "gpt", tokenizer, seed=5)
+    ours, _ = load_model(checkpoint)
+    # A wide-open gate, so the previous token weighs in every logit.
+    with torch.no_grad():
+        ours.smear_lambda.fill_(2.0)
+    save_checkpoint(tmp_path / "ckpt", STEP + 1, model_state=ours.state_dict(),
+                    model_config=ours.config, meta={})  # fmt: skip
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "export", step=STEP + 1)
+    theirs = load_hf(tmp_path / "export", "gpt")
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))  # fmt: skip
+    with torch.no_grad():
+        whole = theirs(ids).logits
+        torch.testing.assert_close(whole, ours(ids), atol=1e-4, rtol=0)
+        out = theirs(ids[:, :7], use_cache=True)
+        steps = [out.logits]
+        for t in range(7, ids.size(1)):
+            state = out.cache
+            out = theirs(ids[:, t : t + 1], cache=state, use_cache=True)
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-4, rtol=0)
+        state = theirs(ids[:, :7], use_cache=True).cache
+        state.previous = None
+        dropped = theirs(ids[:, 7:8], cache=state, use_cache=True).logits
+    assert float((dropped[:, 0] - whole[:, 7]).abs().max()) > 1e-3
+    # Left padding: a row's first real token has no previous one (the padding is not smeared
+    # into it), so a padded row's logits are those of the row alone.
+    pad = 3
+    padded = torch.cat((torch.zeros(2, pad, dtype=ids.dtype), ids[:, :-pad]), dim=1)
+    mask = torch.ones_like(padded)
+    mask[1, :pad] = 0
+    padded[0] = ids[0]
+    with torch.no_grad():
+        logits = theirs(padded, attention_mask=mask).logits
+    torch.testing.assert_close(logits[0], whole[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[1, pad:], whole[1, :-pad], atol=1e-4, rtol=0)
+
+
 # ---- model card, zip, CLI ------------------------------------------------------------------
 
 
@@ -447,11 +511,28 @@ def test_a_checkpoint_saved_without_tokenizer_exports_its_weights(tmp_path):
     config = json.loads((tmp_path / "export" / CONFIG_FILE).read_text())
     assert config["bos_token_id"] is None and config["eos_token_id"] is None
     expected = json.loads((fixture / "expected.json").read_text())
+    assert "smear" not in config["nanochat"]["model_config"] or (
+        config["nanochat"]["model_config"]["smear"] is False
+    )
     model = load_hf(tmp_path / "export", "gpt")
+    assert not hasattr(model, "smear_gate") and not hasattr(model, "backout_lambda")
     with torch.no_grad():
         logits = model(torch.tensor([expected["prompt"]])).logits[0, -1]
+        out = model.generate(
+            torch.tensor([expected["prompt"]]), max_new_tokens=len(expected["greedy"]),
+            do_sample=False, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
     torch.testing.assert_close(logits, torch.tensor(expected["last_logits"]), atol=1e-4, rtol=0)
+    ours, _ = load_model(fixture)
+    assert out[0, len(expected["prompt"]) :].tolist() == expected["greedy"]
+    assert expected["greedy"] == list(
+        ours.generate_naive(expected["prompt"], len(expected["greedy"]))
+    )
     assert not import_folder(tmp_path / "export", tmp_path / "back").has_tokenizer
+    back, _ = load_model(tmp_path / "back")
+    assert back.config == ours.config
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
 
 
 def test_tokenizer_eos_follows_the_stage_and_context_is_recorded(tokenizer, tmp_path):

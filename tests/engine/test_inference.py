@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.kv_cache import KVCache
-from engine.models.gpt import GPT, GPTConfig
+from engine.models.gpt import GPT, LEGACY_FIELDS, GPTConfig
 from engine.models.gpt_inference import InferenceForward
 
 VOCAB = 300
@@ -23,11 +23,12 @@ def one_thread():
 
 
 def make_model(seed=0, **overrides):
-    """GQA, and sequence_len 16 so the S window (8) binds within a few tokens and the L window
-    (16) once a row passes 17; every weight non-trivial (at init the zero projections would
-    make every block the identity)."""
+    """GQA, and sequence_len 16 so the S window (8: half the context, unrounded) binds within
+    a few tokens and the L window (16) once a row passes 17; every weight non-trivial (at init
+    the zero projections would make every block the identity, and smear would be closed)."""
     fields = dict(sequence_len=16, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2,
-                  n_embd=64, window_pattern="SL")  # fmt: skip
+                  n_embd=64, window_pattern="SL", short_window_divisor=2,
+                  short_window_multiple=1)  # fmt: skip
     fields.update(overrides)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**fields))
@@ -45,8 +46,9 @@ def tokens(batch, seq, seed=0):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def test_prefill_chunks_and_decode_with_equal_lengths_match_gpt_forward():
-    model = make_model()
+@pytest.mark.parametrize("fields", [{}, LEGACY_FIELDS], ids=["new", "legacy"])
+def test_prefill_chunks_and_decode_with_equal_lengths_match_gpt_forward(fields):
+    model = make_model(**fields)
     with torch.inference_mode():
         check_equal_lengths(model)
 
@@ -72,8 +74,12 @@ def test_a_model_built_under_inference_mode_works_too():
         check_equal_lengths(make_model())
 
 
-def test_rows_of_different_lengths_match_gpt_forward():
-    model = make_model(seed=3)
+@pytest.mark.parametrize("fields", [{}, LEGACY_FIELDS], ids=["new", "legacy"])
+def test_rows_of_different_lengths_match_gpt_forward(fields):
+    # Each row's first decoded token is smeared with that row's own last prompt token (rows
+    # of 5, 12 and 1 cached tokens decode together, so the smear's previous token differs
+    # per row and the prefill of the one-token prompt has nothing before it).
+    model = make_model(seed=3, **fields)
     lean = InferenceForward(model)
     prompts = [tokens(1, 5, seed=10), tokens(1, 12, seed=11), tokens(1, 1, seed=12)]
     continuation = tokens(3, 10, seed=13)
@@ -89,7 +95,17 @@ def test_rows_of_different_lengths_match_gpt_forward():
             torch.testing.assert_close(decoded[row], full[0, prompt.size(1) :], **TOLERANCE)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 4, "window_pattern": "L"}, {"n_layer": 1}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"n_kv_head": 4, "window_pattern": "L"},
+        {"n_layer": 1},
+        {"smear": False},
+        {"backout": False, "qk_scale": 1.0},
+        LEGACY_FIELDS,
+    ],
+)
 def test_greedy_decoding_reproduces_generate_naive(overrides):
     model = make_model(seed=5, **overrides)
     lean = InferenceForward(model)

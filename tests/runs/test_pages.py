@@ -185,6 +185,29 @@ def test_run_detail_shows_everything_about_the_run(signed_in, finished_run):
     assert 'id="retry-run"' in html and 'id="cancel-run"' not in html
 
 
+def test_run_detail_shows_the_optimizer_groups_the_run_started_with(signed_in, finished_run):
+    # What base_train records in its start event (derived.optimizer): LRs after scaling.
+    groups = [
+        {"name": "lm_head", "kind": "adamw", "lr": 0.000707, "weight_decay": 0.01,
+         "betas": [0.8, 0.96]},
+        {"name": "muon 256x256", "kind": "muon", "lr": 0.00176776, "weight_decay": 0.43,
+         "momentum": 0.95},
+        {"name": "<b>odd</b>", "kind": "adamw", "lr": "0.1; DROP", "weight_decay": "Infinity",
+         "betas": "x"},
+        "not a group",
+    ]  # fmt: skip
+    start = finished_run.events.get(type="start")
+    start.data = {"config": {}, "derived": {"optimizer": {"lr_scale": 0.088, "groups": groups}}}
+    start.save(update_fields=["data"])
+    html = signed_in.get(reverse("run-detail", args=[finished_run.pk])).content.decode()
+    table = html[html.index('id="optimizer-groups"') :]
+    assert "lm_head" in table and "0.000707" in table and "betas 0.8, 0.96" in table
+    assert "muon 256x256" in table and "0.001768" in table and "momentum 0.95" in table
+    # Whatever a run wrote is shown as numbers or "-", and escaped.
+    assert "DROP" not in table and "<b>odd</b>" not in table and "&lt;b&gt;odd" in table
+    assert "not a group" not in table
+
+
 def test_run_detail_buttons_follow_status_and_ownership(client, alice, bob, make_run):
     running = make_run(alice, Status.RUNNING)
     client.force_login(alice)

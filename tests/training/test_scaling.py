@@ -14,8 +14,12 @@ from training.scaling import (
     B_REF,
     auto_batch_size,
     lr_multiplier,
+    momentum_at,
     muon_momentum,
+    optimizer_hyperparameters,
     plan_horizon,
+    schedule_multiplier,
+    warmdown_momentum,
     weight_decay_at,
 )
 
@@ -85,6 +89,63 @@ def test_momentum_ramp_and_weight_decay_decay():
     assert weight_decay_at(0, 100, 0.2) == 0.2
     assert weight_decay_at(50, 100, 0.2) == pytest.approx(0.1)
     assert weight_decay_at(100, 100, 0.2) == 0.0
+
+
+def test_nanochat_schedules_warmup_steps_warmdown_momentum_and_cosine_decay():
+    # nanochat's base_train defaults: 40 warmup steps, warmdown over the last 65% to 5%.
+    config = {"warmup_steps": 40, "warmup_ratio": 0.0, "warmdown_ratio": 0.65,
+              "final_lr_frac": 0.05}  # fmt: skip
+    mults = [schedule_multiplier(config, s, 1000) for s in range(1000)]
+    assert mults[0] == pytest.approx(1 / 40) and mults[39] == pytest.approx(1.0)
+    assert all(m == 1.0 for m in mults[40:351])
+    assert mults[350] == 1.0 and mults[351] < 1.0
+    assert mults[999] == pytest.approx(1 / 650 + (649 / 650) * 0.05)
+    # The warmup wins where it overlaps the warmdown (a 30-step run never reaches its peak).
+    assert schedule_multiplier(config, 29, 30) == pytest.approx(30 / 40)
+    # -1: warmup_ratio of the steps, as before.
+    assert schedule_multiplier({**config, "warmup_steps": -1, "warmup_ratio": 0.1}, 9, 1000) == (
+        pytest.approx(10 / 100))  # fmt: skip
+    # Momentum: 0.85 -> 0.97 over 400 steps, flat, then 0.97 -> 0.90 through the warmdown.
+    assert warmdown_momentum(0, 2000, 0.65) == pytest.approx(0.85)
+    assert warmdown_momentum(200, 2000, 0.65) == pytest.approx(0.91)
+    assert warmdown_momentum(400, 2000, 0.65) == warmdown_momentum(699, 2000, 0.65) == 0.97
+    assert warmdown_momentum(700, 2000, 0.65) == pytest.approx(0.97)
+    assert warmdown_momentum(1350, 2000, 0.65) == pytest.approx(0.935)
+    assert warmdown_momentum(1999, 2000, 0.65) == pytest.approx(0.90, abs=1e-4)
+    # In a short run the ramp is never done and the warmdown never lowers it (nanochat's order).
+    assert warmdown_momentum(299, 300, 0.65) == pytest.approx(0.85 + 0.12 * 299 / 400)
+    assert momentum_at({"muon_momentum_schedule": "ramp", "warmdown_ratio": 0.65}, 150, 300) == (
+        pytest.approx(0.90))  # fmt: skip
+    assert weight_decay_at(0, 100, 0.4, "cosine") == pytest.approx(0.4)
+    assert weight_decay_at(50, 100, 0.4, "cosine") == pytest.approx(0.2)
+    assert weight_decay_at(25, 100, 0.4, "cosine") == pytest.approx(0.2 * (1 + math.sqrt(0.5)))
+    assert weight_decay_at(100, 100, 0.4, "cosine") == pytest.approx(0.0)
+
+
+def test_optimizer_hyperparameters_scale_lr_with_batch_and_decay_with_batch_and_data():
+    # The side-by-side shape: depth 4, 8192-token vocabulary, 4096 tokens per step.
+    config = {**base_train.FLAGS.defaults(), "depth": 4, "head_dim": 64, "max_seq_len": 256,
+              "window_pattern": "L", "total_batch_size": 4096, "num_iterations": 300}  # fmt: skip
+    horizon = base_train.plan(config, 8192, 1, check_memory=False)
+    hp = base_train.hyperparameters(config, 8192, horizon)
+    assert hp.lr_scale == pytest.approx(0.0884, abs=1e-4)
+    assert hp.weight_decay == pytest.approx(0.43, abs=0.005)
+    # The rule by itself: wd x sqrt(B / B_ref) / (D / D_ref); lr x sqrt(B / B_ref).
+    hp = optimizer_hyperparameters(total_batch_size=B_REF // 4, weight_decay=0.28,
+                                   weight_decay_scaling="batch_data", data_ratio=2.0)  # fmt: skip
+    assert (hp.lr_scale, hp.weight_decay) == (pytest.approx(0.5), pytest.approx(0.07))
+    assert "nanochat" in hp.weight_decay_rule
+    old = optimizer_hyperparameters(total_batch_size=4096, weight_decay=0.2,
+                                    lr_batch_scaling=False, weight_decay_scaling="depth",
+                                    depth=4)  # fmt: skip
+    assert (old.lr_scale, old.weight_decay) == (1.0, pytest.approx(1.8))
+    same = optimizer_hyperparameters(total_batch_size=B_REF, weight_decay=0.1)
+    assert (same.lr_scale, same.weight_decay) == (1.0, 0.1)
+    with pytest.raises(ValueError, match="weight_decay_scaling"):
+        optimizer_hyperparameters(total_batch_size=4096, weight_decay=0.1,
+                                  weight_decay_scaling="width")  # fmt: skip
+    with pytest.raises(ValueError, match="total_batch_size"):
+        optimizer_hyperparameters(total_batch_size=0, weight_decay=0.1)
 
 
 # ---- model sizes from formulas ------------------------------------------------------------
