@@ -394,9 +394,10 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
     per_rank = config["examples_per_step"] // runtime.world_size
 
     # The recipe the model was trained with (--optimizer): any family's parameter groups. RL's
-    # batch is counted in examples, not tokens, so no batch scaling (nanochat's RL has none).
+    # batch is counted in examples, not tokens, so no batch scaling (nanochat's RL has none);
+    # every LR, the smear group's fixed one included, is init_lr_frac of the base's.
     optimizer = build_for(model, config, weight_decay=config["weight_decay"],
-                          lr_scale=config["init_lr_frac"], compute_dtype=runtime.dtype)  # fmt: skip
+                          lr_frac=config["init_lr_frac"], compute_dtype=runtime.dtype)  # fmt: skip
     # The LR logged: the matrices' (Muon's), else the first group's (the adamw recipe).
     lr_group = next((g for g in optimizer.param_groups if g["kind"] == "muon"),
                     optimizer.param_groups[0])  # fmt: skip
@@ -410,7 +411,7 @@ def train(config: dict[str, Any], runtime: Runtime, events: EventWriter) -> dict
         "train_examples": len(train_task),
         "eval_examples": len(eval_task),
         "examples_per_rank": per_rank,
-        "optimizer": {"lr_scale": config["init_lr_frac"], "groups": effective_groups(optimizer)},
+        "optimizer": {"lr_frac": config["init_lr_frac"], "groups": effective_groups(optimizer)},
         "dtype": str(runtime.dtype).removeprefix("torch."),
         **{k: str(v) for k, v in paths.items()},
     }

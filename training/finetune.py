@@ -819,8 +819,9 @@ def run_finetune(
         weight_decay=config["weight_decay"],
         lr_batch_scaling=config.get("lr_batch_scaling", True),
     )
-    optimizer = build_for(model, {**config, **lrs}, weight_decay=hparams.weight_decay,
-                          lr_scale=hparams.lr_scale, compute_dtype=runtime.dtype)  # fmt: skip
+    optimizer = build_for(model, config, weight_decay=hparams.weight_decay,
+                          lr_scale=hparams.lr_scale, lr_frac=frac,
+                          compute_dtype=runtime.dtype)  # fmt: skip
     muon = config["optimizer"] == "muon"
     if runtime.master:
         save_tokenizer_copy(tokenizer, checkpoint_dir)

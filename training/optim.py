@@ -694,6 +694,7 @@ def build_optimizer(
     scalar_lr: float,
     weight_decay: float,
     lr_scale: float = 1.0,
+    lr_frac: float = 1.0,
     muon: MuonOptions | None = None,
     adam_groups: str = "nanochat",
     distributed: bool | None = None,
@@ -712,7 +713,9 @@ def build_optimizer(
     GPT's two scalar vectors, and a full scalar LR on a norm gain diverges).
 
     lr_scale multiplies every LR but the smear group's fixed one (the sqrt(B / B_ref)
-    batch-size scaling, `training.scaling.optimizer_hyperparameters`). The AdamW LRs of
+    batch-size scaling, `training.scaling.optimizer_hyperparameters`). lr_frac multiplies every
+    LR, the fixed one included: a fine-tuning stage's fraction of the base LRs (SFT/RL's
+    `init_lr_frac`), as nanochat's fine-tuning scales every group. The AdamW LRs of
     lm_head, wte and value embeddings are also scaled by (n_embd / 768)^-0.5; the scalars are
     not (their effect does not grow with width). weight_decay is Muon's initial decay (each
     step shrinks agreeing weights by lr * wd); change it, the momentum and the LR multiplier
@@ -727,6 +730,9 @@ def build_optimizer(
         "weight_decay": weight_decay,
     }
     _check_lrs(named, lr_scale)
+    if not math.isfinite(lr_frac) or lr_frac <= 0:
+        raise ValueError(f"lr_frac must be a finite number > 0, got {lr_frac}")
+    named = {k: v if k == "weight_decay" else v * lr_frac for k, v in named.items()}
     if adam_groups not in ADAM_GROUP_RULES:
         raise ValueError(f"adam_groups must be one of {ADAM_GROUPS}, got {adam_groups!r}")
     muon_keys = (muon or MuonOptions()).group_keys()
@@ -759,13 +765,13 @@ def build_optimizer(
     ].items():
         if not params[name]:
             continue
-        lr = fraction if source == "fixed" else named[source] * fraction * lr_scale
+        lr = fraction * lr_frac if source == "fixed" else named[source] * fraction * lr_scale
         if width_scaled:
             lr *= width_scale
         groups.append({"name": name, "kind": "adamw", "params": params[name], "lr": lr,
                        "betas": betas, "eps": ADAMW_EPS, "weight_decay": decay})  # fmt: skip
     groups += _muon_groups(
-        by_kind["transformer_matrices"], matrix_lr * lr_scale, weight_decay, muon_keys
+        by_kind["transformer_matrices"], named["matrix_lr"] * lr_scale, weight_decay, muon_keys
     )
     return MuonAdamW(
         groups, distributed=distributed, grad_reduction=grad_reduction, max_grad_norm=max_grad_norm
@@ -899,22 +905,25 @@ def build_for(
     *,
     weight_decay: float,
     lr_scale: float = 1.0,
+    lr_frac: float = 1.0,
     compute_dtype: torch.dtype | None = None,
 ) -> MuonAdamW:
     """The optimizer a training program's flags ask for (`recipe_flags` + `lr_flags`).
 
     weight_decay: Muon's (the program scales it); the adamw recipe uses adamw_weight_decay.
+    lr_scale: the batch scaling; lr_frac: the stage's fraction of every LR (see
+    `build_optimizer`).
     compute_dtype: the run's matmul dtype (what muon_ortho_dtype auto follows)."""
     clip = config.get("grad_clip", 0.0) or None
     if config.get("optimizer", "muon") == "adamw":
         return build_adamw(
             model, lr=config["adamw_lr"], weight_decay=config["adamw_weight_decay"],
-            lr_scale=lr_scale, max_grad_norm=clip,
+            lr_scale=lr_scale * lr_frac, max_grad_norm=clip,
         )  # fmt: skip
     return build_optimizer(
         model, embedding_lr=config["embedding_lr"], unembedding_lr=config["unembedding_lr"],
         matrix_lr=config["matrix_lr"], scalar_lr=config["scalar_lr"], weight_decay=weight_decay,
-        lr_scale=lr_scale, muon=muon_options_for(config, compute_dtype),
+        lr_scale=lr_scale, lr_frac=lr_frac, muon=muon_options_for(config, compute_dtype),
         adam_groups=config.get("adam_groups", "nanochat"), max_grad_norm=clip,
     )  # fmt: skip
 

@@ -347,6 +347,12 @@ def test_build_optimizer_groups_every_parameter_once_with_scaled_lrs():
     assert sum(r["params"] for r in rows) == sum(p.numel() for p in model.parameters())
     assert rows[0]["lr"] == pytest.approx(expected["lm_head"][0])
 
+    # A fine-tuning stage's fraction scales every group, the fixed smear LR included (a fixed
+    # LR at full size against RL's small ones would swing the smear gate on noise).
+    tuned = build_optimizer(model, **LRS, lr_scale=2.0, lr_frac=0.05)
+    for base, frac in zip(optimizer.param_groups, tuned.param_groups, strict=True):
+        assert frac["lr"] == pytest.approx(base["lr"] * 0.05), base["name"]
+
     set_schedule(optimizer, lr_mult=0.25, momentum=0.9, weight_decay=0.1)
     assert all(g["lr"] == pytest.approx(g["initial_lr"] * 0.25) for g in optimizer.param_groups)
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0.1 for g in muon)
@@ -360,6 +366,8 @@ def test_bad_configuration_is_refused_with_a_clear_error():
         build_optimizer(model, **{**LRS, "matrix_lr": -1.0})
     with pytest.raises(ValueError, match="lr_scale"):
         build_optimizer(model, **LRS, lr_scale=0.0)
+    with pytest.raises(ValueError, match="lr_frac"):
+        build_optimizer(model, **LRS, lr_frac=float("nan"))
     with pytest.raises(ValueError, match="initialized"):
         build_optimizer(model, **LRS, distributed=True)
     with pytest.raises(ValueError, match="adam_groups"):
