@@ -595,14 +595,19 @@ def stage_name(run: Run) -> str:
     return str(config.get("pipeline_stage") or "") if run.pipeline_id else ""
 
 
-def planned_stages(run: Run) -> list[dict]:
-    """[{name, kind}] of a pipeline's stages in order, from its latest start event."""
-    data = (
+def latest_start_data(run: Run) -> object:
+    """The data of the run's latest start event (None without one; unchecked JSON)."""
+    return (
         RunEvent.objects.filter(run_id=run.pk, type="start")
         .order_by("-seq")
         .values_list("data", flat=True)
         .first()
     )
+
+
+def planned_stages(run: Run) -> list[dict]:
+    """[{name, kind}] of a pipeline's stages in order, from its latest start event."""
+    data = latest_start_data(run)
     stages = data.get("stages") if isinstance(data, dict) else None
     return [s for s in stages or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
 
@@ -621,12 +626,7 @@ def optimizer_groups(run: Run) -> list[dict[str, str]]:
     """The optimizer's param groups as the run's latest start event recorded them (a training
     program's derived.optimizer.groups: LRs after batch and width scaling, decay, betas or
     momentum), as display strings: what the run actually used, not just its flags."""
-    data = (
-        RunEvent.objects.filter(run_id=run.pk, type="start")
-        .order_by("-seq")
-        .values_list("data", flat=True)
-        .first()
-    )
+    data = latest_start_data(run)
     derived = data.get("derived") if isinstance(data, dict) else None
     optimizer = derived.get("optimizer") if isinstance(derived, dict) else None
     groups = optimizer.get("groups") if isinstance(optimizer, dict) else None
