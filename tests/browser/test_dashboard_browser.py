@@ -13,6 +13,7 @@ from selenium.common.exceptions import (
     NoSuchElementException,
     StaleElementReferenceException,
     TimeoutException,
+    WebDriverException,
 )
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -66,10 +67,28 @@ def inputs(prebuilt, alice):
     return dataset, tokenizer
 
 
+class PageWait(WebDriverWait):
+    """A wait across page loads: pages reload themselves when a run's status settles and forms
+    post and redirect, so an element found a moment ago may belong to the old document. The
+    driver reports that as StaleElementReference, or (reading an element's text while the new
+    document replaces it) as a generic "Node ... does not belong to the document" error: both
+    mean "look again", not a failure."""
+
+    def until(self, method, message: str = ""):
+        def look(driver):
+            try:
+                return method(driver)
+            except WebDriverException as exc:
+                if "does not belong to the document" in str(exc):
+                    return False
+                raise
+
+        return super().until(look, message)
+
+
 def wait(browser, timeout=60):
-    # Pages reload themselves when a run's status settles: elements may vanish mid-check.
-    return WebDriverWait(browser, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))  # fmt: skip
+    return PageWait(browser, timeout, poll_frequency=0.1,
+                    ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))  # fmt: skip
 
 
 def log_in(browser, site, user):
