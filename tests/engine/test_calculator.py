@@ -123,9 +123,9 @@ def test_letter_counting(expr, expected):
     ],
 )
 def test_unsafe_expressions_are_refused_quickly(expr):
-    start = time.monotonic()
+    start = time.process_time()  # CPU time: refusal does no work, whatever the machine's load
     assert evaluate_expression(expr) is None
-    assert time.monotonic() - start < 0.5
+    assert time.process_time() - start < 0.5
 
 
 @pytest.mark.parametrize(
@@ -146,9 +146,9 @@ def test_memory_bombs_give_none_within_the_limit(expr):
 def test_long_product_chain_is_exact_and_bounded():
     expr = "*".join(["999999999"] * 100)
     assert len(expr) <= MAX_EXPRESSION_CHARS
-    start = time.monotonic()
+    start = time.process_time()
     result = evaluate_expression(expr)
-    assert time.monotonic() - start < 0.5
+    assert time.process_time() - start < 0.5
     assert result == str(math.prod([999999999] * 100))
     assert len(result) <= MAX_RESULT_CHARS
 

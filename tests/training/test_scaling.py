@@ -177,10 +177,10 @@ def test_closed_form_counts_equal_the_built_model(config):
 
 def test_planning_a_huge_model_builds_nothing_and_names_depth():
     config = base_train.FLAGS.validate({"depth": 256, "aspect_ratio": 1024})
-    started = time.monotonic()
+    started = time.process_time()  # CPU time, so a loaded machine cannot fail it
     with pytest.raises(ValueError, match=r"^depth: .* parameters, more than the 2e\+11"):
         base_train.plan(config, vocab_size=2**21, world_size=1)
-    assert time.monotonic() - started < 0.5
+    assert time.process_time() - started < 0.5
     # The largest in-range depth at the default width is still just arithmetic to plan...
     deep = base_train.FLAGS.validate({"depth": 64})
     horizon = base_train.plan(deep, 65536, 8, check_memory=False)
@@ -188,7 +188,7 @@ def test_planning_a_huge_model_builds_nothing_and_names_depth():
     # ...and a GPU run of it is refused: ~22B parameters do not fit 8 x 80 GB at batch 1.
     with pytest.raises(ValueError, match=r"^device_batch_size: even 1 sequence"):
         base_train.plan(deep, 65536, 8)
-    assert time.monotonic() - started < 0.5
+    assert time.process_time() - started < 0.5
 
 
 def test_horizons_beyond_any_run_are_refused_naming_the_rule():
