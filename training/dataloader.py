@@ -10,8 +10,11 @@ too: an evaluator takes a fixed number of batches from a fresh loader, which is 
 and no rank can run dry before the others (a finite split would let a rank with fewer row
 groups stop early and hang the others in their all-reduce).
 
-Documents are tokenized `TOKENIZE_BATCH` at a time with BOS prepended and wait in a buffer of
-`buffer_docs` documents. A row of `T + 1` tokens is filled by best fit: repeatedly place the
+Documents are tokenized `TOKENIZE_BATCH` at a time (chunks of a row group counted from its
+first document) with BOS prepended and wait in a buffer: whenever it holds fewer than
+`buffer_docs`, the next whole chunk joins it (so it holds up to `buffer_docs + TOKENIZE_BATCH - 1`).
+This is nanochat's refill rule, kept exactly so that on the same shards and tokenizer both
+projects train and evaluate on identical rows (`training.compare_reference` relies on it). A row of `T + 1` tokens is filled by best fit: repeatedly place the
 longest buffered document that fits entirely in the space left; when none fits, crop the
 shortest one to fill the row exactly and discard the rest of it (as nanochat does: the
 remainder would start mid-document, without its BOS). Every row therefore starts at a document
@@ -175,7 +178,8 @@ def _documents(
 ) -> Iterator[tuple[tuple[int, int, int, int], list[int]]]:
     """This rank's documents from `position` = (epoch, pq_idx, rg_idx, doc_idx) on, forever.
 
-    Yields each document's own position with its tokens (BOS first).
+    Yields them a tokenizer call at a time (up to `TOKENIZE_BATCH` documents of one row group,
+    from `doc_idx` on) as lists of (the document's own position, its tokens with BOS first).
     """
     epoch, pq_idx, rg_idx, doc_idx = position
     bos = tokenizer.get_bos_token_id()
@@ -193,8 +197,10 @@ def _documents(
                 for start in range(doc_idx, len(texts), TOKENIZE_BATCH):
                     chunk = texts[start : start + TOKENIZE_BATCH]
                     encoded = tokenizer.encode(chunk, prepend=bos, num_threads=threads)
-                    for offset, ids in enumerate(encoded):
-                        yield (epoch, shard.index, rg, start + offset), ids
+                    yield [
+                        ((epoch, shard.index, rg, start + offset), ids)
+                        for offset, ids in enumerate(encoded)
+                    ]
                 doc_idx = 0
             first = 0
             epoch += 1
@@ -221,7 +227,7 @@ def _pretrain_stream(
         waiting, _tokenize_waiting(shards, waiting, tokenizer, threads), strict=True
     ):
         buffer.add(ids, len(ids), tag)
-    documents = _documents(shards, position, rank, world_size, tokenizer, threads)
+    chunks = _documents(shards, position, rank, world_size, tokenizer, threads)
     next_position = position
     row_len = T + 1
 
@@ -231,9 +237,9 @@ def _pretrain_stream(
             space = row_len
             while space:
                 while len(buffer) < buffer_docs:
-                    (epoch, pq_idx, rg_idx, doc_idx), ids = next(documents)
-                    buffer.add(ids, len(ids), (pq_idx, rg_idx, doc_idx))
-                    next_position = (epoch, pq_idx, rg_idx, doc_idx + 1)
+                    for (epoch, pq_idx, rg_idx, doc_idx), ids in next(chunks):
+                        buffer.add(ids, len(ids), (pq_idx, rg_idx, doc_idx))
+                        next_position = (epoch, pq_idx, rg_idx, doc_idx + 1)
                 ids = buffer.pop_longest_fitting(space)
                 if ids is None:
                     ids = buffer.pop_shortest()[:space]

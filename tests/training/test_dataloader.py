@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.tokenizer import Tokenizer
+from training import dataloader
 from training.dataloader import pretrain_batches, sft_batches
 
 WORDS = [
@@ -127,23 +128,35 @@ def test_rows_start_with_bos_and_targets_are_inputs_shifted(data_dir, tok):
         assert ((targets >= 0) & (targets < tok.vocab_size)).all()
 
 
-@pytest.mark.parametrize("buffer_docs", [8, 30])
-def test_packing_is_best_fit_as_the_plain_rule_states(data_dir, tok, shard_texts, buffer_docs):
+@pytest.mark.parametrize(("buffer_docs", "tokenize_batch"), [(8, 128), (30, 128), (8, 3)])
+def test_packing_is_best_fit_as_the_plain_rule_states(
+    data_dir, tok, shard_texts, buffer_docs, tokenize_batch, monkeypatch
+):
     """Compare with the rule written as plainly as possible: scans over a list in arrival order.
 
-    Longest document that fits, else the shortest one cropped; `max`/`min` return the first
-    of equals, i.e. the earliest arrival, which is the loader's tie-break too.
+    While fewer than `buffer_docs` wait, the next tokenizer chunk (up to TOKENIZE_BATCH
+    documents of one row group, counted from its first) joins the buffer whole. Then the
+    longest document that fits, else the shortest one cropped; `max`/`min` return the first of
+    equals, i.e. the earliest arrival, which is the loader's tie-break too.
     """
+    monkeypatch.setattr(dataloader, "TOKENIZE_BATCH", tokenize_batch)
     tokens = _doc_tokens(tok, shard_texts)
     order = _reading_order(shard_texts, range(len(SHARD_SIZES) - 1), 0, 1)
-    incoming = (tokens[doc] for doc in itertools.cycle(order))
+    chunks = [
+        [tokens[doc] for doc in docs]
+        for _, group in itertools.groupby(order, key=lambda doc: doc[:2])
+        for _, docs in itertools.groupby(group, key=lambda doc: doc[2] // tokenize_batch)
+    ]
+    assert tokenize_batch > ROW_GROUP or len(chunks) > len({doc[:2] for doc in order})
+    incoming = itertools.cycle(chunks)
     buffer: list[list[int]] = []
     loader = pretrain_batches(data_dir, tok, B, T, buffer_docs=buffer_docs)
     for inputs, targets, _ in _take(loader, 60):
         for row in _rows(inputs, targets):
             expected: list[int] = []
             while len(expected) < T + 1:
-                buffer += [next(incoming) for _ in range(buffer_docs - len(buffer))]
+                while len(buffer) < buffer_docs:
+                    buffer += next(incoming)
                 space = T + 1 - len(expected)
                 fitting = [i for i, doc in enumerate(buffer) if len(doc) <= space]
                 if fitting:
