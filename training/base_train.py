@@ -95,6 +95,11 @@ from training.scaling import (
 def family_flags() -> list[Flag]:
     """The model flags only some families read (engine/models: each family's `flags`)."""
     return [
+        # gpt
+        Flag("smear", bool, True, "gpt: smear gate (a gated mix of the previous token's "
+             "embedding into each token)"),
+        Flag("backout", bool, True, "gpt: backout (subtract a learned share of the middle "
+             "layer's residual before the final norm)"),
         # gpt2
         Flag("dropout", float, 0.0, "gpt2: dropout probability", min=0, max=0.9),
         Flag("bias", bool, True, "gpt2: biases in the linear layers and norms"),

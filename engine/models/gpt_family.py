@@ -27,6 +27,8 @@ def config_from_flags(flags: Mapping[str, Any], vocab_size: int) -> GPTConfig:
         head_dim=flags.get("head_dim", 128),
         n_kv_head=None if n_kv_head <= 0 else n_kv_head,
         window_pattern=flags.get("window_pattern", "SSSL"),
+        smear=flags.get("smear", True),
+        backout=flags.get("backout", True),
     )
 
 
@@ -47,6 +49,6 @@ FAMILY = Family(
     activation_bytes_per_token=None,
     config_from_flags=config_from_flags,
     fast_decoder=lean_decoder,
-    flags=("aspect_ratio", "head_dim", "n_kv_head", "window_pattern"),
+    flags=("aspect_ratio", "head_dim", "n_kv_head", "window_pattern", "smear", "backout"),
     legacy_fields=MappingProxyType(LEGACY_FIELDS),
 )

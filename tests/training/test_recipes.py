@@ -169,3 +169,22 @@ def test_a_bad_family_setting_is_refused_naming_its_flag(values, field):
     config = base_train.FLAGS.validate({"model": "hybrid", "num_experts": 8, **values})
     with pytest.raises(ValueError, match=rf"^{field}: "):
         base_train.plan(config, 512, 1)
+
+
+def test_smear_and_backout_are_flags_that_reach_the_model_and_its_optimizer():
+    from engine.models.gpt import GPT
+    from training import base_train
+
+    shape = {"depth": 2, "aspect_ratio": 32, "head_dim": 32, "max_seq_len": 32}
+    default = base_train.model_config_for(base_train.FLAGS.validate(shape), 64)
+    assert (default.smear, default.backout) == (True, True)
+    config = base_train.FLAGS.validate({**shape, "smear": False, "backout": False})
+    plain = base_train.model_config_for(config, 64)
+    assert (plain.smear, plain.backout) == (False, False)
+    names = {name for name, _ in GPT(plain).named_parameters()}
+    assert not {name for name in names if "smear" in name or "backout" in name}
+    assert {"smear_lambda", "backout_lambda"} <= {n for n, _ in GPT(default).named_parameters()}
+    assert base_train.FLAGS.parse(["--no-smear"])["smear"] is False
+    # Another family does not read them: turning them off there is named, not an error.
+    hybrid = base_train.FLAGS.validate({"model": "hybrid", "smear": False})
+    assert base_train.ignored_family_flags(hybrid) == ["smear"]
