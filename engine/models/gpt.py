@@ -712,6 +712,12 @@ class GPT(nn.Module):
             attn, mlp = block.attn, block.mlp
             for linear in (attn.c_q, attn.c_k, attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            # nanochat rotates by -angle, we by +angle: negating the second rotary half of
+            # every q/k head makes the model nanochat draws from the same seed, exactly (see
+            # engine/models/nanochat_compat.py), so both start a run from the same function.
+            with torch.no_grad():
+                for linear, heads in ((attn.c_q, config.n_head), (attn.c_k, config.n_kv_head)):
+                    linear.weight.view(heads, 2, -1, config.n_embd)[:, 1].neg_()
             nn.init.zeros_(attn.c_proj.weight)
             fc_bound = bound * config.c_fc_init_scale
             nn.init.uniform_(mlp.c_fc.weight, -fc_bound, fc_bound)
