@@ -12,6 +12,7 @@ from tests.training.conftest import read_events
 from tests.training.test_chat_eval import save_tiny_checkpoint
 from training import chat_eval, chat_rl
 from training.chat_rl import Rollout, advantages, policy_loss, sequence_batch
+from training.optim import SMEAR_LR
 
 
 @pytest.mark.parametrize(
@@ -221,9 +222,15 @@ def test_two_ranks_match_one_process(tiny_corpus, tmp_path, monkeypatch):
     assert [m["train/loss"] for m in b] == pytest.approx([m["train/loss"] for m in a], abs=1e-5)
     model_one, _ = ckpt.load_model(one / "rl")
     model_two, _ = ckpt.load_model(two / "rl")
+    # The smear/backout scalars train at a fixed LR (SMEAR_LR x init_lr_frac) on gradients so
+    # small here that the two reductions' rounding can tip Adam's normalised step: they may
+    # differ by up to one such step; everything else matches to rounding.
+    rl_frac = chat_rl.FLAGS.validate(chat_rl.FLAGS.load_config_file("tiny"))["init_lr_frac"]
     for (name, p), q in zip(model_one.state_dict().items(), model_two.state_dict().values(),
                             strict=True):  # fmt: skip
-        assert torch.allclose(p, q, atol=5e-5), name  # updates are ~5e-4
+        smear_group = name.startswith(("smear_", "backout_"))
+        atol = SMEAR_LR * rl_frac if smear_group else 5e-5  # matrix updates are ~5e-4
+        assert torch.allclose(p, q, atol=atol), name
 
     def results(out):
         return {(e["task"], e["metric"]): (e["value"], e["details"])
