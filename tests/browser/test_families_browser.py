@@ -60,7 +60,8 @@ def log_in(browser, site, user):
     browser.get(f"{site.url}/login/?next=/")
     browser.find_element(By.NAME, "username").send_keys(user.username)
     browser.find_element(By.NAME, "password").send_keys(PASSWORD, Keys.ENTER)
-    wait(browser).until(lambda d: d.find_elements(By.CSS_SELECTOR, "h1"))
+    # The login page has an h1 too: wait for the dashboard's (see test_dashboard_browser.log_in).
+    wait(browser).until(lambda d: "Dashboard" in d.find_element(By.TAG_NAME, "h1").text)
 
 
 def shown(browser, name: str) -> bool:
