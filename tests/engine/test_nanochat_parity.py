@@ -14,10 +14,7 @@ SDPA, as ours does. Its imports need only torch and filelock.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +29,7 @@ from engine.models.nanochat_compat import (
     nanochat_config_kwargs,
     to_nanochat_state_dict,
 )
-
-SOURCE = os.environ.get("NANOCHAT_SRC", "")
+from tests.nanochat_reference import SOURCE, import_fp32
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +37,7 @@ def nanochat_gpt():
     """nanochat.gpt, imported from NANOCHAT_SRC in fp32 (the test is skipped without it)."""
     if not (SOURCE and (Path(SOURCE) / "nanochat" / "gpt.py").is_file()):
         pytest.skip("set NANOCHAT_SRC to a nanochat source checkout (see the module docstring)")
-    previous = os.environ.get("NANOCHAT_DTYPE")
-    os.environ["NANOCHAT_DTYPE"] = "float32"
-    sys.path.insert(0, SOURCE)
-    try:
-        module = importlib.import_module("nanochat.gpt")
-    finally:
-        sys.path.remove(SOURCE)
-        if previous is None:
-            os.environ.pop("NANOCHAT_DTYPE", None)
-        else:
-            os.environ["NANOCHAT_DTYPE"] = previous
+    (module,) = import_fp32("nanochat.gpt")
     assert module.COMPUTE_DTYPE is torch.float32
     return module
 

@@ -16,9 +16,6 @@ never copied: they stay equal only if every step's arithmetic is the same.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,10 +27,10 @@ from engine.models.nanochat_compat import (
     nanochat_config_kwargs,
     to_nanochat_state_dict,
 )
+from tests.nanochat_reference import SOURCE, import_fp32
 from training.optim import build_optimizer, muon_options_for, set_schedule
 from training.scaling import lr_multiplier, warmdown_momentum, weight_decay_at
 
-SOURCE = os.environ.get("NANOCHAT_SRC", "")
 STEPS, LR_SCALE, WEIGHT_DECAY = 24, 0.5, 0.3
 LRS = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
 
@@ -46,20 +43,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def nanochat():
     """nanochat.gpt and nanochat.optim in fp32, their fused steps unwrapped from torch.compile."""
-    previous = os.environ.get("NANOCHAT_DTYPE")
-    os.environ["NANOCHAT_DTYPE"] = "float32"
-    sys.path.insert(0, SOURCE)
-    try:
-        gpt, optim = (
-            importlib.import_module("nanochat.gpt"),
-            importlib.import_module("nanochat.optim"),
-        )
-    finally:
-        sys.path.remove(SOURCE)
-        if previous is None:
-            os.environ.pop("NANOCHAT_DTYPE", None)
-        else:
-            os.environ["NANOCHAT_DTYPE"] = previous
+    gpt, optim = import_fp32("nanochat.gpt", "nanochat.optim")
     for name in ("adamw_step_fused", "muon_step_fused"):
         compiled = getattr(optim, name)
         setattr(optim, name, getattr(compiled, "_torchdynamo_orig_callable", compiled))
