@@ -12,11 +12,11 @@ groups stop early and hang the others in their all-reduce).
 
 Documents are tokenized `TOKENIZE_BATCH` at a time (chunks of a row group counted from its
 first document) with BOS prepended and wait in a buffer: whenever it holds fewer than
-`buffer_docs`, the next whole chunk joins it (so it holds up to `buffer_docs + TOKENIZE_BATCH - 1`).
-This is nanochat's refill rule, kept exactly so that on the same shards and tokenizer both
-projects train and evaluate on identical rows (`training.compare_reference` relies on it). A row of `T + 1` tokens is filled by best fit: repeatedly place the
-longest buffered document that fits entirely in the space left; when none fits, crop the
-shortest one to fill the row exactly and discard the rest of it (as nanochat does: the
+`buffer_docs`, the next whole chunk joins it (so it holds up to `buffer_docs + TOKENIZE_BATCH -
+1`). This is nanochat's refill rule, kept exactly so that on the same shards and tokenizer both
+projects train and evaluate on identical rows (`training.compare_reference` relies on it). A
+row of `T + 1` tokens is filled by best fit: repeatedly place the longest buffered document
+that fits entirely in the space left; when none fits, crop the shortest one to fill the row exactly and discard the rest of it (as nanochat does: the
 remainder would start mid-document, without its BOS). Every row therefore starts at a document
 boundary with BOS and has no padding; the price is the cropped-off tokens. Rows become
 `inputs = row[:-1]` and `targets = row[1:]`, int64 of shape (B, T).
@@ -168,14 +168,14 @@ def _read_texts(parquet: pq.ParquetFile, shard: _Shard, rg_idx: int) -> list[str
     return column.to_pylist()
 
 
-def _documents(
+def _document_chunks(
     shards: list[_Shard],
     position: tuple[int, int, int, int],
     rank: int,
     world_size: int,
     tokenizer: Tokenizer,
     threads: int,
-) -> Iterator[tuple[tuple[int, int, int, int], list[int]]]:
+) -> Iterator[list[tuple[tuple[int, int, int, int], list[int]]]]:
     """This rank's documents from `position` = (epoch, pq_idx, rg_idx, doc_idx) on, forever.
 
     Yields them a tokenizer call at a time (up to `TOKENIZE_BATCH` documents of one row group,
@@ -227,7 +227,7 @@ def _pretrain_stream(
         waiting, _tokenize_waiting(shards, waiting, tokenizer, threads), strict=True
     ):
         buffer.add(ids, len(ids), tag)
-    chunks = _documents(shards, position, rank, world_size, tokenizer, threads)
+    chunks = _document_chunks(shards, position, rank, world_size, tokenizer, threads)
     next_position = position
     row_len = T + 1
 
