@@ -16,8 +16,9 @@ first document) with BOS prepended and wait in a buffer: whenever it holds fewer
 1`). This is nanochat's refill rule, kept exactly so that on the same shards and tokenizer both
 projects train and evaluate on identical rows (`training.compare_reference` relies on it). A
 row of `T + 1` tokens is filled by best fit: repeatedly place the longest buffered document
-that fits entirely in the space left; when none fits, crop the shortest one to fill the row exactly and discard the rest of it (as nanochat does: the
-remainder would start mid-document, without its BOS). Every row therefore starts at a document
+that fits entirely in the space left; when none fits, crop the shortest one to fill the row
+exactly and discard the rest of it (as nanochat does: the remainder would start mid-document,
+without its BOS). Every row therefore starts at a document
 boundary with BOS and has no padding; the price is the cropped-off tokens. Rows become
 `inputs = row[:-1]` and `targets = row[1:]`, int64 of shape (B, T).
 
