@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+import redis
 from asgiref.sync import async_to_sync
 from django.test import override_settings
 from prometheus_client.parser import text_string_to_metric_families
@@ -42,8 +43,16 @@ def test_output_parses_and_counts_runs_by_kind_and_status(client, redis_url):
         Run.objects.create(kind=Kind.BASE, status=Status.RUNNING)
     Run.objects.create(kind=Kind.BASE, status=Status.FAILED)
     Run.objects.create(kind=Kind.SFT, status=Status.SUCCEEDED)
-
-    samples = scrape(client)
+    # A known training queue: an earlier test may have left messages in it.
+    broker = redis.Redis.from_url(redis_url)
+    for key in broker.keys("training*"):
+        broker.delete(key)
+    broker.rpush("training", "a", "b")
+    try:
+        samples = scrape(client)
+    finally:
+        broker.delete("training")
+        broker.close()
 
     def runs(kind, status):
         return samples[("nanochat_runs", (("kind", kind), ("status", status)))]
@@ -54,7 +63,7 @@ def test_output_parses_and_counts_runs_by_kind_and_status(client, redis_url):
     assert runs("rl", "queued") == 0  # empty combinations are listed, not missing
     for part in ("runs", "queues", "celery", "engine"):
         assert samples[("nanochat_scrape_part_ok", (("part", part),))] == 1, part
-    assert samples[("nanochat_celery_queue_length", (("queue", "training"),))] == 0
+    assert samples[("nanochat_celery_queue_length", (("queue", "training"),))] == 2
     assert samples[("nanochat_engine_workers", ())] == 0
 
 
