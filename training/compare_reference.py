@@ -27,9 +27,14 @@ batch, dtype, steps, evaluation cadence and tokens) and reports for each run:
 Modes: `defaults` gives each program only the shape, horizon and evaluation flags, so each uses
 its own optimizer recipe; `explicit` also passes both the same optimizer hyperparameters
 (`--hparam name=value`, default nanochat's own defaults), so what remains different is the
-implementation. nanochat is run from its checkout with `NANOCHAT_BASE_DIR` pointing into the
-work directory; nothing of it is copied into this repository. It compiles its model and
-optimizer with torch.compile (a C compiler is needed on a CPU); ours runs eager on a CPU unless
+implementation; `preset` runs ours from the preset this project recommends for the shape
+(`--our-config`, default demo-cpu: the recipe tuned for a d4 model on a small CPU, see its
+YAML) under the same shape, horizon, dtype and evaluation flags, and nanochat as in `defaults`
+-- what a user of each tool gets for this model out of the box.
+
+nanochat is run from its checkout with `NANOCHAT_BASE_DIR` pointing into the work directory;
+nothing of it is copied into this repository. It compiles its model and optimizer with
+torch.compile (a C compiler is needed on a CPU); ours runs eager on a CPU unless
 `--our-compile` says otherwise.
 """
 
@@ -56,7 +61,7 @@ from engine.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("ours", "nanochat")
-MODES = ("defaults", "explicit")
+MODES = ("defaults", "explicit", "preset")
 # The shape of the issue's measurement (depth 4, head dim 64, 256 tokens, window L, 16 x 256
 # rows per pass, 4096 tokens per step).
 SHAPE_DEFAULTS: dict[str, Any] = {
@@ -277,6 +282,7 @@ class Setup:
     dtype: str
     hparams: dict[str, float]
     our_compile: str  # "auto" (our default: off on a CPU), "on" or "off"
+    our_config: str  # our base_train preset in `preset` mode
     threads: int | None
     timeout: float
     python: str
@@ -336,8 +342,11 @@ def prepare_shared(work_dir: Path, data_dir: Path, tokenizer_dir: Path) -> dict[
 
 def our_command(setup: Setup, mode: str, run_dir: Path) -> list[str]:
     shape = setup.shape
+    # The preset comes first: every flag after it (shape, horizon, dtype, evals) overrides it.
+    preset = ["--config", setup.our_config] if mode == "preset" else []
     args = [
-        setup.python, "-m", "training.base_train", "--device", "cpu", "--dtype", setup.dtype,
+        setup.python, "-m", "training.base_train", *preset, "--device", "cpu",
+        "--dtype", setup.dtype,
         "--num-iterations", str(setup.steps), "--eval-every", str(setup.eval_every),
         "--eval-tokens", str(setup.eval_tokens), "--sample-every", "-1", "--save-every", "-1",
         "--log-every", "1",
@@ -604,7 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     parser.add_argument("--dtype", choices=tuple(NANOCHAT_DTYPES), default="fp32")
     parser.add_argument("--modes", default="defaults,explicit",
-                        help="comma-separated: defaults (each its own recipe), explicit")  # fmt: skip
+                        help="comma-separated: defaults (each its own recipe), explicit, "
+                             "preset (ours from --our-config)")  # fmt: skip
+    parser.add_argument(
+        "--our-config",
+        default="demo-cpu",
+        help="preset mode: our base_train preset (a name or a YAML path)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool and mode")
     parser.add_argument("--hparam", action="append", default=[], metavar="NAME=VALUE",
                         help="explicit mode: " + ", ".join(EXPLICIT_HPARAMS))  # fmt: skip
@@ -644,6 +659,7 @@ def setup_from_args(args: argparse.Namespace) -> tuple[Setup, list[str]]:
         dtype=args.dtype,
         hparams=parse_hparams(args.hparam),
         our_compile=args.our_compile,
+        our_config=args.our_config,
         threads=args.threads or None,
         timeout=args.timeout,
         python=sys.executable,

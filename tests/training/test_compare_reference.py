@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from training import base_train
 from training import compare_reference as cr
 
 NANOCHAT_LOG = """\
@@ -121,8 +122,8 @@ def test_commands_pass_the_same_shape_and_explicit_hyperparameters_to_both(tmp_p
     setup = cr.Setup(
         nanochat=tmp_path, work_dir=tmp_path, data_dir=tmp_path / "d", tokenizer_dir=tmp_path / "t",
         shape=dict(cr.SHAPE_DEFAULTS), steps=300, eval_every=50, eval_tokens=65536, dtype="fp32",
-        hparams=dict(cr.EXPLICIT_HPARAMS), our_compile="auto", threads=None, timeout=10.0,
-        python="python",
+        hparams=dict(cr.EXPLICIT_HPARAMS), our_compile="auto", our_config="demo-cpu",
+        threads=None, timeout=10.0, python="python",
     )  # fmt: skip
 
     def options(command):
@@ -136,6 +137,18 @@ def test_commands_pass_the_same_shape_and_explicit_hyperparameters_to_both(tmp_p
     # Defaults mode leaves the recipe to each program.
     assert "--matrix-lr" not in cr.nanochat_command(setup, "defaults", "tag")
     assert "--matrix-lr" not in cr.our_command(setup, "defaults", tmp_path / "run")
+    # Preset mode: ours runs its d4 preset's recipe, but at the compared shape, horizon and dtype.
+    nanochat = cr.nanochat_command
+    assert nanochat(setup, "preset", "tag") == nanochat(setup, "defaults", "tag")
+    command = cr.our_command(setup, "preset", tmp_path / "run")
+    config = base_train.FLAGS.parse(command[command.index("training.base_train") + 1 :])
+    preset = base_train.FLAGS.load_config_file("demo-cpu")
+    assert preset["dtype"] == "bf16" and preset["num_iterations"] != 300  # both overridden:
+    assert config["dtype"] == "fp32" and config["num_iterations"] == 300
+    assert config["sample_every"] == -1 and config["eval_tokens"] == 65536
+    recipe = ("lr_batch_scaling", "warmup_steps", "warmdown_ratio", "weight_decay")
+    assert all(config[k] == preset[k] for k in recipe)
+    assert config["lr_batch_scaling"] is False  # the preset's recipe, not the defaults'
     env = cr.child_env(setup, "nanochat", tmp_path)
     assert env["NANOCHAT_BASE_DIR"] == str(tmp_path / "nanochat_home")
     assert env["NANOCHAT_DTYPE"] == "float32"
